@@ -1,0 +1,1 @@
+"""caretaker exporter: observes locally-run services and publishes Prometheus metrics."""

@@ -1,0 +1,397 @@
+"""caretaker's configuration: one YAML file (``caretaker.yml``) for both programs.
+
+Pipeline: YAML (safe loader, with line numbers kept) -> pydantic models with
+``extra="forbid"`` -> cross-checks -> a frozen :class:`Config` the rest of the code
+uses. Every problem is reported with its place in the file, e.g.::
+
+    caretaker.yml: services.redis.probes[0].timeout (line 14): must not be negative
+
+and :func:`load_config` raises :class:`ConfigError` carrying all problems at once.
+Durations are Prometheus-style strings (``500ms``, ``10s``, ``1m30s``) or plain
+numbers of seconds. Secrets (tokens) are never inline: they are read from a file
+or an environment variable named in the config.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "HealthWeights",
+    "HttpProbe",
+    "Probe",
+    "ServiceConfig",
+    "TcpProbe",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_EXPORTER_PORT = 8930
+DEFAULT_RECEIVER_PORT = 8931
+REMEDIATION_ACTIONS = ("restart",)
+"""Repairs the receiver knows. A service may allow only these."""
+
+_NAME_RE = r"^[a-zA-Z_][a-zA-Z0-9_.-]*$"
+_DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)(ms|s|m|h|d))+$")
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class ConfigError(Exception):
+    """The configuration is invalid. ``problems`` holds one ``place: message`` each."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+def _parse_duration(value: Any) -> Any:
+    """Turn ``"1m30s"``, ``"250ms"`` or a number into seconds (float).
+
+    Negative values are left for the ``ge=0`` constraint to reject with a clear
+    message; anything that is not a duration raises ``ValueError``.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 10s, 500ms or 1m30s")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("-"):
+            return -1.0 * float(_parse_duration(text[1:]))
+        if _DURATION_RE.fullmatch(text):
+            return sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART_RE.findall(text))
+    raise ValueError(f"{value!r} is not a duration (use e.g. 10s, 500ms, 1m30s, or seconds)")
+
+
+def _check_regex(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError("expected a regular expression string")
+    try:
+        re.compile(value)
+    except re.error as err:
+        raise ValueError(f"invalid regular expression {value!r}: {err}") from err
+    return value
+
+
+def _parse_signal(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return signal.Signals(value).name
+        except ValueError as err:
+            raise ValueError(f"{value} is not a signal number") from err
+    if isinstance(value, str):
+        name = value.upper()
+        if not name.startswith("SIG"):
+            name = "SIG" + name
+        if name in signal.Signals.__members__:
+            return name
+    raise ValueError(f"{value!r} is not a signal name (e.g. SIGTERM, SIGINT, SIGHUP)")
+
+
+Seconds = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
+PositiveSeconds = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
+Regex = Annotated[str, BeforeValidator(_check_regex)]
+SignalName = Annotated[str, BeforeValidator(_parse_signal)]
+Name = Annotated[str, Field(pattern=_NAME_RE, max_length=100)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Match(_Model):
+    """How to find a service's processes; every given regex must match (search)."""
+
+    comm: Regex | None = None
+    """Regex on the kernel's process name (``/proc/PID/comm``, at most 15 chars)."""
+    exe: Regex | None = None
+    """Regex on the executable path (``/proc/PID/exe``)."""
+    cmdline: Regex | None = None
+    """Regex on the command line, arguments joined by single spaces."""
+
+    @model_validator(mode="after")
+    def _one_at_least(self) -> Match:
+        if self.comm is None and self.exe is None and self.cmdline is None:
+            raise ValueError("give at least one of comm, exe, cmdline")
+        return self
+
+
+class Processes(_Model):
+    min: int = Field(default=1, ge=0)
+    max: int = Field(default=1, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Processes:
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) is less than min ({self.min})")
+        return self
+
+
+class _ProbeBase(_Model):
+    name: Name
+    timeout: PositiveSeconds = 2.0
+
+
+class HttpProbe(_ProbeBase):
+    """GET (or another method) a URL; success when the status is expected."""
+
+    type: Literal["http"]
+    url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")]
+    method: Literal["GET", "HEAD", "POST"] = "GET"
+    expect_status: tuple[Annotated[int, Field(ge=100, le=599)], ...] = (200,)
+
+
+class TcpProbe(_ProbeBase):
+    """Open a TCP connection; success when it is accepted."""
+
+    type: Literal["tcp"]
+    host: str = "127.0.0.1"
+    port: Port
+
+
+Probe = Annotated[HttpProbe | TcpProbe, Field(discriminator="type")]
+PROBE_TYPES = ("http", "tcp")
+
+
+class Start(_Model):
+    """How to start a service: argv (never a shell), working dir, env, log file."""
+
+    argv: Annotated[tuple[str, ...], Field(min_length=1)]
+    cwd: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    log_file: str | None = None
+    """Standard output and error of the started process go here (appended)."""
+
+
+class Stop(_Model):
+    signal: SignalName = "SIGTERM"
+    grace_period: Seconds = 10.0
+    """Seconds to wait after ``signal`` before SIGKILL."""
+
+
+class Remediation(_Model):
+    allow: tuple[Literal["restart"], ...] = ()
+    verify_timeout: PositiveSeconds = 30.0
+    """Seconds a repaired service has to show its processes and pass its probes."""
+
+
+class Limits(_Model):
+    memory_bytes: int | None = Field(default=None, gt=0)
+    open_fds: int | None = Field(default=None, gt=0)
+
+
+class HealthWeights(_Model):
+    """Weights of the health score's parts (DESIGN.md defaults)."""
+
+    processes: float = Field(default=30, ge=0)
+    probes: float = Field(default=25, ge=0)
+    resources: float = Field(default=20, ge=0)
+    integrity: float = Field(default=15, ge=0)
+    heartbeats: float = Field(default=10, ge=0)
+
+
+class ServiceConfig(_Model):
+    match: Match
+    processes: Processes = Processes()
+    probes: tuple[Probe, ...] = ()
+    start: Start | None = None
+    stop: Stop = Stop()
+    remediation: Remediation = Remediation()
+    limits: Limits = Limits()
+    health_weights: HealthWeights | None = None
+
+    @field_validator("probes")
+    @classmethod
+    def _unique_probe_names(cls, probes: tuple[Any, ...]) -> tuple[Any, ...]:
+        seen: set[str] = set()
+        for probe in probes:
+            if probe.name in seen:
+                raise ValueError(f"probe name {probe.name!r} is used twice")
+            seen.add(probe.name)
+        return probes
+
+    @model_validator(mode="after")
+    def _restart_needs_start(self) -> ServiceConfig:
+        if "restart" in self.remediation.allow and self.start is None:
+            raise ValueError("remediation.allow has 'restart' but the service has no 'start' command")
+        return self
+
+
+class Secret(_Model):
+    """A secret read from a file (first line, stripped) or an environment variable."""
+
+    file: str | None = None
+    env: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Secret:
+        if (self.file is None) == (self.env is None):
+            raise ValueError("give exactly one of file, env")
+        return self
+
+
+class ListenConfig(_Model):
+    listen_address: str = "127.0.0.1"
+
+
+class ExporterConfig(ListenConfig):
+    port: Port = DEFAULT_EXPORTER_PORT
+    max_scrape_timeout: PositiveSeconds = 10.0
+    """Upper bound on one collection, also when Prometheus allows more."""
+
+
+class Attempts(_Model):
+    max: int = Field(default=3, ge=1)
+    window: PositiveSeconds = 900.0
+
+
+class ReceiverConfig(ListenConfig):
+    port: Port = DEFAULT_RECEIVER_PORT
+    bearer_token: Secret | None = None
+    state_file: str = "caretaker-state.sqlite"
+    """SQLite file (relative to the config file's directory) for dedupe, audit, budgets."""
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    cooldown: Seconds = 60.0
+    """Seconds after a repair of a service before another repair of it may start."""
+    attempts: Attempts = Attempts()
+    workers: int = Field(default=4, ge=1, le=64)
+    """Repairs of different services that may run at the same time."""
+
+
+class Config(_Model):
+    exporter: ExporterConfig = ExporterConfig()
+    receiver: ReceiverConfig = ReceiverConfig()
+    health_weights: HealthWeights = HealthWeights()
+    services: dict[Name, ServiceConfig] = Field(min_length=1)
+    base_dir: Path = Path(".")
+    """Directory of the config file; relative paths in it are resolved against it."""
+
+    def resolve(self, path: str) -> Path:
+        """``path`` made absolute against the config file's directory."""
+        return (self.base_dir / os.path.expanduser(path)).resolve()
+
+    def weights_for(self, service: str) -> HealthWeights:
+        return self.services[service].health_weights or self.health_weights
+
+
+def read_secret(secret: Secret, base_dir: Path) -> str:
+    """The secret's value; raises ``ConfigError`` when it cannot be read or is empty."""
+    where = f"file {secret.file}" if secret.file else f"environment variable {secret.env}"
+    if secret.file is not None:
+        path = base_dir / os.path.expanduser(secret.file)
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except OSError as err:
+            raise ConfigError(str(path), [f"cannot read secret: {err.strerror}"]) from err
+    else:
+        value = os.environ.get(secret.env or "", "").strip()
+    if not value:
+        raise ConfigError("config", [f"secret from {where} is empty or missing"])
+    return value
+
+
+# --- YAML with line numbers -------------------------------------------------------
+
+
+def _line_index(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
+    out[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            out[(*path, key)] = key_node.start_mark.line + 1
+            _line_index(value_node, (*path, key), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _line_index(item, (*path, i), out)
+
+
+def _format_loc(loc: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
+    """Pydantic's loc as ``services.redis.probes[0].timeout``, and the YAML path.
+
+    Discriminated unions put the tag (``http``) after the list index; it is not a
+    key of the file, so it is dropped.
+    """
+    text = ""
+    path: list[Any] = []
+    previous_was_index = False
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+            path.append(part)
+            previous_was_index = True
+            continue
+        if previous_was_index and part in PROBE_TYPES:
+            previous_was_index = False
+            continue
+        previous_was_index = False
+        text += f".{part}" if text else str(part)
+        path.append(part)
+    return text or "(top level)", tuple(path)
+
+
+def parse_config(data: Any, source: str = "config", lines: Mapping[tuple[Any, ...], int] | None = None,
+                 base_dir: Path | None = None) -> Config:
+    """Validate already-parsed YAML data. Raises ``ConfigError`` listing every problem."""
+    lines = lines or {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["(top level): expected a mapping with a 'services' key"])
+    if "base_dir" in data:
+        raise ConfigError(source, ["base_dir: not a configuration key"])
+    try:
+        config = Config.model_validate({**data, "base_dir": base_dir or Path.cwd()})
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            place, path = _format_loc(tuple(e["loc"]))
+            line = lines.get(path)
+            if line is None:  # a missing key: point at its parent
+                line = lines.get(path[:-1])
+            message = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "extra_forbidden":
+                message = "unknown key"
+            elif e["type"] == "missing":
+                message = "required key is missing"
+            problems.append(f"{place}{f' (line {line})' if line else ''}: {message}")
+        raise ConfigError(source, problems) from err
+    return config
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate ``path``. Raises ``ConfigError`` (never a bare exception)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(str(p), [f"cannot read: {err.strerror}"]) from err
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(str(p), [f"{where}not valid YAML: {getattr(err, 'problem', err)}"]) from err
+    lines: dict[tuple[Any, ...], int] = {}
+    if node is not None:
+        _line_index(node, (), lines)
+    return parse_config(data, source=str(p), lines=lines, base_dir=p.resolve().parent)

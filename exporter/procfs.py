@@ -1,0 +1,244 @@
+"""Process discovery and accounting from ``/proc`` (Linux).
+
+Formats are those of proc(5): ``/proc/PID/stat`` (fields after the parenthesised
+``comm``), ``/proc/PID/cmdline`` (NUL-separated argv), ``/proc/PID/exe`` (a link),
+``/proc/PID/fd/`` (one entry per open descriptor) and ``btime`` in ``/proc/stat``.
+
+A process is identified by ``(pid, start_ticks)``: a pid can be reused, its start
+time cannot. What can change while a process lives (comm and cmdline at exec or
+``prctl``/setproctitle, CPU, RSS, fds) is re-read every scan; processes that vanish
+between listing and reading are skipped silently: that is normal, not an error.
+Kernel threads, zombies and the calling process itself never match a service.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from .config import Match, ServiceConfig
+
+__all__ = ["CpuAccountant", "ProcReader", "ProcessInfo", "ServiceMatcher", "scan_services"]
+
+_PF_KTHREAD = 0x00200000
+_CMDLINE_MAX = 128 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    """One process as seen in one scan. Times in seconds, sizes in bytes."""
+
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    comm: str
+    state: str
+    """One letter from proc(5): R running, S sleeping, D disk sleep, T stopped, Z zombie..."""
+    start_ticks: int
+    start_time_seconds: float
+    """Unix time the process started."""
+    cpu_seconds: float
+    """User plus system CPU time of the process (not its waited-for children)."""
+    rss_bytes: int
+    num_threads: int
+    cmdline: str = ""
+    open_fds: int | None = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """``(pid, start_ticks)``: unique for the lifetime of the machine."""
+        return (self.pid, self.start_ticks)
+
+
+class ProcReader:
+    """Reads process facts from a proc root (``/proc``, or a fixture tree in tests)."""
+
+    def __init__(self, root: str | os.PathLike[str] = "/proc", clock_ticks: int | None = None,
+                 page_size: int | None = None) -> None:
+        self.root = os.fspath(root)
+        self.clock_ticks = clock_ticks or os.sysconf("SC_CLK_TCK")
+        self.page_size = page_size or os.sysconf("SC_PAGE_SIZE")
+        self._boot_time: float | None = None
+
+    def _read(self, path: str, limit: int = 65536) -> bytes | None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            chunks = []
+            size = 0
+            while size < limit:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            return b"".join(chunks)
+        except OSError:  # ESRCH: the process went away while we read
+            return None
+        finally:
+            os.close(fd)
+
+    @property
+    def boot_time(self) -> float:
+        """Unix time the machine booted (``btime`` of ``/proc/stat``)."""
+        if self._boot_time is None:
+            data = self._read(f"{self.root}/stat") or b""
+            for line in data.splitlines():
+                if line.startswith(b"btime "):
+                    self._boot_time = float(line.split()[1])
+                    break
+            else:
+                raise OSError(f"no btime in {self.root}/stat")
+        return self._boot_time
+
+    def pids(self) -> list[int]:
+        """Pids of all processes (thread group leaders) now listed."""
+        with os.scandir(self.root) as it:
+            return [int(e.name) for e in it if e.name.isdigit()]
+
+    def stat(self, pid: int) -> ProcessInfo | None:
+        """Facts from ``/proc/PID/stat``; ``None`` if gone, a kernel thread or a zombie."""
+        data = self._read(f"{self.root}/{pid}/stat", 4096)
+        if not data:
+            return None
+        try:
+            open_paren = data.index(b"(")
+            close_paren = data.rindex(b")")
+            comm = data[open_paren + 1:close_paren].decode("utf-8", "replace")
+            f = data[close_paren + 2:].split()
+            state = f[0].decode()
+            if state in ("Z", "X", "x") or int(f[6]) & _PF_KTHREAD:
+                return None
+            start_ticks = int(f[19])
+            return ProcessInfo(
+                pid=pid, ppid=int(f[1]), pgid=int(f[2]), sid=int(f[3]), comm=comm, state=state,
+                start_ticks=start_ticks,
+                start_time_seconds=self.boot_time + start_ticks / self.clock_ticks,
+                cpu_seconds=(int(f[11]) + int(f[12])) / self.clock_ticks,
+                rss_bytes=int(f[21]) * self.page_size,
+                num_threads=int(f[17]),
+            )
+        except (ValueError, IndexError):
+            return None
+
+    def cmdline(self, pid: int) -> str | None:
+        data = self._read(f"{self.root}/{pid}/cmdline", _CMDLINE_MAX)
+        if data is None:
+            return None
+        return data.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
+
+    def exe(self, pid: int) -> str | None:
+        try:
+            return os.readlink(f"{self.root}/{pid}/exe")
+        except OSError:
+            return None
+
+    def open_fds(self, pid: int) -> int | None:
+        try:
+            with os.scandir(f"{self.root}/{pid}/fd") as it:
+                return sum(1 for _ in it)
+        except OSError:
+            return None
+
+
+@dataclass(frozen=True)
+class ServiceMatcher:
+    """Compiled ``match`` of one service; every given regex must ``search`` its field."""
+
+    comm: re.Pattern[str] | None
+    exe: re.Pattern[str] | None
+    cmdline: re.Pattern[str] | None
+
+    @classmethod
+    def from_config(cls, match: Match) -> ServiceMatcher:
+        def compile_(p: str | None) -> re.Pattern[str] | None:
+            return re.compile(p) if p is not None else None
+        return cls(compile_(match.comm), compile_(match.exe), compile_(match.cmdline))
+
+
+@dataclass
+class _Candidate:
+    info: ProcessInfo
+    cmdline: str | None = None
+    exe: str | None = None
+    exe_read: bool = False
+    services: list[str] = field(default_factory=list)
+
+
+def scan_services(reader: ProcReader, services: Mapping[str, ServiceConfig],
+                  exclude_pids: Iterable[int] = (), with_fds: bool = True) -> dict[str, list[ProcessInfo]]:
+    """Processes of each service, oldest first; every service is a key, maybe with ``[]``.
+
+    Blocking (reads ``/proc``): call it from a thread, not the event loop. ``exclude_pids``
+    defaults to nothing; the callers pass their own pid so caretaker never counts itself.
+    """
+    matchers = {name: ServiceMatcher.from_config(cfg.match) for name, cfg in services.items()}
+    result: dict[str, list[ProcessInfo]] = {name: [] for name in services}
+    excluded = set(exclude_pids)
+    for pid in reader.pids():
+        if pid in excluded:
+            continue
+        info = reader.stat(pid)
+        if info is None:
+            continue
+        cand = _Candidate(info)
+        for name, m in matchers.items():
+            if m.comm is not None and not m.comm.search(info.comm):
+                continue
+            if m.cmdline is not None:
+                if cand.cmdline is None:
+                    cand.cmdline = reader.cmdline(pid)
+                    if cand.cmdline is None:
+                        break  # gone
+                if not m.cmdline.search(cand.cmdline):
+                    continue
+            if m.exe is not None:
+                if not cand.exe_read:
+                    cand.exe, cand.exe_read = reader.exe(pid), True
+                if cand.exe is None or not m.exe.search(cand.exe):
+                    continue
+            cand.services.append(name)
+        if not cand.services:
+            continue
+        cmdline = cand.cmdline if cand.cmdline is not None else (reader.cmdline(pid) or "")
+        fds = reader.open_fds(pid) if with_fds else None
+        full = dataclasses.replace(info, cmdline=cmdline, open_fds=fds)
+        for name in cand.services:
+            result[name].append(full)
+    for procs in result.values():
+        procs.sort(key=lambda p: (p.start_ticks, p.pid))
+    return result
+
+
+class CpuAccountant:
+    """A per-service CPU seconds counter that never goes backwards.
+
+    Each scan adds, per service, the CPU each of its processes used since it was last
+    seen (all of it for a process seen for the first time). A process that exits takes
+    only its unseen last moments with it; the total never drops.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, dict[tuple[int, int], float]] = {}
+        self._total: dict[str, float] = {}
+
+    def update(self, service: str, processes: Iterable[ProcessInfo]) -> float:
+        """Account one scan of ``service``; returns the new total in seconds."""
+        last = self._last.get(service, {})
+        total = self._total.get(service, 0.0)
+        seen: dict[tuple[int, int], float] = {}
+        for p in processes:
+            seen[p.key] = p.cpu_seconds
+            total += max(0.0, p.cpu_seconds - last.get(p.key, 0.0))
+        self._last[service] = seen
+        self._total[service] = total
+        return total
+
+    def total(self, service: str) -> float:
+        return self._total.get(service, 0.0)

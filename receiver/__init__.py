@@ -1,0 +1,1 @@
+"""caretaker receiver: Alertmanager webhook receiver that repairs services."""

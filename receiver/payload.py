@@ -1,0 +1,106 @@
+"""Alertmanager's webhook payload (``version: "4"``) and the decision it leads to.
+
+Format: https://prometheus.io/docs/alerting/latest/configuration/#webhook_config
+(the JSON that ``notify/webhook/webhook.go`` in prometheus/alertmanager sends). We
+accept what Alertmanager sends and may add in later versions (unknown fields are
+ignored), and validate strictly the fields we use: label values must be strings,
+``startsAt`` a timestamp, ``fingerprint`` a short hex-like token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
+
+from exporter.config import REMEDIATION_ACTIONS, Config
+
+__all__ = ["SKIP_REASONS", "Alert", "Decision", "Notification", "decide"]
+
+MAX_ALERTS = 1000
+MAX_LABELS = 64
+LabelName = Annotated[StrictStr, Field(min_length=1, max_length=256)]
+LabelValue = Annotated[StrictStr, Field(max_length=4096)]
+
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("timestamp has no time zone")
+    return value.astimezone(UTC)
+
+
+class _Accepting(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Alert(_Accepting):
+    status: Literal["firing", "resolved"]
+    labels: Annotated[dict[LabelName, LabelValue], Field(max_length=MAX_LABELS)]
+    annotations: Annotated[dict[LabelName, LabelValue], Field(max_length=MAX_LABELS)] = {}
+    startsAt: Annotated[datetime, AfterValidator(_utc)]  # noqa: N815 - Alertmanager's field name
+    endsAt: datetime | None = None  # noqa: N815
+    fingerprint: Annotated[StrictStr, Field(pattern=r"^[0-9A-Za-z]{1,64}$")]
+
+    @property
+    def starts_at_key(self) -> str:
+        """``startsAt`` in one canonical text form, for the dedupe key."""
+        return self.startsAt.isoformat(timespec="microseconds")
+
+    @property
+    def alertname(self) -> str:
+        return self.labels.get("alertname", "")
+
+
+class Notification(_Accepting):
+    version: Literal["4"]
+    status: Literal["firing", "resolved"]
+    receiver: StrictStr = ""
+    groupKey: StrictStr = ""  # noqa: N815
+    truncatedAlerts: int = Field(default=0, ge=0)  # noqa: N815
+    alerts: Annotated[list[Alert], Field(max_length=MAX_ALERTS)]
+
+
+SKIP_REASONS = (
+    "duplicate", "resolved", "no_remediation", "no_service_name", "unknown_service", "unknown_action",
+    "action_not_allowed", "cooldown", "budget_exhausted", "dry_run", "receiver_restarted",
+)
+"""Every reason a decision can give for not repairing; a fixed set (a metric label)."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do about one alert: ``action`` set means queue a repair."""
+
+    service_name: str
+    """The configured service, or ``""`` when the alert names none we know (bounded cardinality)."""
+    action: str
+    """The requested repair if known, else ``""``."""
+    reason: str
+    """``""`` when a repair is queued, else one of :data:`SKIP_REASONS`."""
+
+    @property
+    def acts(self) -> bool:
+        return not self.reason
+
+
+def decide(alert: Alert, config: Config) -> Decision:
+    """Whether ``alert`` asks for a repair this config allows. Pure; no I/O."""
+    service = alert.labels.get("service_name", "")
+    known = service if service in config.services else ""
+    action = alert.labels.get("remediation", "")
+    action = action if action in REMEDIATION_ACTIONS else ""
+    if alert.status == "resolved":
+        return Decision(known, action, "resolved")
+    if not service:
+        return Decision("", action, "no_service_name")
+    if not known:
+        return Decision("", action, "unknown_service")
+    if "remediation" not in alert.labels:
+        return Decision(known, "", "no_remediation")
+    if not action:
+        return Decision(known, "", "unknown_action")
+    if action not in config.services[known].remediation.allow:
+        return Decision(known, action, "action_not_allowed")
+    return Decision(known, action, "")
