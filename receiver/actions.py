@@ -26,7 +26,6 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -146,19 +145,16 @@ async def wait_gone(reader: ProcReader, processes: list[ProcessInfo], timeout: f
         await asyncio.sleep(POLL_SECONDS)
 
 
-def _resolve(ctx: ActionContext, path: str | None) -> Path | None:
-    return ctx.config.resolve(path) if path is not None else None
-
-
-def start_service(ctx: ActionContext, name: str) -> subprocess.Popen[bytes]:
+def start_service(config: Config, name: str) -> subprocess.Popen[bytes]:
     """Start the service detached: own session, stdin from /dev/null, output to its log file.
 
-    Raises ``RepairFailed`` if it cannot be started (missing program, bad cwd...).
+    The caller must reap the returned child (see :class:`ChildReaper`). Raises
+    ``RepairFailed`` if it cannot be started (missing program, bad cwd...).
     """
-    cfg = ctx.config.services[name]
+    cfg = config.services[name]
     assert cfg.start is not None
-    cwd = _resolve(ctx, cfg.start.cwd) or ctx.config.base_dir
-    log_path = _resolve(ctx, cfg.start.log_file)
+    cwd = config.resolve(cfg.start.cwd) if cfg.start.cwd else config.base_dir
+    log_path = config.resolve(cfg.start.log_file) if cfg.start.log_file else None
     env = {**os.environ, **cfg.start.env}
     try:
         if log_path is not None:
@@ -174,7 +170,6 @@ def start_service(ctx: ActionContext, name: str) -> subprocess.Popen[bytes]:
                 out.close()
     except OSError as err:
         raise RepairFailed(f"cannot start {cfg.start.argv[0]!r}: {err}") from err
-    ctx.reaper.add(child)
     return child
 
 
@@ -239,7 +234,8 @@ async def restart(ctx: ActionContext, name: str, step: StepLog) -> None:
         step(f"{len(running)} processes already running (started by someone else); not starting a second copy",
              processes=[_describe(p) for p in running])
     else:
-        child = await asyncio.to_thread(start_service, ctx, name)
+        child = await asyncio.to_thread(start_service, ctx.config, name)
+        ctx.reaper.add(child)
         step(f"started {' '.join(cfg.start.argv)} as pid {child.pid}")
     await verify(ctx, name, cfg.remediation.verify_timeout, step, child)
 

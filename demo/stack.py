@@ -1,0 +1,328 @@
+"""The local stack: the watched services, caretaker's two programs, Prometheus and
+Alertmanager, all on 127.0.0.1. ``make run`` runs ``python -m demo.stack``; the
+end-to-end tests drive the same :class:`Stack` on free ports.
+
+Prometheus and Alertmanager get their configs rendered from the shipped ones in
+``prometheus/`` into the run directory, with only the addresses changed (and the
+token path made absolute), so the stack tests the files users deploy.
+
+Stopping: every program the stack started runs in its own process group and is
+stopped by group (SIGTERM, then SIGKILL after a grace period); the watched services,
+which caretaker may have restarted since, are found by the config's ``match`` and
+stopped by pid. Nothing is ever stopped by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from exporter.config import Config, load_config
+from exporter.procfs import ProcReader, scan_services
+from receiver.actions import send_signal, start_service
+
+REPO = Path(__file__).resolve().parent.parent
+ASSETS = REPO / "prometheus"
+BINARIES = {"prometheus": ("prometheus",), "alertmanager": ("prometheus-alertmanager", "alertmanager"),
+            "redis-server": ("redis-server",)}
+DEBIAN_PACKAGES = {"prometheus": "prometheus", "alertmanager": "prometheus-alertmanager",
+                   "redis-server": "redis-server"}
+
+
+class StackError(Exception):
+    pass
+
+
+def find_binaries(needed: tuple[str, ...] = tuple(BINARIES)) -> dict[str, str]:
+    """Paths of the programs the stack runs; ``StackError`` says what to install."""
+    found, missing = {}, []
+    for name in needed:
+        path = next((p for p in (shutil.which(c) for c in BINARIES[name]) if p), None)
+        if path is None:
+            missing.append(name)
+        else:
+            found[name] = path
+    if missing:
+        packages = " ".join(DEBIAN_PACKAGES[m] for m in missing)
+        raise StackError(f"missing programs: {', '.join(missing)}. Install them with:\n"
+                         f"  sudo apt-get install --no-install-recommends {packages}")
+    return found
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback URL we built
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    url: str
+
+
+@dataclass
+class Stack:
+    config_path: Path
+    run_dir: Path
+    prometheus_port: int = 9090
+    alertmanager_port: int = 9093
+    python: str = sys.executable
+    alertmanager_overrides: dict[str, Any] = field(default_factory=dict)
+    children: list[Child] = field(default_factory=list)
+    services: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    """Services this stack started (reaped in :meth:`stop`)."""
+
+    def __post_init__(self) -> None:
+        self.config_path = Path(self.config_path).resolve()
+        self.run_dir = Path(self.run_dir).resolve()
+        self.config: Config = load_config(self.config_path)
+        self.binaries = find_binaries()
+
+    # --- set-up -----------------------------------------------------------------
+    @property
+    def token_path(self) -> Path | None:
+        secret = self.config.receiver.bearer_token
+        return self.config.resolve(secret.file) if secret is not None and secret.file else None
+
+    def ensure_token(self) -> None:
+        """Write a random receiver token if the config names a token file that is missing."""
+        path = self.token_path
+        if path is not None and not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+
+    def render_assets(self) -> tuple[Path, Path]:
+        """prometheus.yml and alertmanager.yml for this stack, in the run directory."""
+        out = self.run_dir / "prometheus"
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(ASSETS / "rules", out / "rules")
+        exp, recv = self.config.exporter, self.config.receiver
+        prom = yaml.safe_load((ASSETS / "prometheus.yml").read_text())
+        prom["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{self.alertmanager_port}"]
+        for job in prom["scrape_configs"]:
+            port = exp.port if job["job_name"] == "caretaker-exporter" else recv.port
+            job["static_configs"][0]["targets"] = [f"127.0.0.1:{port}"]
+        am = yaml.safe_load((ASSETS / "alertmanager.yml").read_text())
+        hook = am["receivers"][0]["webhook_configs"][0]
+        hook["url"] = f"http://127.0.0.1:{recv.port}/alerts"
+        if self.token_path is not None:
+            hook["http_config"]["authorization"]["credentials_file"] = str(self.token_path)
+        else:
+            del hook["http_config"]
+        am["route"].update(self.alertmanager_overrides)
+        (out / "prometheus.yml").write_text(yaml.safe_dump(prom, sort_keys=False))
+        (out / "alertmanager.yml").write_text(yaml.safe_dump(am, sort_keys=False))
+        return out / "prometheus.yml", out / "alertmanager.yml"
+
+    def check_ports(self) -> None:
+        busy = [f"{what} ({port})" for what, port in self.ports().items() if not port_free(port)]
+        if busy:
+            raise StackError(f"ports already in use on 127.0.0.1: {', '.join(busy)}. Stop what holds them "
+                             "(an earlier `make run`?) or change the ports.")
+
+    def ports(self) -> dict[str, int]:
+        return {"exporter": self.config.exporter.port, "receiver": self.config.receiver.port,
+                "prometheus": self.prometheus_port, "alertmanager": self.alertmanager_port}
+
+    # --- processes --------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str], url: str) -> None:
+        logs = self.run_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / f"{name}.log", "ab") as out:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, cwd=REPO)
+        self.children.append(Child(name, proc, url))
+
+    def start_services(self) -> list[str]:
+        """Start each watched service that has a start command and is not running."""
+        running = scan_services(ProcReader(), self.config.services, (os.getpid(),), with_fds=False)
+        started = []
+        for name, cfg in self.config.services.items():
+            if cfg.start is None or len(running[name]) >= max(cfg.processes.min, 1):
+                continue
+            child = start_service(self.config, name)
+            self.services.append(child)
+            started.append(f"{name} (pid {child.pid})")
+        return started
+
+    def start(self) -> None:
+        self.check_ports()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ensure_token()
+        prom_yml, am_yml = self.render_assets()
+        self.start_services()
+        cfg = str(self.config_path)
+        exp, recv = self.config.exporter, self.config.receiver
+        self._spawn("exporter", [self.python, "-m", "exporter.app", "--config", cfg],
+                    f"http://127.0.0.1:{exp.port}/metrics")
+        self._spawn("receiver", [self.python, "-m", "receiver.app", "--config", cfg],
+                    f"http://127.0.0.1:{recv.port}/-/healthy")
+        self._spawn("alertmanager", [
+            self.binaries["alertmanager"], f"--config.file={am_yml}",
+            f"--storage.path={self.run_dir / 'alertmanager-data'}",
+            f"--web.listen-address=127.0.0.1:{self.alertmanager_port}", "--cluster.listen-address=",
+            "--log.level=warn"], f"http://127.0.0.1:{self.alertmanager_port}/-/ready")
+        self._spawn("prometheus", [
+            self.binaries["prometheus"], f"--config.file={prom_yml}",
+            f"--storage.tsdb.path={self.run_dir / 'prometheus-data'}", "--storage.tsdb.retention.time=2d",
+            f"--web.listen-address=127.0.0.1:{self.prometheus_port}", "--log.level=warn"],
+            f"http://127.0.0.1:{self.prometheus_port}/-/ready")
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        for child in self.children:
+            while not http_ok(child.url):
+                if child.proc.poll() is not None:
+                    raise StackError(f"{child.name} exited with status {child.proc.returncode}; see "
+                                     f"{self.run_dir / 'logs' / (child.name + '.log')}")
+                if time.monotonic() > deadline:
+                    raise StackError(f"{child.name} not ready at {child.url} within {timeout:g}s")
+                time.sleep(0.1)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop what the stack started, then the config's services (found by match)."""
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                try:
+                    os.killpg(child.proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace
+        for child in reversed(self.children):
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(child.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                child.proc.wait(5)
+        self.children.clear()
+        self.stop_services(grace)
+
+    def stop_services(self, grace: float = 5.0) -> None:
+        reader = ProcReader()
+        found = scan_services(reader, self.config.services, (os.getpid(),), with_fds=False)
+        procs = [p for ps in found.values() for p in ps]
+        for p in procs:
+            if p.state == "T":  # a frozen demo service cannot act on SIGTERM
+                send_signal(reader, [p], signal.SIGCONT)
+        send_signal(reader, procs, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while True:
+            left = [p for ps in scan_services(reader, self.config.services, (os.getpid(),), with_fds=False).values()
+                    for p in ps]
+            if not left or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        send_signal(reader, left, signal.SIGKILL)
+        self.reap_services(wait=2.0)
+
+    def reap_services(self, wait: float = 0.0) -> None:
+        """Collect the exit status of services this stack started that have exited."""
+        for child in self.services:
+            try:
+                child.wait(wait) if wait else child.poll()
+            except subprocess.TimeoutExpired:
+                pass
+        self.services = [c for c in self.services if c.returncode is None]
+
+    def describe(self) -> str:
+        lines = ["caretaker local stack is up:"]
+        for name, cfg in self.config.services.items():
+            probes = ", ".join(getattr(p, "url", None) or f"tcp {getattr(p, 'host', '')}:{getattr(p, 'port', '')}"
+                               for p in cfg.probes)
+            lines.append(f"  service {name:<14} {probes}")
+        lines += [
+            f"  exporter               http://127.0.0.1:{self.config.exporter.port}/metrics",
+            f"  receiver               http://127.0.0.1:{self.config.receiver.port}/alerts "
+            f"(audit: /api/v1/remediations)",
+            f"  prometheus             http://127.0.0.1:{self.prometheus_port}/alerts",
+            f"  alertmanager           http://127.0.0.1:{self.alertmanager_port}/",
+            f"  logs                   {self.run_dir / 'logs'}",
+            "Break something: `make demo` in another terminal, or `kill -9` / `kill -STOP` a service.",
+            "Ctrl+C stops everything.",
+        ]
+        return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run caretaker's local stack.")
+    parser.add_argument("--config", default=str(REPO / "caretaker.yml"))
+    parser.add_argument("--run-dir", default=str(REPO / ".run"))
+    parser.add_argument("--demo", action="store_true", help="run the incidents demo once the stack is up, then stop")
+    args = parser.parse_args()
+    try:
+        stack = Stack(Path(args.config), Path(args.run_dir))
+        stack.start()
+        stack.wait_ready()
+    except StackError as err:
+        print(f"caretaker stack: {err}", file=sys.stderr)
+        if "stack" in locals():
+            stack.stop()
+        raise SystemExit(1) from err
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    print(stack.describe(), flush=True)
+    try:
+        if args.demo:
+            from demo.incidents import run_incidents
+
+            time.sleep(3)  # let Prometheus see the healthy state first
+            raise SystemExit(run_incidents(stack.config))
+        while True:
+            for child in stack.children:
+                if child.proc.poll() is not None:
+                    print(f"caretaker stack: {child.name} exited with status {child.proc.returncode}; stopping",
+                          file=sys.stderr)
+                    raise SystemExit(1)
+            stack.reap_services()
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("\nstopping...", flush=True)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stack.stop()
+        print("stopped: no process of the stack is left running.", flush=True)
+
+
+if __name__ == "__main__":
+    main()
