@@ -5,7 +5,8 @@ Each part ("component") is a ratio from 0 (all wrong) to 1 (all fine):
 - ``processes``: 1 when ``min <= n <= max``; ``n/min`` below min; ``max/n`` above max.
 - ``probes``: the share of probes that passed (only when the service has probes).
 - ``resources``: the share of configured limits (memory, fds) that are respected
-  (only when the service has limits).
+  (only when the service has limits); 0 when no process runs, since nothing that
+  does not run is healthy.
 
 The score is the weighted mean of the parts that apply, with the weights from the
 config (DESIGN.md defaults: processes 30, probes 25, resources 20, integrity 15,
@@ -45,7 +46,7 @@ def components(cfg: ServiceConfig, processes: Sequence[ProcessInfo],
     if cfg.limits.open_fds is not None:
         checks.append(all((p.open_fds or 0) <= cfg.limits.open_fds for p in processes))
     if checks:
-        parts["resources"] = sum(checks) / len(checks)
+        parts["resources"] = sum(checks) / len(checks) if processes else 0.0
     return parts
 
 

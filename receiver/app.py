@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -142,6 +144,13 @@ async def healthy(request: web.Request) -> web.Response:
     return web.Response(text="OK\n")
 
 
+async def reap_forever(reaper: ChildReaper, interval: float = 2.0) -> None:
+    """Collect the exit status of services the receiver started, so none lingers as a zombie."""
+    while True:
+        await asyncio.sleep(interval)
+        reaper.reap()
+
+
 def _is_loopback(address: str) -> bool:
     if address == "localhost":
         return True
@@ -173,7 +182,11 @@ def create_app(config: Config, reader: ProcReader | None = None, dry_run: bool =
             executor = Executor(config, store, ctx, receiver_metrics, dry_run=dry_run)
             app[EXECUTOR_KEY] = executor
             await executor.start()
+            reaping = asyncio.create_task(reap_forever(reaper))
             yield
+            reaping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaping
             await executor.stop()
             reaper.reap()
         store.close()

@@ -1,0 +1,45 @@
+# caretaker: two commands do all the set-up on a fresh Debian/Ubuntu machine.
+#   make run    the local stack (Redis + demo web app, watched and healed), Ctrl+C stops it
+#   make test   the whole test suite, against the real Prometheus, Alertmanager, Redis
+# Also: make demo (break things in a running stack), make lint, make check-config.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STACK_PACKAGES := venv:python3-venv prometheus:prometheus prometheus-alertmanager:prometheus-alertmanager \
+	redis-server:redis-server
+TEST_PACKAGES := $(STACK_PACKAGES) promtool:prometheus amtool:prometheus-alertmanager
+
+.PHONY: run demo test lint check-config packages-stack packages-test clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+packages-stack:
+	@scripts/ensure-packages.sh $(STACK_PACKAGES)
+
+packages-test:
+	@scripts/ensure-packages.sh $(TEST_PACKAGES)
+
+run: packages-stack $(VENV)/.installed
+	$(PY) -m demo.stack $(STACK_ARGS)
+
+demo: $(VENV)/.installed
+	$(PY) -m demo.incidents
+
+test: packages-test $(VENV)/.installed
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check exporter receiver demo tests bench
+	$(VENV)/bin/mypy
+
+check-config: $(VENV)/.installed
+	$(VENV)/bin/caretaker-exporter --check-config --config caretaker.yml
+	promtool check config prometheus/prometheus.yml
+	amtool check-config prometheus/alertmanager.yml
+
+clean:
+	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache *.egg-info

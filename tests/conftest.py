@@ -1,0 +1,163 @@
+"""Shared fixtures: free ports, a fake /proc tree, real binaries, child processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from exporter.procfs import ProcReader, scan_services
+from receiver.actions import send_signal
+
+REPO = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+def require_binary(*names: str) -> str:
+    """Path of the first program found; under CI a missing one fails the test (never skips)."""
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    message = f"{' or '.join(names)} not installed (Debian packages; `make test` installs them)"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.05, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Children:
+    """Processes a test started; each in its own group, stopped by group at teardown."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        kwargs.setdefault("stdout", subprocess.DEVNULL)
+        kwargs.setdefault("stderr", subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, start_new_session=True, **kwargs)  # type: ignore[call-overload]
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                for sig in (signal.SIGCONT, signal.SIGKILL):
+                    try:
+                        os.killpg(proc.pid, sig)
+                    except ProcessLookupError:
+                        break
+            proc.wait(10)
+
+
+@pytest.fixture
+def children() -> Iterator[Children]:
+    c = Children()
+    yield c
+    c.stop_all()
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable
+
+
+# --- a fake /proc tree --------------------------------------------------------------
+
+CLK_TCK = 100
+PAGE = 4096
+BTIME = 1_700_000_000
+
+
+class FakeProc:
+    """A /proc tree on disk: ``add(pid, comm=..., cmdline=[...])`` writes a process."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "stat").write_text(f"cpu  1 2 3 4\nbtime {BTIME}\n")
+
+    def add(self, pid: int, comm: str = "proc", cmdline: list[str] | None = None, state: str = "S",
+            ppid: int = 1, pgid: int | None = None, start_ticks: int = 1000, utime: int = 0, stime: int = 0,
+            rss_pages: int = 0, flags: int = 0, exe: str | None = None, fds: int = 0, threads: int = 1) -> None:
+        d = self.root / str(pid)
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir()
+        fields = [state, ppid, pgid if pgid is not None else pid, pid, 0, -1, flags, 0, 0, 0, 0, utime, stime,
+                  0, 0, 20, 0, threads, 0, start_ticks, 0, rss_pages] + [0] * 30
+        (d / "stat").write_text(f"{pid} ({comm}) " + " ".join(str(f) for f in fields) + "\n")
+        argv = cmdline if cmdline is not None else [comm]
+        (d / "cmdline").write_bytes(b"".join(a.encode() + b"\0" for a in argv))
+        if exe is not None:
+            (d / "exe").symlink_to(exe)
+        (d / "fd").mkdir()
+        for i in range(fds):
+            (d / "fd" / str(i)).write_text("")
+
+    def remove(self, pid: int) -> None:
+        shutil.rmtree(self.root / str(pid))
+
+
+@pytest.fixture
+def fake_proc(tmp_path: Path) -> FakeProc:
+    return FakeProc(tmp_path / "proc")
+
+
+# --- real Redis -------------------------------------------------------------------------
+
+@pytest.fixture
+def redis_server(children: Children, tmp_path: Path) -> Callable[[int], subprocess.Popen[bytes]]:
+    binary = require_binary("redis-server")
+
+    def start(port: int) -> subprocess.Popen[bytes]:
+        proc = children.start([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                               "--appendonly", "no", "--dir", str(tmp_path)])
+        wait_for(lambda: port_open(port), 10, what=f"redis on {port}")
+        return proc
+
+    return start
+
+
+def stop_config_services(config: Any) -> None:
+    """Stop every process the config's services match (what the receiver may have started)."""
+    reader = ProcReader()
+    found = scan_services(reader, config.services, (os.getpid(),), with_fds=False)
+    procs = [p for ps in found.values() for p in ps]
+    send_signal(reader, procs, signal.SIGKILL)
+    wait_for(lambda: not any(scan_services(reader, config.services, (os.getpid(),), with_fds=False).values()), 10,
+             what="services to stop")

@@ -1,0 +1,236 @@
+"""The exporter app: series, values, probes, deadlines, exposition format."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.app import REGISTRY_KEY, SCRAPER_KEY, create_app
+from exporter.config import parse_config
+from exporter.procfs import ProcReader
+
+from .conftest import CLK_TCK, PAGE, FakeProc, free_port, require_binary
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def samples(text: str) -> Samples:
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(data: Samples, name: str, **labels: str) -> float:
+    return data[(name, frozenset(labels.items()))]
+
+
+def make_config(services: dict[str, Any], tmp_path: Path) -> Any:
+    return parse_config({"services": services}, base_dir=tmp_path)
+
+
+@pytest.fixture
+async def client_for(fake_proc: FakeProc) -> AsyncIterator[Callable[..., Any]]:
+    clients: list[TestClient[web.Request, web.Application]] = []
+
+    async def make(config: Any, reader: ProcReader | None = None) -> TestClient[web.Request, web.Application]:
+        app = create_app(config, reader or ProcReader(fake_proc.root, CLK_TCK, PAGE))
+        client = TestClient(TestServer(app, host="127.0.0.1"))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield make
+    for c in clients:
+        await c.close()
+
+
+async def scrape(client: TestClient[web.Request, web.Application], timeout: str | None = None) -> str:
+    headers = {"X-Prometheus-Scrape-Timeout-Seconds": timeout} if timeout else {}
+    resp = await client.get("/metrics", headers=headers)
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain; version=")
+    return await resp.text()
+
+
+async def test_every_series_exists_from_the_first_scrape_with_zero(client_for: Any, tmp_path: Path) -> None:
+    dead = free_port()
+    config = make_config({"never": {
+        "match": {"comm": "^never-started$"}, "processes": {"min": 1, "max": 1},
+        "probes": [{"name": "port", "type": "tcp", "port": dead},
+                   {"name": "web", "type": "http", "url": f"http://127.0.0.1:{dead}/"}],
+        "limits": {"memory_bytes": 1000}}}, tmp_path)
+    data = samples(await scrape(await client_for(config)))
+    svc = {"service_name": "never"}
+    assert value(data, "caretaker_service_processes", **svc) == 0
+    assert value(data, "caretaker_service_min_processes", **svc) == 1
+    assert value(data, "caretaker_service_max_processes", **svc) == 1
+    assert value(data, "caretaker_service_resident_memory_bytes", **svc) == 0
+    assert value(data, "caretaker_service_cpu_seconds_total", **svc) == 0
+    assert value(data, "caretaker_service_open_fds", **svc) == 0
+    assert value(data, "caretaker_service_oldest_start_time_seconds", **svc) == 0
+    assert value(data, "caretaker_service_processes_by_status", status="stopped", **svc) == 0
+    assert value(data, "caretaker_probe_success", probe="port", type="tcp", **svc) == 0
+    assert value(data, "caretaker_probe_success", probe="web", type="http", **svc) == 0
+    assert ("caretaker_probe_duration_seconds", frozenset({**svc, "probe": "web", "type": "http"}.items())) in data
+    assert value(data, "caretaker_service_health_ratio", **svc) == 0
+    for component in ("processes", "probes", "resources"):
+        assert value(data, "caretaker_service_health_component_ratio", component=component, **svc) == 0
+    assert value(data, "caretaker_exporter_errors_total", reason="scan_timeout") == 0
+    assert value(data, "caretaker_exporter_scrape_duration_seconds") > 0
+
+
+async def test_values_from_processes_and_health_components(client_for: Any, fake_proc: FakeProc,
+                                                           tmp_path: Path) -> None:
+    fake_proc.add(100, comm="worker", start_ticks=200, utime=300, stime=100, rss_pages=10, fds=3)
+    fake_proc.add(101, comm="worker", start_ticks=100, utime=100, rss_pages=5, fds=2, state="T")
+    fake_proc.add(102, comm="worker", start_ticks=300, rss_pages=1, fds=1)
+    config = make_config({"w": {"match": {"comm": "^worker$"}, "processes": {"min": 1, "max": 2},
+                                "limits": {"memory_bytes": 100 * PAGE, "open_fds": 2}}}, tmp_path)
+    data = samples(await scrape(await client_for(config)))
+    svc = {"service_name": "w"}
+    assert value(data, "caretaker_service_processes", **svc) == 3
+    assert value(data, "caretaker_service_processes_by_status", status="stopped", **svc) == 1
+    assert value(data, "caretaker_service_processes_by_status", status="sleeping", **svc) == 2
+    assert value(data, "caretaker_service_resident_memory_bytes", **svc) == 16 * PAGE
+    assert value(data, "caretaker_service_cpu_seconds_total", **svc) == 5.0
+    assert value(data, "caretaker_service_open_fds", **svc) == 6
+    assert value(data, "caretaker_service_oldest_start_time_seconds", **svc) == 1_700_000_000 + 1.0
+    # 3 processes, max 2: processes 2/3; memory fine, one process over 2 fds: resources 1/2
+    parts = {c: value(data, "caretaker_service_health_component_ratio", component=c, **svc)
+             for c in ("processes", "resources")}
+    assert parts == pytest.approx({"processes": 2 / 3, "resources": 0.5})
+    expected = (30 * 2 / 3 + 20 * 0.5) / 50
+    assert value(data, "caretaker_service_health_ratio", **svc) == pytest.approx(expected)
+
+
+async def test_promtool_check_metrics_is_clean(client_for: Any, fake_proc: FakeProc, tmp_path: Path) -> None:
+    promtool = require_binary("promtool")
+    fake_proc.add(100, comm="worker", rss_pages=10, fds=3)
+    config = make_config({"w": {"match": {"comm": "^worker$"},
+                                "probes": [{"name": "p", "type": "tcp", "port": free_port()}],
+                                "limits": {"memory_bytes": 10}}}, tmp_path)
+    text = await scrape(await client_for(config))
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout + result.stderr == ""
+
+
+async def test_probes_pass_against_live_servers(client_for: Any, tmp_path: Path) -> None:
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="ok", status=204 if request.path == "/empty" else 200)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        config = make_config({"s": {"match": {"comm": "^nothing$"}, "probes": [
+            {"name": "tcp", "type": "tcp", "port": port},
+            {"name": "ok", "type": "http", "url": f"http://127.0.0.1:{port}/health"},
+            {"name": "wrong_status", "type": "http", "url": f"http://127.0.0.1:{port}/empty"},
+            {"name": "empty_ok", "type": "http", "url": f"http://127.0.0.1:{port}/empty", "expect_status": [204]},
+        ]}}, tmp_path)
+        client = await client_for(config)
+        data = samples(await scrape(client))
+        ok = {name: value(data, "caretaker_probe_success", service_name="s", probe=name,
+                          type="tcp" if name == "tcp" else "http")
+              for name in ("tcp", "ok", "wrong_status", "empty_ok")}
+        assert ok == {"tcp": 1, "ok": 1, "wrong_status": 0, "empty_ok": 1}
+        assert value(data, "caretaker_service_health_component_ratio", service_name="s", component="probes") == 0.75
+        result = client.server.app[SCRAPER_KEY].snapshot.services["s"].probes["wrong_status"]
+        assert (result.reason, result.detail) == ("status", "HTTP 204, expected [200]")
+    finally:
+        await runner.cleanup()
+
+
+async def test_scrape_respects_prometheus_scrape_timeout(client_for: Any, tmp_path: Path) -> None:
+    """A server that accepts and never answers: the probe is cut at the scrape's deadline."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        config = make_config({"s": {"match": {"comm": "^nothing$"}, "probes": [
+            {"name": "hang", "type": "http", "url": f"http://127.0.0.1:{port}/", "timeout": "30s"}]}}, tmp_path)
+        client = await client_for(config)
+        started = time.monotonic()
+        data = samples(await scrape(client, timeout="1.5"))
+        elapsed = time.monotonic() - started
+    assert elapsed < 3.0, f"scrape took {elapsed:.2f}s with a 1.5s scrape timeout"
+    assert value(data, "caretaker_probe_success", service_name="s", probe="hang", type="http") == 0
+    snap = client.server.app[SCRAPER_KEY].snapshot
+    assert snap.services["s"].probes["hang"].reason == "timeout"
+
+
+async def test_concurrent_scrapes_share_one_collection(client_for: Any, fake_proc: FakeProc,
+                                                       tmp_path: Path) -> None:
+    calls = 0
+
+    class Counting(ProcReader):
+        def pids(self) -> list[int]:
+            nonlocal calls
+            calls += 1
+            time.sleep(0.3)  # a slow /proc, in the scan thread
+            return super().pids()
+
+    config = make_config({"w": {"match": {"comm": "^worker$"}}}, tmp_path)
+    client = await client_for(config, Counting(fake_proc.root, CLK_TCK, PAGE))
+    await asyncio.gather(*(scrape(client) for _ in range(5)))
+    assert calls == 1
+    registry = client.server.app[REGISTRY_KEY]
+    assert registry.get_sample_value("caretaker_service_processes", {"service_name": "w"}) == 0
+
+
+async def test_slow_scan_does_not_block_the_event_loop(client_for: Any, fake_proc: FakeProc, tmp_path: Path) -> None:
+    class Slow(ProcReader):
+        def pids(self) -> list[int]:
+            time.sleep(0.5)
+            return super().pids()
+
+    client = await client_for(make_config({"w": {"match": {"comm": "x"}}}, tmp_path),
+                              Slow(fake_proc.root, CLK_TCK, PAGE))
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    await scrape(client)
+    task.cancel()
+    assert ticks >= 20, f"event loop ran only {ticks} ticks during a 0.5s scan"
+
+
+async def test_scan_timeout_keeps_previous_view_and_counts_error(client_for: Any, fake_proc: FakeProc,
+                                                                 tmp_path: Path) -> None:
+    delay = 0.0
+
+    class Sometimes(ProcReader):
+        def pids(self) -> list[int]:
+            time.sleep(delay)
+            return super().pids()
+
+    fake_proc.add(100, comm="worker")
+    client = await client_for(make_config({"w": {"match": {"comm": "^worker$"}}}, tmp_path),
+                              Sometimes(fake_proc.root, CLK_TCK, PAGE))
+    assert value(samples(await scrape(client)), "caretaker_service_processes", service_name="w") == 1
+    delay = 2.0
+    data = samples(await scrape(client, timeout="1"))
+    assert value(data, "caretaker_service_processes", service_name="w") == 1
+    assert value(data, "caretaker_exporter_errors_total", reason="scan_timeout") == 1

@@ -1,0 +1,148 @@
+"""Process discovery and accounting, against a fake /proc tree and real processes."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from exporter.config import parse_config
+from exporter.procfs import CpuAccountant, ProcReader, scan_services
+
+from .conftest import BTIME, CLK_TCK, PAGE, Children, FakeProc, wait_for
+
+
+def services(**matches: dict[str, str]) -> dict:  # type: ignore[type-arg]
+    config = parse_config({"services": {name: {"match": m, "processes": {"min": 0, "max": 10}}
+                                        for name, m in matches.items()}})
+    return dict(config.services)
+
+
+def reader(fake: FakeProc) -> ProcReader:
+    return ProcReader(fake.root, clock_ticks=CLK_TCK, page_size=PAGE)
+
+
+def test_matches_by_comm_cmdline_and_exe(fake_proc: FakeProc) -> None:
+    fake_proc.add(10, comm="redis-server", cmdline=["redis-server 127.0.0.1:6379"], exe="/usr/bin/redis-server")
+    fake_proc.add(11, comm="redis-server", cmdline=["redis-server 127.0.0.1:6380"], exe="/usr/bin/redis-server")
+    fake_proc.add(12, comm="python3", cmdline=["python3", "app.py", "--port", "8000"], exe="/usr/bin/python3.11")
+    fake_proc.add(13, comm="bash", cmdline=["bash"], exe="/usr/bin/bash")
+    found = scan_services(reader(fake_proc), services(
+        redis={"comm": "^redis-server$", "cmdline": r":6379\b"},
+        app={"cmdline": r"app\.py --port 8000"},
+        pythons={"exe": r"/python3(\.\d+)?$"},
+    ))
+    assert [p.pid for p in found["redis"]] == [10]
+    assert [p.pid for p in found["app"]] == [12]
+    assert [p.pid for p in found["pythons"]] == [12]
+    assert found["app"][0].cmdline == "python3 app.py --port 8000"
+
+
+def test_facts_are_in_base_units(fake_proc: FakeProc) -> None:
+    fake_proc.add(20, comm="worker", start_ticks=500, utime=150, stime=50, rss_pages=3, fds=4, threads=5)
+    (p,) = scan_services(reader(fake_proc), services(w={"comm": "worker"}))["w"]
+    assert p.start_time_seconds == BTIME + 5.0
+    assert p.cpu_seconds == 2.0
+    assert p.rss_bytes == 3 * PAGE
+    assert p.open_fds == 4
+    assert p.num_threads == 5
+
+
+def test_zombies_kernel_threads_and_excluded_pids_never_match(fake_proc: FakeProc) -> None:
+    fake_proc.add(30, comm="worker", state="Z")
+    fake_proc.add(31, comm="worker", flags=0x00200000)  # PF_KTHREAD
+    fake_proc.add(32, comm="worker")
+    fake_proc.add(33, comm="worker", state="T")  # stopped (frozen) still counts
+    found = scan_services(reader(fake_proc), services(w={"comm": "worker"}), exclude_pids=[32])
+    assert [(p.pid, p.state) for p in found["w"]] == [(33, "T")]
+
+
+def test_comm_with_spaces_and_parentheses(fake_proc: FakeProc) -> None:
+    fake_proc.add(40, comm="a (b) c")
+    (p,) = scan_services(reader(fake_proc), services(w={"comm": r"^a \(b\) c$"}))["w"]
+    assert p.comm == "a (b) c"
+
+
+def test_every_service_is_a_key_even_without_processes(fake_proc: FakeProc) -> None:
+    found = scan_services(reader(fake_proc), services(a={"comm": "x"}, b={"comm": "y"}))
+    assert found == {"a": [], "b": []}
+
+
+def test_process_vanishing_mid_scan_is_not_an_error(fake_proc: FakeProc) -> None:
+    fake_proc.add(50, comm="worker")
+    fake_proc.add(51, comm="worker")
+
+    class Vanishing(ProcReader):
+        def pids(self) -> list[int]:
+            pids = super().pids()
+            fake_proc.remove(50)  # gone between listing and reading
+            return pids
+
+    found = scan_services(Vanishing(fake_proc.root, CLK_TCK, PAGE), services(w={"comm": "worker"}))
+    assert [p.pid for p in found["w"]] == [51]
+
+
+def test_processes_sorted_oldest_first(fake_proc: FakeProc) -> None:
+    fake_proc.add(60, comm="w", start_ticks=300)
+    fake_proc.add(61, comm="w", start_ticks=100)
+    fake_proc.add(62, comm="w", start_ticks=200)
+    assert [p.pid for p in scan_services(reader(fake_proc), services(w={"comm": "^w$"}))["w"]] == [61, 62, 60]
+
+
+def test_cpu_counter_never_goes_backwards_when_processes_come_and_go(fake_proc: FakeProc) -> None:
+    acct = CpuAccountant()
+    r = reader(fake_proc)
+    svc = services(w={"comm": "^w$"})
+    fake_proc.add(70, comm="w", start_ticks=100, utime=100)  # 1.0s
+    fake_proc.add(71, comm="w", start_ticks=100, utime=200)  # 2.0s
+    assert acct.update("w", scan_services(r, svc)["w"]) == 3.0
+    fake_proc.add(70, comm="w", start_ticks=100, utime=150)  # +0.5s
+    fake_proc.remove(71)  # exits: its 2.0s stay counted
+    assert acct.update("w", scan_services(r, svc)["w"]) == 3.5
+    # pid 70 is reused by a new process (other start time) with less CPU: a new process, not a reset
+    fake_proc.add(70, comm="w", start_ticks=900, utime=10)
+    assert acct.update("w", scan_services(r, svc)["w"]) == 3.6
+    fake_proc.remove(70)
+    assert acct.update("w", scan_services(r, svc)["w"]) == 3.6
+
+
+def test_reused_pid_is_attributed_to_its_new_service(fake_proc: FakeProc) -> None:
+    r = reader(fake_proc)
+    svc = services(redis={"comm": "^redis-server$"}, app={"comm": "^uvicorn$"})
+    fake_proc.add(80, comm="redis-server", start_ticks=100)
+    assert [p.pid for p in scan_services(r, svc)["redis"]] == [80]
+    fake_proc.add(80, comm="uvicorn", start_ticks=5000)
+    found = scan_services(r, svc)
+    assert found["redis"] == [] and [p.pid for p in found["app"]] == [80]
+
+
+def test_child_between_fork_and_exec_moves_to_its_new_service(children: Children, python: str,
+                                                              tmp_path: object) -> None:
+    """A forked child first looks like its parent; after exec it must be the new program."""
+    script = ("import os, sys, time\n"
+              "pid = os.fork()\n"
+              "if pid == 0:\n"
+              "    time.sleep(1.0)\n"
+              "    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', 'child-marker'])\n"
+              "time.sleep(60)\n")
+    parent = children.start([python, "-c", script, "parent-marker"])
+    svc = services(parent={"cmdline": "parent-marker$"}, child={"cmdline": "child-marker$"})
+    r = ProcReader()
+    wait_for(lambda: len(scan_services(r, svc)["parent"]) == 2, 5, what="forked child seen as parent")
+    wait_for(lambda: len(scan_services(r, svc)["child"]) == 1, 5, what="child seen after exec")
+    found = scan_services(r, svc)
+    assert [p.pid for p in found["parent"]] == [parent.pid]
+    assert found["child"][0].ppid == parent.pid
+
+
+def test_real_process_facts(children: Children, python: str) -> None:
+    proc = children.start([python, "-c", "import time; x = bytearray(30_000_000); time.sleep(60)", "facts-marker"])
+    svc = services(p={"cmdline": "facts-marker"})
+    r = ProcReader()
+    wait_for(lambda: scan_services(r, svc)["p"] and scan_services(r, svc)["p"][0].rss_bytes > 30_000_000, 10,
+             what="process with 30 MB resident")
+    (p,) = scan_services(r, svc)["p"]
+    assert p.pid == proc.pid
+    assert p.pgid == proc.pid  # own session and group
+    assert abs(p.start_time_seconds - time.time()) < 30
+    assert p.open_fds is not None and p.open_fds >= 3
+    assert os.getpid() not in [q.pid for q in scan_services(r, services(me={"cmdline": "pytest"}), [os.getpid()])["me"]]

@@ -1,0 +1,234 @@
+"""The receiver's webhook: validation, auth, dedupe, decisions, audit trail, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from exporter.config import ConfigError, parse_config
+from receiver.app import EXECUTOR_KEY, REGISTRY_KEY, create_app
+
+from .conftest import stop_config_services
+
+TOKEN = "test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def receiver_config(tmp_path: Path, marker: str, **receiver: Any) -> Any:
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    return parse_config({
+        "receiver": {"bearer_token": {"file": "token"}, "state_file": "state.sqlite", "cooldown": 0, **receiver},
+        "services": {
+            "app": {
+                "match": {"cmdline": f"{marker}$"},
+                "start": {"argv": [sys.executable, "-c", "import time; time.sleep(120)", marker],
+                          "log_file": "logs/app.log"},
+                "stop": {"grace_period": 2},
+                "remediation": {"allow": ["restart"], "verify_timeout": 10},
+            },
+            "watched_only": {"match": {"comm": "^nothing-here$"}, "processes": {"min": 0, "max": 1}},
+        }}, base_dir=tmp_path)
+
+
+def alert(fingerprint: str = "a1b2c3", status: str = "firing", starts_at: str = "2026-11-22T03:00:00Z",
+          **labels: str) -> dict[str, Any]:
+    return {"status": status, "labels": {"alertname": "CaretakerServiceDown", **labels}, "annotations": {},
+            "startsAt": starts_at, "endsAt": "0001-01-01T00:00:00Z", "generatorURL": "", "fingerprint": fingerprint}
+
+
+def notification(*alerts: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"version": "4", "status": "firing", "receiver": "caretaker", "groupKey": "{}:{}", "truncatedAlerts": 0,
+            "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {}, "externalURL": "http://am",
+            "alerts": list(alerts), **extra}
+
+
+Client = TestClient[web.Request, web.Application]
+
+
+@pytest.fixture
+async def receiver(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    made: list[Client] = []
+    configs: list[Any] = []
+
+    async def make(config: Any = None, dry_run: bool = False) -> Client:
+        config = config or receiver_config(tmp_path, f"rcv-{uuid.uuid4().hex}")
+        configs.append(config)
+        app = create_app(config, dry_run=dry_run)
+        client = TestClient(TestServer(app, host="127.0.0.1"))
+        await client.start_server()
+        made.append(client)
+        return client
+
+    yield make
+    for config in configs:
+        stop_config_services(config)  # first, so that closing the app reaps them
+    for c in made:
+        await c.close()
+
+
+async def post(client: Client, body: Any, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    resp = await client.post("/alerts", data=data, headers={"Content-Type": "application/json", **AUTH,
+                                                             **(headers or {})})
+    return resp.status, await resp.json()
+
+
+async def audit(client: Client, **query: str) -> list[dict[str, Any]]:
+    resp = await client.get("/api/v1/remediations", params=query, headers=AUTH)
+    assert resp.status == 200
+    return list((await resp.json())["data"])
+
+
+async def settle(client: Client, timeout: float = 15.0) -> None:
+    executor = client.server.app[EXECUTOR_KEY]
+    deadline = time.monotonic() + timeout
+    while executor.pending:
+        assert time.monotonic() < deadline, "repairs did not finish"
+        await asyncio.sleep(0.05)
+
+
+def metric(client: Client, name: str, **labels: str) -> float | None:
+    return client.server.app[REGISTRY_KEY].get_sample_value(name, labels)
+
+
+# --- request validation -----------------------------------------------------------------
+
+async def test_missing_or_wrong_token_is_401(receiver: Any) -> None:
+    client = await receiver()
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
+        resp = await client.post("/alerts", json=notification(), headers=headers)
+        assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+        assert "token" in (await resp.json())["error"]
+    assert (await client.get("/api/v1/remediations")).status == 401
+    assert (await client.get("/metrics")).status == 200  # for Prometheus, no secrets in it
+
+
+async def test_wrong_content_type_is_415(receiver: Any) -> None:
+    client = await receiver()
+    resp = await client.post("/alerts", data=json.dumps(notification()), headers={**AUTH, "Content-Type": "text/plain"})
+    assert resp.status == 415
+    assert "application/json" in (await resp.json())["error"]
+
+
+async def test_oversized_body_is_413(receiver: Any, tmp_path: Path) -> None:
+    client = await receiver(receiver_config(tmp_path, "big-marker", max_body_bytes=4096))
+    status, body = await post(client, notification(alert(labels_pad="x" * 5000)))
+    assert status == 413
+    assert "4096" in body["error"]
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    ("{not json", "not valid JSON"),
+    ("[]", "not an Alertmanager webhook payload"),
+    (json.dumps({"version": "3", "status": "firing", "alerts": []}), "version"),
+    (json.dumps(notification(alert(starts_at="yesterday"))), "alerts.0.startsAt"),
+    (json.dumps(notification({**alert(), "labels": {"service_name": 5}})), "alerts.0.labels.service_name"),
+    (json.dumps(notification({**alert(), "fingerprint": "../../etc/passwd"})), "alerts.0.fingerprint"),
+    (json.dumps(notification({**alert(), "status": "exploded"})), "alerts.0.status"),
+    ("[" * 100 + "]" * 100, "nested deeper"),
+    ("[" * 100000 + "]" * 100000, "not valid JSON"),
+])
+async def test_bad_payload_is_400_with_a_reason(receiver: Any, body: str, reason: str) -> None:
+    client = await receiver()
+    status, answer = await post(client, body)
+    assert status == 400
+    assert reason in answer["error"]
+    assert await audit(client) == []
+    assert metric(client, "caretaker_webhook_requests_total", code="400") == 1
+
+
+async def test_unknown_fields_are_accepted(receiver: Any) -> None:
+    client = await receiver()
+    payload = notification({**alert(service_name="watched_only"), "silenceURL": "x", "values": {"A": 1}},
+                           notification_reason="new", routeLabels={"team": "a"})
+    status, answer = await post(client, payload)
+    assert status == 200
+    assert answer == {"status": "success", "received": 1, "duplicates": 0, "queued": 0, "skipped": 1}
+
+
+# --- decisions ------------------------------------------------------------------------
+
+async def test_restart_runs_once_and_duplicates_are_counted_not_repeated(receiver: Any) -> None:
+    client = await receiver()
+    payload = notification(alert(service_name="app", remediation="restart"))
+    status, first = await post(client, payload)
+    assert (status, first["queued"]) == (200, 1)
+    for _ in range(3):  # Alertmanager resends firing alerts with every group notification
+        status, again = await post(client, payload)
+        assert (status, again["queued"], again["duplicates"]) == (200, 0, 1)
+    await settle(client)
+    entries = await audit(client)
+    assert len(entries) == 1
+    (entry,) = entries
+    assert (entry["decision"], entry["result"], entry["times_seen"]) == ("acted", "success", 4)
+    assert entry["steps"][-1]["message"].startswith("verified: 1 processes")
+    assert metric(client, "caretaker_remediations_total", action="restart", service_name="app", result="success") == 1
+    assert metric(client, "caretaker_alerts_skipped_total", service_name="app", reason="duplicate") == 3
+    assert metric(client, "caretaker_remediation_duration_seconds_count", action="restart") == 1
+
+
+@pytest.mark.parametrize(("labels", "status", "reason"), [
+    ({"service_name": "app", "remediation": "restart"}, "resolved", "resolved"),
+    ({"remediation": "restart"}, "firing", "no_service_name"),
+    ({"service_name": "ghost", "remediation": "restart"}, "firing", "unknown_service"),
+    ({"service_name": "app"}, "firing", "no_remediation"),
+    ({"service_name": "app", "remediation": "reboot"}, "firing", "unknown_action"),
+    ({"service_name": "watched_only", "remediation": "restart"}, "firing", "action_not_allowed"),
+])
+async def test_decisions_that_do_not_repair(receiver: Any, labels: dict[str, str], status: str, reason: str) -> None:
+    client = await receiver()
+    code, answer = await post(client, notification(alert(status=status, **labels)))
+    assert (code, answer["queued"], answer["skipped"]) == (200, 0, 1)
+    (entry,) = await audit(client)
+    assert entry["reason"] == reason
+    assert entry["decision"] in ("skipped", "recorded")
+    assert entry["result"] is None and entry["started_at"] is None
+
+
+async def test_hostile_label_values_are_never_executed(receiver: Any, tmp_path: Path) -> None:
+    client = await receiver()
+    canary = tmp_path / "pwned"
+    evil = f"app; touch {canary}"
+    for i, labels in enumerate([{"service_name": evil, "remediation": "restart"},
+                                {"service_name": "app", "remediation": f"restart && touch {canary}"},
+                                {"service_name": "../../etc", "remediation": "$(touch " + str(canary) + ")"}]):
+        code, answer = await post(client, notification(alert(fingerprint=f"f{i}", **labels)))
+        assert (code, answer["queued"]) == (200, 0)
+    await settle(client)
+    assert not canary.exists()
+    reasons = sorted(e["reason"] for e in await audit(client))
+    assert reasons == ["unknown_action", "unknown_service", "unknown_service"]
+    assert all(e["service_name"] == "" for e in await audit(client) if e["reason"] == "unknown_service")
+
+
+async def test_dry_run_decides_but_does_not_repair(receiver: Any) -> None:
+    client = await receiver(dry_run=True)
+    await post(client, notification(alert(service_name="app", remediation="restart")))
+    await settle(client)
+    (entry,) = await audit(client)
+    assert (entry["decision"], entry["reason"], entry["steps"]) == ("skipped", "dry_run", [])
+
+
+def test_refuses_non_loopback_without_auth(tmp_path: Path) -> None:
+    config = parse_config({"receiver": {"listen_address": "0.0.0.0"},  # noqa: S104 - the point of the test
+                           "services": {"a": {"match": {"comm": "x"}}}}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match="not loopback"):
+        create_app(config)
+
+
+def test_missing_token_file_is_a_config_error(tmp_path: Path) -> None:
+    config = parse_config({"receiver": {"bearer_token": {"file": "absent"}},
+                           "services": {"a": {"match": {"comm": "x"}}}}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match="cannot read secret"):
+        create_app(config)

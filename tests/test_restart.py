@@ -1,0 +1,271 @@
+"""The restart state machine and the executor's safety rules, with real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from exporter.config import parse_config
+from exporter.procfs import ProcReader, scan_services
+from receiver.actions import ActionContext, RepairFailed, StepLog, restart
+from receiver.app import EXECUTOR_KEY, REGISTRY_KEY, create_app
+from receiver.store import NewAlert, Store
+
+from .conftest import free_port, stop_config_services, wait_for
+from .test_receiver import AUTH, TOKEN, alert, notification
+
+SLEEPER = "import time\nwhile True: time.sleep(1)\n"
+IGNORES_TERM = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(1)\n"
+RESPAWNS_ON_HUP = ("import signal, subprocess, sys, time, os\n"
+                   "def hup(*a):\n"
+                   "    subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[1], sys.argv[2]],"
+                   " start_new_session=True)\n"
+                   "    os._exit(0)\n"
+                   "signal.signal(signal.SIGHUP, hup)\n"
+                   "while True: time.sleep(1)\n")
+
+
+def service_config(tmp_path: Path, script: str = SLEEPER, grace: float = 2.0, verify: float = 10.0,
+                   stop_signal: str = "SIGTERM", argv: list[str] | None = None, probes: list[Any] | None = None,
+                   **receiver: Any) -> Any:
+    marker = f"svc-{uuid.uuid4().hex}"
+    argv = argv or ([sys.executable, "-c", script, script, marker] if script is RESPAWNS_ON_HUP
+                    else [sys.executable, "-c", script, marker])
+    (tmp_path / "token").write_text(TOKEN)
+    return parse_config({
+        "receiver": {"bearer_token": {"file": "token"}, "state_file": "state.sqlite", **receiver},
+        "services": {"svc": {
+            "match": {"cmdline": f"{marker}$"},
+            "start": {"argv": argv, "log_file": "svc.log"},
+            "stop": {"signal": stop_signal, "grace_period": grace},
+            "probes": probes or [],
+            "remediation": {"allow": ["restart"], "verify_timeout": verify}}}}, base_dir=tmp_path)
+
+
+def processes(config: Any) -> list[Any]:
+    return scan_services(ProcReader(), config.services, (os.getpid(),))["svc"]
+
+
+@pytest.fixture
+async def ctx_for() -> AsyncIterator[Callable[[Any], ActionContext]]:
+    contexts: list[ActionContext] = []
+    async with aiohttp.ClientSession() as session:
+        def make(config: Any) -> ActionContext:
+            contexts.append(ActionContext(config, session))
+            return contexts[-1]
+        yield make
+    for ctx in contexts:
+        stop_config_services(ctx.config)
+        wait_for(lambda: (ctx.reaper.reap(), not ctx.reaper.children)[1], 5, what="children reaped")
+
+
+def start_first(ctx: ActionContext) -> int:
+    from receiver.actions import start_service
+
+    child = start_service(ctx.config, "svc")
+    ctx.reaper.add(child)
+    wait_for(lambda: len(processes(ctx.config)) == 1, 10, what="service up")
+    return child.pid
+
+
+def messages(steps: StepLog) -> list[str]:
+    return [s["message"] for s in steps.steps]
+
+
+async def test_restart_of_a_service_that_obeys_sigterm(ctx_for: Any, tmp_path: Path) -> None:
+    ctx = ctx_for(service_config(tmp_path))
+    old = start_first(ctx)
+    steps = StepLog()
+    await restart(ctx, "svc", steps)
+    (new,) = processes(ctx.config)
+    assert new.pid != old
+    assert f"SIGTERM to process group {old} (python3)" in " ".join(messages(steps)) or any(
+        "SIGTERM to process group" in m for m in messages(steps))
+    assert not any("SIGKILL" in m for m in messages(steps))
+    assert messages(steps)[-1] == "verified: 1 processes, probes passing: none configured"
+    assert new.pgid == new.pid  # detached: its own session and group
+
+
+@pytest.mark.parametrize("how", ["ignores SIGTERM", "frozen with SIGSTOP"])
+async def test_sigkill_after_the_grace_period(ctx_for: Any, tmp_path: Path, how: str) -> None:
+    ctx = ctx_for(service_config(tmp_path, IGNORES_TERM if how == "ignores SIGTERM" else SLEEPER, grace=1.5))
+    old = start_first(ctx)
+    time.sleep(0.3)  # let it install its handler
+    if how == "frozen with SIGSTOP":
+        os.kill(old, signal.SIGSTOP)
+        wait_for(lambda: processes(ctx.config)[0].state == "T", 5, what="stopped state")
+    steps = StepLog()
+    started = time.monotonic()
+    await restart(ctx, "svc", steps)
+    log = messages(steps)
+    term = next(s["at"] for s in steps.steps if "SIGTERM" in s["message"])
+    kill = next(s["at"] for s in steps.steps if "SIGKILL" in s["message"])
+    assert kill - term >= 1.5, "SIGKILL came before the grace period ended"
+    assert any("still there after 1.5s grace period" in m for m in log)
+    (new,) = processes(ctx.config)
+    assert new.pid != old and new.state != "T"
+    assert time.monotonic() - started < 10
+
+
+async def test_never_starts_a_second_copy(ctx_for: Any, tmp_path: Path) -> None:
+    """The service restarts itself on its stop signal: caretaker must not start another."""
+    ctx = ctx_for(service_config(tmp_path, RESPAWNS_ON_HUP, stop_signal="SIGHUP"))
+    old = start_first(ctx)
+    time.sleep(0.3)
+    steps = StepLog()
+    await restart(ctx, "svc", steps)
+    assert any("not starting a second copy" in m for m in messages(steps))
+    assert not any(m.startswith("started ") for m in messages(steps))
+    time.sleep(0.5)
+    (only,) = processes(ctx.config)
+    assert only.pid != old
+
+
+async def test_start_of_a_missing_program_fails_clearly(ctx_for: Any, tmp_path: Path) -> None:
+    ctx = ctx_for(service_config(tmp_path, argv=["/nonexistent/caretaker-test-program", "x"]))
+    with pytest.raises(RepairFailed, match="cannot start '/nonexistent/caretaker-test-program'"):
+        await restart(ctx, "svc", StepLog())
+
+
+async def test_a_service_that_dies_at_once_fails_fast(ctx_for: Any, tmp_path: Path) -> None:
+    marker = f"dies-{uuid.uuid4().hex}"
+    ctx = ctx_for(service_config(tmp_path, argv=[sys.executable, "-c", "import sys; sys.exit(3)", marker],
+                                 verify=20))
+    started = time.monotonic()
+    with pytest.raises(RepairFailed, match="exited with status 3"):
+        await restart(ctx, "svc", StepLog())
+    assert time.monotonic() - started < 5
+
+
+async def test_a_service_whose_probe_never_passes_fails_after_verify_timeout(ctx_for: Any, tmp_path: Path) -> None:
+    ctx = ctx_for(service_config(tmp_path, verify=1.5,
+                                 probes=[{"name": "port", "type": "tcp", "port": free_port(), "timeout": 0.5}]))
+    with pytest.raises(RepairFailed, match=r"not healthy within 1.5s: probe port: refused"):
+        await restart(ctx, "svc", StepLog())
+
+
+# --- the executor: lock, cooldown, budget, persistence ---------------------------------
+
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture
+async def receiver_for() -> AsyncIterator[Callable[..., Any]]:
+    made: list[tuple[Client, Any]] = []
+
+    async def make(config: Any) -> Client:
+        client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
+        await client.start_server()
+        made.append((client, config))
+        return client
+
+    yield make
+    for client, config in made:
+        stop_config_services(config)  # first, so that closing the app reaps them
+        await client.close()
+
+
+async def post(client: Client, payload: dict[str, Any]) -> dict[str, Any]:
+    resp = await client.post("/alerts", json=payload, headers=AUTH)
+    assert resp.status == 200
+    return dict(await resp.json())
+
+
+async def settle(client: Client) -> list[dict[str, Any]]:
+    executor = client.server.app[EXECUTOR_KEY]
+    deadline = time.monotonic() + 30
+    while executor.pending:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    resp = await client.get("/api/v1/remediations", headers=AUTH)
+    return list((await resp.json())["data"])
+
+
+async def test_one_repair_at_a_time_per_service(receiver_for: Any, tmp_path: Path) -> None:
+    client = await receiver_for(service_config(tmp_path, cooldown=0))
+    await post(client, notification(alert("f1", service_name="svc", remediation="restart"),
+                                    alert("f2", service_name="svc", remediation="restart")))
+    first, second = sorted(await settle(client), key=lambda e: e["started_at"])
+    assert first["result"] == second["result"] == "success"
+    assert second["started_at"] >= first["finished_at"]
+
+
+async def test_cooldown_skips_a_repair_right_after_another(receiver_for: Any, tmp_path: Path) -> None:
+    client = await receiver_for(service_config(tmp_path, cooldown="1h"))
+    await post(client, notification(alert("f1", service_name="svc", remediation="restart")))
+    await settle(client)
+    await post(client, notification(alert("f2", service_name="svc", remediation="restart")))
+    newest, oldest = await settle(client)
+    assert oldest["result"] == "success"
+    assert (newest["decision"], newest["reason"]) == ("skipped", "cooldown")
+
+
+async def test_attempt_budget_stops_repairs_and_says_so(receiver_for: Any, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    client = await receiver_for(service_config(tmp_path, cooldown=0, attempts={"max": 2, "window": "1h"}))
+    for i in range(3):
+        await post(client, notification(alert(f"f{i}", service_name="svc", remediation="restart")))
+        await settle(client)
+    entries = await settle(client)
+    assert [e["reason"] for e in entries] == ["budget_exhausted", "", ""]
+    registry = client.server.app[REGISTRY_KEY]
+    assert registry.get_sample_value("caretaker_remediation_attempts_exhausted", {"service_name": "svc"}) == 1
+    assert any("REPAIRS EXHAUSTED for svc" in r.message and r.levelname == "ERROR" for r in caplog.records)
+
+
+async def test_dedupe_and_cooldown_survive_a_receiver_restart(receiver_for: Any, tmp_path: Path) -> None:
+    config = service_config(tmp_path, cooldown="1h")
+    first = await receiver_for(config)
+    payload = notification(alert("f1", service_name="svc", remediation="restart"))
+    await post(first, payload)
+    await settle(first)
+    await first.close()
+    second = await receiver_for(config)
+    assert (await post(second, payload))["duplicates"] == 1
+    await post(second, notification(alert("f2", service_name="svc", remediation="restart")))
+    entries = await settle(second)
+    assert [(e["fingerprint"], e["reason"]) for e in entries] == [("f2", "cooldown"), ("f1", "")]
+
+
+async def test_repair_interrupted_by_a_crash_is_marked_not_repeated(receiver_for: Any, tmp_path: Path) -> None:
+    config = service_config(tmp_path)
+    store = Store(config.resolve(config.receiver.state_file))
+    (entry_id,) = store.admit([NewAlert("f1", "2026-01-01T00:00:00+00:00", "firing", "CaretakerServiceDown", "svc",
+                                        "restart", "queued", "")], time.time())
+    assert entry_id is not None
+    store.update(entry_id, decision="acted", state="running", started_at=time.time(),
+                 steps=[{"at": time.time(), "message": "SIGTERM to pid 1"}])
+    store.close()
+    client = await receiver_for(config)
+    (entry,) = await settle(client)
+    assert (entry["state"], entry["result"]) == ("interrupted", "failure")
+    assert processes(config) == []  # not repeated blindly
+    registry = client.server.app[REGISTRY_KEY]
+    assert registry.get_sample_value("caretaker_remediations_total",
+                                     {"action": "restart", "service_name": "svc", "result": "failure"}) == 1
+
+
+def test_audit_entry_serialises(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.sqlite")
+    (entry_id,) = store.admit([NewAlert("f", "t", "firing", "A", "svc", "restart", "queued", "")], 1.0)
+    assert entry_id is not None
+    store.update(entry_id, decision="acted", started_at=2.0, finished_at=5.5, result="success", state="done")
+    entry = store.get(entry_id)
+    assert entry is not None
+    data = json.loads(json.dumps(entry.as_json()))
+    assert data["duration_seconds"] == 3.5 and data["times_seen"] == 1
+    with pytest.raises(ValueError, match="cannot update"):
+        store.update(entry_id, service_name="x")
+    store.close()
