@@ -49,7 +49,7 @@ def audit(config: Config, service: str) -> list[dict[str, Any]]:
     req = urllib.request.Request(f"http://127.0.0.1:{recv.port}/api/v1/remediations?service_name={service}&limit=50")
     if recv.bearer_token is not None:
         req.add_header("Authorization", f"Bearer {read_secret(recv.bearer_token, config.base_dir)}")
-    with urllib.request.urlopen(req, timeout=2) as resp:  # noqa: S310 - loopback
+    with urllib.request.urlopen(req, timeout=2) as resp:
         data: list[dict[str, Any]] = json.load(resp)["data"]
     return data
 
@@ -126,7 +126,7 @@ async def _run(config: Config) -> int:
             await asyncio.sleep(2)
     print("\nsummary:")
     for name, heal in results.items():
-        print(f"  {name:<10} {'healed in %.2fs' % heal if heal is not None else 'NOT healed'}")
+        print(f"  {name:<10} {f'healed in {heal:.2f}s' if heal is not None else 'NOT healed'}")
     return 0 if results and all(h is not None for h in results.values()) else 1
 
 

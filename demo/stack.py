@@ -19,6 +19,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,7 +30,8 @@ from typing import Any
 
 import yaml
 
-from exporter.config import Config, load_config
+from demo.incidents import run_incidents
+from exporter.config import Config, ConfigError, load_config
 from exporter.procfs import ProcReader, scan_services
 from receiver.actions import send_signal, start_service
 
@@ -62,8 +64,6 @@ def find_binaries(needed: tuple[str, ...] = tuple(BINARIES)) -> dict[str, str]:
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    import socket
-
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -75,7 +75,7 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
 
 def http_ok(url: str, timeout: float = 1.0) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback URL we built
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             return bool(resp.status == 200)
     except OSError:
         return False
@@ -281,16 +281,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Run caretaker's local stack.")
     parser.add_argument("--config", default=str(REPO / "caretaker.yml"))
     parser.add_argument("--run-dir", default=str(REPO / ".run"))
+    parser.add_argument("--prometheus-port", type=int, default=9090)
+    parser.add_argument("--alertmanager-port", type=int, default=9093)
     parser.add_argument("--demo", action="store_true", help="run the incidents demo once the stack is up, then stop")
     args = parser.parse_args()
     try:
-        stack = Stack(Path(args.config), Path(args.run_dir))
+        stack = Stack(Path(args.config), Path(args.run_dir), prometheus_port=args.prometheus_port,
+                      alertmanager_port=args.alertmanager_port)
+    except ConfigError as err:
+        print(f"caretaker stack: invalid configuration:\n{err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    except StackError as err:
+        print(f"caretaker stack: {err}", file=sys.stderr)
+        raise SystemExit(1) from err
+    try:
         stack.start()
         stack.wait_ready()
     except StackError as err:
         print(f"caretaker stack: {err}", file=sys.stderr)
-        if "stack" in locals():
-            stack.stop()
+        stack.stop()
         raise SystemExit(1) from err
     stopping = False
 
@@ -304,8 +313,6 @@ def main() -> None:
     print(stack.describe(), flush=True)
     try:
         if args.demo:
-            from demo.incidents import run_incidents
-
             time.sleep(3)  # let Prometheus see the healthy state first
             raise SystemExit(run_incidents(stack.config))
         while True:

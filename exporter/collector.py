@@ -146,7 +146,8 @@ class ServiceCollector(Collector):
         snap = self.scraper.snapshot
         states = snap.services if snap else {}
         svc = ["service_name"]
-        processes = GaugeMetricFamily("caretaker_service_processes", "Processes of the service now running.", labels=svc)
+        processes = GaugeMetricFamily("caretaker_service_processes", "Processes of the service now running.",
+                                      labels=svc)
         min_p = GaugeMetricFamily("caretaker_service_min_processes", "Fewest processes expected (config).", labels=svc)
         max_p = GaugeMetricFamily("caretaker_service_max_processes", "Most processes expected (config).", labels=svc)
         by_status = GaugeMetricFamily("caretaker_service_processes_by_status",

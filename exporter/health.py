@@ -52,7 +52,8 @@ def components(cfg: ServiceConfig, processes: Sequence[ProcessInfo],
 
 def score(parts: Mapping[str, float], weights: HealthWeights) -> float:
     """Weighted mean of ``parts``; 0 when every applicable weight is 0 and a part is 0."""
-    total = sum(getattr(weights, name) for name in parts)
+    weight: dict[str, float] = weights.model_dump()
+    total = sum(weight[name] for name in parts)
     if total <= 0:
         return min(parts.values(), default=1.0)
-    return sum(getattr(weights, name) * value for name, value in parts.items()) / total
+    return sum(weight[name] * value for name, value in parts.items()) / total

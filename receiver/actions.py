@@ -159,7 +159,7 @@ def start_service(config: Config, name: str) -> subprocess.Popen[bytes]:
     try:
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
-            out: Any = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
+            out: Any = open(log_path, "ab")
         else:
             out = subprocess.DEVNULL
         try:

@@ -39,8 +39,8 @@ class Alert(_Accepting):
     status: Literal["firing", "resolved"]
     labels: Annotated[dict[LabelName, LabelValue], Field(max_length=MAX_LABELS)]
     annotations: Annotated[dict[LabelName, LabelValue], Field(max_length=MAX_LABELS)] = {}
-    startsAt: Annotated[datetime, AfterValidator(_utc)]  # noqa: N815 - Alertmanager's field name
-    endsAt: datetime | None = None  # noqa: N815
+    startsAt: Annotated[datetime, AfterValidator(_utc)]
+    endsAt: datetime | None = None
     fingerprint: Annotated[StrictStr, Field(pattern=r"^[0-9A-Za-z]{1,64}$")]
 
     @property
@@ -57,8 +57,8 @@ class Notification(_Accepting):
     version: Literal["4"]
     status: Literal["firing", "resolved"]
     receiver: StrictStr = ""
-    groupKey: StrictStr = ""  # noqa: N815
-    truncatedAlerts: int = Field(default=0, ge=0)  # noqa: N815
+    groupKey: StrictStr = ""
+    truncatedAlerts: int = Field(default=0, ge=0)
     alerts: Annotated[list[Alert], Field(max_length=MAX_ALERTS)]
 
 

@@ -68,6 +68,11 @@ class NewAlert:
     reason: str
 
 
+_AUDIT_COLUMNS = ("id", "received_at", "fingerprint", "starts_at", "status", "alertname", "service_name", "action",
+                  "decision", "reason", "state", "result", "started_at", "finished_at", "steps")
+"""Columns of ``remediations`` (fixed names, the only text interpolated into SQL here)."""
+
+
 @dataclass(frozen=True)
 class AuditEntry:
     id: int
@@ -205,11 +210,15 @@ class Store:
         if entry_id is not None:
             where.append("r.id = ?")
             args.append(str(entry_id))
-        sql = ("SELECT r.id, r.received_at, r.fingerprint, r.starts_at, r.status, r.alertname, r.service_name, "
-               "r.action, r.decision, r.reason, r.state, r.result, r.started_at, r.finished_at, r.steps, "
-               "COALESCE(a.times_seen, 1) FROM remediations r LEFT JOIN alerts a ON "
+        columns = ", ".join(f"r.{c}" for c in _AUDIT_COLUMNS)
+        sql = (f"SELECT {columns}, COALESCE(a.times_seen, 1) FROM remediations r LEFT JOIN alerts a ON "  # noqa: S608
                "a.fingerprint = r.fingerprint AND a.starts_at = r.starts_at AND a.status = r.status"
                + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY r.id DESC LIMIT ?")
         with self._lock:
             rows = self._db.execute(sql, (*args, limit)).fetchall()
-        return [AuditEntry(*row[:14], steps=json.loads(row[14]), times_seen=row[15]) for row in rows]
+        entries = []
+        for row in rows:
+            fields = dict(zip(_AUDIT_COLUMNS, row, strict=False))
+            fields["steps"] = json.loads(fields["steps"])
+            entries.append(AuditEntry(**fields, times_seen=row[-1]))
+        return entries

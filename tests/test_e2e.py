@@ -16,7 +16,6 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -126,7 +125,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     finally:
         stack.stop()
         for log in sorted((tmp / "run" / "logs").glob("*.log")):
-            sys.stderr.write(f"--- {log.name} (tail)\n{''.join(log.read_text(errors='replace').splitlines(True)[-15:])}")
+            tail = "".join(log.read_text(errors="replace").splitlines(True)[-15:])
+            sys.stderr.write(f"--- {log.name} (tail)\n{tail}")
 
 
 def acted_since(env: Env, service: str, since: float) -> list[dict[str, Any]]:

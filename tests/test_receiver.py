@@ -221,7 +221,7 @@ async def test_dry_run_decides_but_does_not_repair(receiver: Any) -> None:
 
 
 def test_refuses_non_loopback_without_auth(tmp_path: Path) -> None:
-    config = parse_config({"receiver": {"listen_address": "0.0.0.0"},  # noqa: S104 - the point of the test
+    config = parse_config({"receiver": {"listen_address": "0.0.0.0"},
                            "services": {"a": {"match": {"comm": "x"}}}}, base_dir=tmp_path)
     with pytest.raises(ConfigError, match="not loopback"):
         create_app(config)

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from exporter.config import parse_config
 from exporter.procfs import ProcReader, scan_services
-from receiver.actions import ActionContext, RepairFailed, StepLog, restart
+from receiver.actions import ActionContext, RepairFailed, StepLog, restart, start_service
 from receiver.app import EXECUTOR_KEY, REGISTRY_KEY, create_app
 from receiver.store import NewAlert, Store
 
@@ -68,12 +68,11 @@ async def ctx_for() -> AsyncIterator[Callable[[Any], ActionContext]]:
         yield make
     for ctx in contexts:
         stop_config_services(ctx.config)
-        wait_for(lambda: (ctx.reaper.reap(), not ctx.reaper.children)[1], 5, what="children reaped")
+        reaper = ctx.reaper
+        wait_for(lambda: (reaper.reap(), not reaper.children)[1], 5, what="children reaped")  # noqa: B023
 
 
 def start_first(ctx: ActionContext) -> int:
-    from receiver.actions import start_service
-
     child = start_service(ctx.config, "svc")
     ctx.reaper.add(child)
     wait_for(lambda: len(processes(ctx.config)) == 1, 10, what="service up")
