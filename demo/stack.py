@@ -309,7 +309,9 @@ def main() -> None:
             stopping = True
             raise KeyboardInterrupt
 
+    # Both explicitly: a stack started from a script may inherit SIGINT as ignored.
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     print(stack.describe(), flush=True)
     try:
         if args.demo:
