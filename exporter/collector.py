@@ -38,7 +38,7 @@ from prometheus_client.registry import Collector
 from . import health
 from .config import Config
 from .probes import ProbeResult, run_probes
-from .procfs import CpuAccountant, ProcessInfo, ProcReader, scan_services
+from .procfs import CpuAccountant, ProcessInfo, ProcessTable, ProcReader
 
 __all__ = ["STATUSES", "Scraper", "ServiceCollector", "ServiceState", "Snapshot"]
 
@@ -74,6 +74,7 @@ class Scraper:
         self.reader = reader or ProcReader()
         self.session = session
         self.cpu = CpuAccountant()
+        self.table = ProcessTable(self.reader, config.services, (os.getpid(),))
         self.snapshot: Snapshot | None = None
         self._running: asyncio.Task[Snapshot] | None = None
         self._scan: asyncio.Future[dict[str, list[ProcessInfo]]] | None = None
@@ -95,8 +96,7 @@ class Scraper:
     async def _scan_processes(self, deadline: float) -> dict[str, list[ProcessInfo]] | None:
         loop = asyncio.get_running_loop()
         if self._scan is None or self._scan.done():
-            self._scan = loop.run_in_executor(None, scan_services, self.reader, self.config.services,
-                                              (os.getpid(),))
+            self._scan = loop.run_in_executor(None, self.table.scan)
         try:
             return await asyncio.wait_for(asyncio.shield(self._scan), max(0.0, deadline - time.monotonic()))
         except TimeoutError:

@@ -8,7 +8,8 @@ A process is identified by ``(pid, start_ticks)``: a pid can be reused, its star
 time cannot. What can change while a process lives (comm and cmdline at exec or
 ``prctl``/setproctitle, CPU, RSS, fds) is re-read every scan; processes that vanish
 between listing and reading are skipped silently: that is normal, not an error.
-Kernel threads, zombies and the calling process itself never match a service.
+Kernel threads, zombies and the caller's excluded pids never match a service.
+:class:`ProcessTable` keeps what a scan may skip next time; see its docstring.
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import time
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .config import Match, ServiceConfig
 
-__all__ = ["CpuAccountant", "ProcReader", "ProcessInfo", "ServiceMatcher", "scan_services"]
+__all__ = ["CpuAccountant", "ProcReader", "ProcessInfo", "ProcessTable", "ServiceMatcher", "scan_services"]
 
 _PF_KTHREAD = 0x00200000
+_NOT_RUNNING = frozenset("ZXxK")
+"""Zombie, dead, and (our own letter) kernel thread: never part of a service."""
 _CMDLINE_MAX = 128 * 1024
 
 
@@ -99,11 +104,30 @@ class ProcReader:
 
     def pids(self) -> list[int]:
         """Pids of all processes (thread group leaders) now listed."""
+        return [int(name) for name, _ in self.listing() if name.isdigit()]
+
+    def listing(self) -> list[tuple[str, int]]:
+        """``(name, inode)`` of every entry of the proc root, from one ``getdents`` pass.
+
+        Names that are not digits (``self``, ``stat``...) are left in; callers skip them.
+        The kernel gives each new process's ``/proc/PID`` a fresh inode number
+        (``get_next_ino()``) and drops a dead process's dentries, so an unchanged
+        ``(pid, inode)`` is the same process. 0 means "unknown" (never trusted).
+        """
         with os.scandir(self.root) as it:
-            return [int(e.name) for e in it if e.name.isdigit()]
+            return [(entry.name, entry.inode()) for entry in it]
+
+    def uptime_ticks(self) -> float:
+        """Clock ticks since boot now (the unit of ``start_ticks``)."""
+        return time.clock_gettime(time.CLOCK_BOOTTIME) * self.clock_ticks
 
     def stat(self, pid: int) -> ProcessInfo | None:
         """Facts from ``/proc/PID/stat``; ``None`` if gone, a kernel thread or a zombie."""
+        info = self.stat_any(pid)
+        return None if info is None or info.state in _NOT_RUNNING else info
+
+    def stat_any(self, pid: int) -> ProcessInfo | None:
+        """Like :meth:`stat` but zombies and kernel threads are returned (state ``Z``/``K``)."""
         data = self._read(f"{self.root}/{pid}/stat", 4096)
         if not data:
             return None
@@ -112,9 +136,7 @@ class ProcReader:
             close_paren = data.rindex(b")")
             comm = data[open_paren + 1:close_paren].decode("utf-8", "replace")
             f = data[close_paren + 2:].split()
-            state = f[0].decode()
-            if state in ("Z", "X", "x") or int(f[6]) & _PF_KTHREAD:
-                return None
+            state = "K" if int(f[6]) & _PF_KTHREAD else f[0].decode()
             start_ticks = int(f[19])
             return ProcessInfo(
                 pid=pid, ppid=int(f[1]), pgid=int(f[2]), sid=int(f[3]), comm=comm, state=state,
@@ -162,58 +184,114 @@ class ServiceMatcher:
         return cls(compile_(match.comm), compile_(match.exe), compile_(match.cmdline))
 
 
-@dataclass
-class _Candidate:
-    info: ProcessInfo
-    cmdline: str | None = None
-    exe: str | None = None
-    exe_read: bool = False
-    services: list[str] = field(default_factory=list)
+_Entry = tuple[int, int]
+"""What a scan remembers of a process: ``(inode, read again at scan number)``."""
+
+
+class ProcessTable:
+    """Finds each service's processes, scan after scan, reading as little as it may.
+
+    Each scan lists ``/proc`` with inode numbers (one ``getdents`` pass). A process is
+    read again (stat, and cmdline/exe when a matcher needs them) when it is new or its
+    ``(pid, inode)`` changed (pid reuse), when it belongs to a service (so CPU, RSS,
+    fds and a changed title or exec are seen at once), when it is younger than
+    ``young_seconds`` (fork->exec and setproctitle happen early in a process's life),
+    and otherwise every ``recheck_scans`` scans, spread over the scans, so that a late
+    exec into a service is still found. Only the identity is cached, never a fact:
+    every process reported was read in this scan.
+
+    Blocking (reads ``/proc``): call :meth:`scan` from a thread, not the event loop.
+    """
+
+    def __init__(self, reader: ProcReader, services: Mapping[str, ServiceConfig],
+                 exclude_pids: Iterable[int] = (), with_fds: bool = True, young_seconds: float = 10.0,
+                 recheck_scans: int = 64) -> None:
+        self.reader = reader
+        self.services = services
+        self.matchers = {name: ServiceMatcher.from_config(cfg.match) for name, cfg in services.items()}
+        self.excluded = frozenset(exclude_pids)
+        self.with_fds = with_fds
+        self.young_ticks = young_seconds * reader.clock_ticks
+        self.recheck_scans = max(1, recheck_scans)
+        self._cache: dict[str, _Entry] = {}
+        self._scans = 0
+        self.reads = 0
+        """Processes read in the last scan (for benchmarks and tests)."""
+
+    def _match(self, info: ProcessInfo) -> tuple[tuple[str, ...], str | None]:
+        pid = info.pid
+        cmdline: str | None = None
+        exe: str | None = None
+        exe_read = False
+        names = []
+        for name, m in self.matchers.items():
+            if m.comm is not None and not m.comm.search(info.comm):
+                continue
+            if m.cmdline is not None:
+                if cmdline is None:
+                    cmdline = self.reader.cmdline(pid)
+                    if cmdline is None:
+                        return (), None  # gone
+                if not m.cmdline.search(cmdline):
+                    continue
+            if m.exe is not None:
+                if not exe_read:
+                    exe, exe_read = self.reader.exe(pid), True
+                if exe is None or not m.exe.search(exe):
+                    continue
+            names.append(name)
+        return tuple(names), cmdline
+
+    def scan(self) -> dict[str, list[ProcessInfo]]:
+        """Processes of each service, oldest first; every service is a key, maybe ``[]``."""
+        self._scans += 1
+        scan_no = self._scans
+        reader = self.reader
+        old = self._cache
+        cache: dict[str, _Entry] = {}
+        result: dict[str, list[ProcessInfo]] = {name: [] for name in self.services}
+        young_since = reader.uptime_ticks() - self.young_ticks
+        reads = 0
+        for name, inode in reader.listing():
+            entry = old.get(name)
+            if entry is not None and scan_no < entry[1] and entry[0] == inode and inode:
+                cache[name] = entry  # same process, nothing of it can have changed that we use
+                continue
+            if not name.isdigit():
+                continue
+            pid = int(name)
+            if pid in self.excluded:
+                continue
+            reads += 1
+            info = reader.stat_any(pid)
+            if info is None:
+                continue  # gone between listing and reading
+            services: tuple[str, ...] = ()
+            cmdline = None
+            if info.state not in _NOT_RUNNING:
+                services, cmdline = self._match(info)
+            if services or info.start_ticks > young_since:
+                recheck = scan_no + 1
+            else:
+                recheck = scan_no + self.recheck_scans + zlib.crc32(name.encode()) % self.recheck_scans
+            cache[name] = (inode, recheck)
+            if services:
+                full = dataclasses.replace(
+                    info, cmdline=cmdline if cmdline is not None else (reader.cmdline(pid) or ""),
+                    open_fds=reader.open_fds(pid) if self.with_fds else None)
+                for service in services:
+                    result[service].append(full)
+        self._cache = cache
+        self.reads = reads
+        for procs in result.values():
+            procs.sort(key=lambda p: (p.start_ticks, p.pid))
+        return result
 
 
 def scan_services(reader: ProcReader, services: Mapping[str, ServiceConfig],
                   exclude_pids: Iterable[int] = (), with_fds: bool = True) -> dict[str, list[ProcessInfo]]:
-    """Processes of each service, oldest first; every service is a key, maybe with ``[]``.
-
-    Blocking (reads ``/proc``): call it from a thread, not the event loop. ``exclude_pids``
-    defaults to nothing; the callers pass their own pid so caretaker never counts itself.
-    """
-    matchers = {name: ServiceMatcher.from_config(cfg.match) for name, cfg in services.items()}
-    result: dict[str, list[ProcessInfo]] = {name: [] for name in services}
-    excluded = set(exclude_pids)
-    for pid in reader.pids():
-        if pid in excluded:
-            continue
-        info = reader.stat(pid)
-        if info is None:
-            continue
-        cand = _Candidate(info)
-        for name, m in matchers.items():
-            if m.comm is not None and not m.comm.search(info.comm):
-                continue
-            if m.cmdline is not None:
-                if cand.cmdline is None:
-                    cand.cmdline = reader.cmdline(pid)
-                    if cand.cmdline is None:
-                        break  # gone
-                if not m.cmdline.search(cand.cmdline):
-                    continue
-            if m.exe is not None:
-                if not cand.exe_read:
-                    cand.exe, cand.exe_read = reader.exe(pid), True
-                if cand.exe is None or not m.exe.search(cand.exe):
-                    continue
-            cand.services.append(name)
-        if not cand.services:
-            continue
-        cmdline = cand.cmdline if cand.cmdline is not None else (reader.cmdline(pid) or "")
-        fds = reader.open_fds(pid) if with_fds else None
-        full = dataclasses.replace(info, cmdline=cmdline, open_fds=fds)
-        for name in cand.services:
-            result[name].append(full)
-    for procs in result.values():
-        procs.sort(key=lambda p: (p.start_ticks, p.pid))
-    return result
+    """One scan with nothing remembered (see :class:`ProcessTable`); every process is read."""
+    return ProcessTable(reader, services, exclude_pids, with_fds).scan()
 
 
 class CpuAccountant:

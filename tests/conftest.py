@@ -114,9 +114,9 @@ class FakeProc:
     def add(self, pid: int, comm: str = "proc", cmdline: list[str] | None = None, state: str = "S",
             ppid: int = 1, pgid: int | None = None, start_ticks: int = 1000, utime: int = 0, stime: int = 0,
             rss_pages: int = 0, flags: int = 0, exe: str | None = None, fds: int = 0, threads: int = 1) -> None:
-        d = self.root / str(pid)
-        if d.exists():
-            shutil.rmtree(d)
+        # Like the kernel, a new process gets a new /proc/PID inode: build it beside the old one.
+        final = self.root / str(pid)
+        d = self.root / f".new-{pid}"
         d.mkdir()
         fields = [state, ppid, pgid if pgid is not None else pid, pid, 0, -1, flags, 0, 0, 0, 0, utime, stime,
                   0, 0, 20, 0, threads, 0, start_ticks, 0, rss_pages] + [0] * 30
@@ -128,6 +128,19 @@ class FakeProc:
         (d / "fd").mkdir()
         for i in range(fds):
             (d / "fd" / str(i)).write_text("")
+        if final.exists():
+            shutil.rmtree(final)
+        d.rename(final)
+
+    def set_cmdline(self, pid: int, argv: list[str]) -> None:
+        """Change a process's title in place (setproctitle): same process, same inode."""
+        (self.root / str(pid) / "cmdline").write_bytes(b"".join(a.encode() + b"\0" for a in argv))
+
+    def set_comm(self, pid: int, comm: str) -> None:
+        """Change comm in place, as exec does (same pid, same /proc inode)."""
+        stat = self.root / str(pid) / "stat"
+        text = stat.read_text()
+        stat.write_text(f"{pid} ({comm}) " + text[text.rindex(")") + 2:])
 
     def remove(self, pid: int) -> None:
         shutil.rmtree(self.root / str(pid))

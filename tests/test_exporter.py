@@ -181,11 +181,11 @@ async def test_concurrent_scrapes_share_one_collection(client_for: Any, fake_pro
     calls = 0
 
     class Counting(ProcReader):
-        def pids(self) -> list[int]:
+        def listing(self) -> list[tuple[str, int]]:
             nonlocal calls
             calls += 1
             time.sleep(0.3)  # a slow /proc, in the scan thread
-            return super().pids()
+            return super().listing()
 
     config = make_config({"w": {"match": {"comm": "^worker$"}}}, tmp_path)
     client = await client_for(config, Counting(fake_proc.root, CLK_TCK, PAGE))
@@ -197,9 +197,9 @@ async def test_concurrent_scrapes_share_one_collection(client_for: Any, fake_pro
 
 async def test_slow_scan_does_not_block_the_event_loop(client_for: Any, fake_proc: FakeProc, tmp_path: Path) -> None:
     class Slow(ProcReader):
-        def pids(self) -> list[int]:
+        def listing(self) -> list[tuple[str, int]]:
             time.sleep(0.5)
-            return super().pids()
+            return super().listing()
 
     client = await client_for(make_config({"w": {"match": {"comm": "x"}}}, tmp_path),
                               Slow(fake_proc.root, CLK_TCK, PAGE))
@@ -222,9 +222,9 @@ async def test_scan_timeout_keeps_previous_view_and_counts_error(client_for: Any
     delay = 0.0
 
     class Sometimes(ProcReader):
-        def pids(self) -> list[int]:
+        def listing(self) -> list[tuple[str, int]]:
             time.sleep(delay)
-            return super().pids()
+            return super().listing()
 
     fake_proc.add(100, comm="worker")
     client = await client_for(make_config({"w": {"match": {"comm": "^worker$"}}}, tmp_path),

@@ -6,7 +6,7 @@ import os
 import time
 
 from exporter.config import parse_config
-from exporter.procfs import CpuAccountant, ProcReader, scan_services
+from exporter.procfs import CpuAccountant, ProcessTable, ProcReader, scan_services
 
 from .conftest import BTIME, CLK_TCK, PAGE, Children, FakeProc, wait_for
 
@@ -72,8 +72,8 @@ def test_process_vanishing_mid_scan_is_not_an_error(fake_proc: FakeProc) -> None
     fake_proc.add(51, comm="worker")
 
     class Vanishing(ProcReader):
-        def pids(self) -> list[int]:
-            pids = super().pids()
+        def listing(self) -> list[tuple[str, int]]:
+            pids = super().listing()
             fake_proc.remove(50)  # gone between listing and reading
             return pids
 
@@ -146,3 +146,62 @@ def test_real_process_facts(children: Children, python: str) -> None:
     assert abs(p.start_time_seconds - time.time()) < 30
     assert p.open_fds is not None and p.open_fds >= 3
     assert os.getpid() not in [q.pid for q in scan_services(r, services(me={"cmdline": "pytest"}), [os.getpid()])["me"]]
+
+
+# --- ProcessTable: what a scan may skip, and what it must not -----------------------------
+
+def table(fake: FakeProc, svc: dict, recheck_scans: int = 32) -> ProcessTable:  # type: ignore[type-arg]
+    return ProcessTable(reader(fake), svc, recheck_scans=recheck_scans)
+
+
+def test_unchanged_unmatched_processes_are_not_read_again(fake_proc: FakeProc) -> None:
+    for pid in range(100, 150):
+        fake_proc.add(pid, comm="idle")
+    fake_proc.add(200, comm="worker")
+    t = table(fake_proc, services(w={"comm": "^worker$"}))
+    assert [p.pid for p in t.scan()["w"]] == [200]
+    assert t.reads == 51
+    assert [p.pid for p in t.scan()["w"]] == [200]
+    assert t.reads == 1  # only the service's own process
+
+
+def test_pid_reuse_is_seen_at_once(fake_proc: FakeProc) -> None:
+    fake_proc.add(300, comm="idle")
+    t = table(fake_proc, services(w={"comm": "^worker$"}))
+    assert t.scan()["w"] == []
+    fake_proc.add(300, comm="worker", start_ticks=5000)  # a new process with the same pid
+    assert [p.pid for p in t.scan()["w"]] == [300]
+
+
+def test_matched_process_changing_its_title_is_seen_at_once(fake_proc: FakeProc) -> None:
+    fake_proc.add(400, comm="python3", cmdline=["python3", "app.py", "--port", "8000"])
+    t = table(fake_proc, services(app={"cmdline": "app.py --port 8000"}, other={"cmdline": "renamed-title"}))
+    assert [p.pid for p in t.scan()["app"]] == [400]
+    fake_proc.set_cmdline(400, ["renamed-title"])
+    found = t.scan()
+    assert found["app"] == [] and [p.pid for p in found["other"]] == [400]
+
+
+def test_old_process_that_execs_into_a_service_is_found_by_the_recheck(fake_proc: FakeProc) -> None:
+    fake_proc.add(500, comm="wrapper")
+    t = table(fake_proc, services(w={"comm": "^worker$"}), recheck_scans=4)
+    t.scan()
+    fake_proc.set_comm(500, "worker")  # exec: same pid, same /proc inode
+    found_after = next((i for i in range(1, 10) if t.scan()["w"]), None)
+    assert found_after is not None and found_after <= 8
+
+
+def test_child_between_fork_and_exec_with_a_persistent_table(children: Children, python: str) -> None:
+    script = ("import os, sys, time\n"
+              "pid = os.fork()\n"
+              "if pid == 0:\n"
+              "    time.sleep(1.0)\n"
+              "    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', 'child-mark'])\n"
+              "time.sleep(60)\n")
+    parent = children.start([python, "-c", script, "parent-mark"])
+    t = ProcessTable(ProcReader(), services(parent={"cmdline": "parent-mark$"}, child={"cmdline": "child-mark$"}),
+                     exclude_pids=[os.getpid()])
+    wait_for(lambda: len(t.scan()["parent"]) == 2, 5, what="forked child counted with its parent")
+    wait_for(lambda: len(t.scan()["child"]) == 1, 5, what="child counted as its own service after exec")
+    found = t.scan()
+    assert [p.pid for p in found["parent"]] == [parent.pid]
