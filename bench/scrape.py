@@ -196,7 +196,8 @@ def main() -> None:
     rows = run(args.counts, args.scrapes, args.young_wait)
     print(f"{args.scrapes} scrapes each, {os.cpu_count()} CPUs; ms = milliseconds per /metrics; "
           "ratio = caretaker / process-exporter")
-    print(f"{'processes':>9} | {'exporter':<17} | {'p50 ms':>7} | {'p99 ms':>7} | {'CPU ms/scrape':>13} | {'RSS MiB':>7}")
+    print(f"{'processes':>9} | {'exporter':<17} | {'p50 ms':>7} | {'p99 ms':>7} | "
+          f"{'CPU ms/scrape':>13} | {'RSS MiB':>7}")
     print("-" * 76)
     for procs, ct, pe in rows:
         for name, m in (("caretaker", ct), ("process-exporter", pe)):

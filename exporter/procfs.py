@@ -20,7 +20,7 @@ import re
 import time
 import zlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .config import Match, ServiceConfig
 
