@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 
 from exporter.config import Config, load_config, read_secret
-from exporter.probes import run_probes
+from exporter.probes import ProbeContext, run_probes
 from exporter.procfs import ProcReader, scan_services
 from receiver.actions import send_signal
 
@@ -59,7 +59,7 @@ async def healthy(config: Config, service: str, session: aiohttp.ClientSession) 
     procs = (await asyncio.to_thread(scan_services, ProcReader(), {service: cfg}, (os.getpid(),), False))[service]
     if not cfg.processes.min <= len(procs) <= cfg.processes.max:
         return False
-    results = await run_probes(cfg.probes, session)
+    results = await run_probes(cfg.probes, ProbeContext(session, config.base_dir))
     return all(r.success for r in results.values())
 
 

@@ -1,21 +1,33 @@
-"""The exporter's web app: ``GET /metrics`` (Prometheus text format), ``GET /-/healthy``.
+"""The exporter's web app and command line.
 
-Each scrape runs one collection bounded by the scrape timeout that Prometheus sends
-in ``X-Prometheus-Scrape-Timeout-Seconds`` (less a margin for rendering), capped by
-``exporter.max_scrape_timeout`` in the config.
+- ``GET /metrics``: Prometheus text format. Each scrape runs one collection bounded by
+  the timeout Prometheus sends in ``X-Prometheus-Scrape-Timeout-Seconds`` (less a
+  margin for rendering), capped by ``exporter.max_scrape_timeout``.
+- ``POST /heartbeat/{name}`` and ``POST /heartbeat/{name}/fail``, optional ``?pid=N``:
+  feed a configured heartbeat (200), 404 for a name the config does not have, 400 for
+  a bad pid. See :mod:`exporter.heartbeats`.
+- ``GET /-/healthy``.
+
+``caretaker-exporter --once [--json]`` runs one collection and prints a status table
+(or JSON), exiting 0 when every service is fully healthy, 1 otherwise (2: bad config).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .cli import base_parser, load_or_exit, setup_logging
-from .collector import Scraper, ServiceCollector
+from .collector import Scraper, ServiceCollector, Snapshot
 from .config import Config
 from .procfs import ProcReader
 
@@ -26,6 +38,7 @@ log = logging.getLogger(__name__)
 SCRAPER_KEY = web.AppKey("scraper", Scraper)
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 RENDER_MARGIN_SECONDS = 0.25
+SAVE_INTERVAL_SECONDS = 1.0
 
 
 def scrape_deadline(request: web.Request, cap: float) -> float:
@@ -45,6 +58,23 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def heartbeat(request: web.Request) -> web.Response:
+    scraper = request.app[SCRAPER_KEY]
+    name = request.match_info["name"]
+    if scraper.config.heartbeat(name) is None:
+        return web.json_response({"status": "error", "error": f"no heartbeat named {name[:100]!r} in the config"},
+                                 status=404)
+    pid_text = request.query.get("pid")
+    pid = None
+    if pid_text is not None:
+        if not pid_text.isdigit() or not 0 < int(pid_text) < 2**22:
+            return web.json_response({"status": "error", "error": "pid must be a positive process id"}, status=400)
+        pid = int(pid_text)
+    store = scraper.heartbeats
+    await asyncio.to_thread(store.fail if request.match_info.get("fail") else store.beat, name, pid)
+    return web.json_response({"status": "success"})
+
+
 async def healthy(request: web.Request) -> web.Response:
     return web.Response(text="OK\n")
 
@@ -56,32 +86,116 @@ async def index(request: web.Request) -> web.Response:
         f"<p>Watching: {names}</p><p><a href='/metrics'>Metrics</a></p></body></html>"))
 
 
+async def _save_heartbeats(scraper: Scraper) -> None:
+    while True:
+        await asyncio.sleep(SAVE_INTERVAL_SECONDS)
+        if scraper.heartbeats.dirty:
+            try:
+                await asyncio.to_thread(scraper.heartbeats.save)
+            except OSError as err:
+                log.error("cannot save heartbeat state: %s", err)
+
+
 def create_app(config: Config, reader: ProcReader | None = None) -> web.Application:
     """The exporter app; ``reader`` lets tests point it at a fixture ``/proc`` tree."""
-    app = web.Application()
+    app = web.Application(client_max_size=4096)
     registry = CollectorRegistry()
     scraper = Scraper(config, registry, reader)
     registry.register(ServiceCollector(scraper))
     app[SCRAPER_KEY] = scraper
     app[REGISTRY_KEY] = registry
 
-    async def client_session(app: web.Application) -> AsyncIterator[None]:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await asyncio.to_thread(scraper.heartbeats.load)
+        saver = asyncio.create_task(_save_heartbeats(scraper))
         async with aiohttp.ClientSession(headers={"User-Agent": "caretaker-exporter"}) as session:
             scraper.session = session
             yield
+        saver.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await saver
+        if scraper.heartbeats.dirty:
+            await asyncio.to_thread(scraper.heartbeats.save)
+        scraper.close()
 
-    app.cleanup_ctx.append(client_session)
+    app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/metrics", metrics)
+    app.router.add_post("/heartbeat/{name}", heartbeat)
+    app.router.add_post("/heartbeat/{name}/{fail:fail}", heartbeat)
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/", index)
     return app
 
 
+# --- one-shot status -----------------------------------------------------------------------
+
+async def collect_once(config: Config) -> tuple[Scraper, Snapshot]:
+    """One collection, as a scrape would do it; logs are read from their last 64 KiB."""
+    scraper = Scraper(config, CollectorRegistry(), logs_from_start=True)
+    for followers in scraper.followers.values():
+        for f in followers:
+            f.tail_only(64 * 1024)
+    scraper.heartbeats.load()
+    try:
+        async with aiohttp.ClientSession() as session:
+            scraper.session = session
+            return scraper, await scraper.collect(config.exporter.max_scrape_timeout)
+    finally:
+        scraper.close()
+
+
+def status_rows(scraper: Scraper, snap: Snapshot) -> list[dict[str, Any]]:
+    now = time.time()
+    rows = []
+    for name, cfg in scraper.config.services.items():
+        state = snap.services[name]
+        beats = {hb.name: round(now - scraper.heartbeats.states[hb.name].last_seen, 1)
+                 if scraper.heartbeats.states[hb.name].last_seen else None for hb in cfg.heartbeats}
+        rows.append({
+            "service": name,
+            "processes": len(state.processes),
+            "expected": [cfg.processes.min, cfg.processes.max],
+            "health": round(state.health, 3),
+            "components": {k: round(v, 3) for k, v in state.components.items()},
+            "failing_probes": {k: r.reason for k, r in state.probes.items() if not r.success},
+            "heartbeat_age_seconds": beats,
+            "recent_log_matches": {k: v for k, v in scraper.log_totals[name].items() if v},
+        })
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print(f"{'SERVICE':<16} {'PROCS':>7} {'HEALTH':>6}  {'FAILING PROBES':<24} {'HEARTBEAT AGE':<18} RECENT LOG ERRORS")
+    for r in rows:
+        procs = f"{r['processes']}/{r['expected'][0]}" + (f"-{r['expected'][1]}" if r["expected"][1] !=
+                                                           r["expected"][0] else "")
+        probes = ", ".join(f"{k} ({v})" for k, v in r["failing_probes"].items()) or "-"
+        beats = ", ".join(f"{k} {'never' if v is None else f'{v:g}s'}" for k, v in
+                          r["heartbeat_age_seconds"].items()) or "-"
+        logs = ", ".join(f"{k} {v}" for k, v in r["recent_log_matches"].items()) or "-"
+        print(f"{r['service']:<16} {procs:>7} {r['health']:>6.2f}  {probes:<24} {beats:<18} {logs}")
+
+
+def run_once(config: Config, as_json: bool) -> int:
+    scraper, snap = asyncio.run(collect_once(config))
+    rows = status_rows(scraper, snap)
+    if as_json:
+        print(json.dumps({"services": rows}, indent=2))
+    else:
+        print_table(rows)
+    return 0 if all(r["health"] >= 1.0 for r in rows) else 1
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser("caretaker-exporter", "Prometheus exporter for locally-run services.")
+    parser.add_argument("--once", action="store_true",
+                        help="collect once, print a status table and exit (0 all healthy, 1 not)")
+    parser.add_argument("--json", action="store_true", help="with --once: print JSON")
     args = parser.parse_args(argv)
     config = load_or_exit(args.config, args.check_config)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level if not args.once else "ERROR")
+    if args.once:
+        raise SystemExit(run_once(config, args.json))
     host, port = config.exporter.listen_address, config.exporter.port
     log.info("caretaker exporter listening on http://%s:%d/metrics (%d services)", host, port,
              len(config.services))

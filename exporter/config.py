@@ -35,9 +35,16 @@ from pydantic import (
 __all__ = [
     "Config",
     "ConfigError",
+    "ExecProbe",
+    "FileCheck",
     "HealthWeights",
+    "Heartbeat",
     "HttpProbe",
+    "LogWatch",
+    "PostgresProbe",
     "Probe",
+    "RedisProbe",
+    "Secret",
     "ServiceConfig",
     "TcpProbe",
     "load_config",
@@ -154,24 +161,122 @@ class _ProbeBase(_Model):
 
 
 class HttpProbe(_ProbeBase):
-    """GET (or another method) a URL; success when the status is expected."""
+    """Request a URL; success when the status is expected and the body matches.
+
+    For ``https`` URLs the server certificate's expiry is reported too.
+    """
 
     type: Literal["http"]
     url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")]
     method: Literal["GET", "HEAD", "POST"] = "GET"
     expect_status: tuple[Annotated[int, Field(ge=100, le=599)], ...] = (200,)
+    body_regex: Regex | None = None
+    """Searched in the first MiB of the body."""
+    ca_file: str | None = None
+    insecure_skip_verify: bool = False
 
 
 class TcpProbe(_ProbeBase):
-    """Open a TCP connection; success when it is accepted."""
+    """Open a TCP connection; optionally send a line and expect a reply (regex)."""
 
     type: Literal["tcp"]
     host: str = "127.0.0.1"
     port: Port
+    send: str | None = None
+    expect: Regex | None = None
 
 
-Probe = Annotated[HttpProbe | TcpProbe, Field(discriminator="type")]
-PROBE_TYPES = ("http", "tcp")
+class Secret(_Model):
+    """A secret read from a file (first line, stripped) or an environment variable."""
+
+    file: str | None = None
+    env: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Secret:
+        if (self.file is None) == (self.env is None):
+            raise ValueError("give exactly one of file, env")
+        return self
+
+
+class RedisProbe(_ProbeBase):
+    """``PING`` a Redis server (redis-py), optionally with a password and TLS."""
+
+    type: Literal["redis"]
+    host: str = "127.0.0.1"
+    port: Port = 6379
+    username: str | None = None
+    password: Secret | None = None
+    tls: bool = False
+    ca_file: str | None = None
+
+
+class PostgresProbe(_ProbeBase):
+    """Connect and run ``SELECT 1`` (asyncpg, so SCRAM authentication works)."""
+
+    type: Literal["postgres"]
+    host: str = "127.0.0.1"
+    port: Port = 5432
+    user: str = "postgres"
+    database: str = "postgres"
+    password: Secret | None = None
+    tls: Literal["disable", "prefer", "require", "verify-full"] = "prefer"
+
+
+class ExecProbe(_ProbeBase):
+    """Run argv (never a shell); success when it exits with an expected status in time."""
+
+    type: Literal["exec"]
+    argv: Annotated[tuple[str, ...], Field(min_length=1)]
+    expect_exit: tuple[int, ...] = (0,)
+    cwd: str | None = None
+
+
+Probe = Annotated[HttpProbe | TcpProbe | RedisProbe | PostgresProbe | ExecProbe, Field(discriminator="type")]
+PROBE_TYPES = ("http", "tcp", "redis", "postgres", "exec")
+
+
+class Heartbeat(_Model):
+    """A watchdog the app feeds with ``POST /heartbeat/NAME`` on the exporter."""
+
+    name: Name
+    timeout: PositiveSeconds
+    """Seconds without a heartbeat after which it counts as missing."""
+
+
+class LogPattern(_Model):
+    name: Name
+    regex: Regex
+    severity: Literal["critical", "error", "warning", "info"] = "error"
+
+
+class LogWatch(_Model):
+    """A log file to follow; matches of each pattern are counted."""
+
+    path: str
+    patterns: tuple[LogPattern, ...] = ()
+    default_patterns: bool | tuple[str, ...] = True
+    """``true`` for the whole default pack, or the names of the ones to use."""
+
+
+class FileCheck(_Model):
+    """A file that must exist, maybe parse, be fresh, and have a mode/owner."""
+
+    path: str
+    format: Literal["json", "yaml"] | None = None
+    max_age: PositiveSeconds | None = None
+    mode: Annotated[str, Field(pattern=r"^0?[0-7]{3,4}$")] | None = None
+    owner: str | None = None
+    group: str | None = None
+    backups: int = Field(default=0, ge=0, le=100)
+    """Valid copies the receiver keeps for ``restore_file`` (0: none)."""
+    default: str | None = None
+    """A file to restore from when no valid backup exists."""
+
+
+class DirectoryCheck(_Model):
+    path: str
+    mode: Annotated[str, Field(pattern=r"^0?[0-7]{3,4}$")] | None = None
 
 
 class Start(_Model):
@@ -215,6 +320,14 @@ class ServiceConfig(_Model):
     match: Match
     processes: Processes = Processes()
     probes: tuple[Probe, ...] = ()
+    heartbeats: tuple[Heartbeat, ...] = ()
+    logs: tuple[LogWatch, ...] = ()
+    files: tuple[FileCheck, ...] = ()
+    directories: tuple[DirectoryCheck, ...] = ()
+    data_paths: tuple[str, ...] = ()
+    """Paths whose filesystem's free space is reported."""
+    ports: tuple[Port, ...] = ()
+    """TCP ports the service listens on; a port held by another process is a conflict."""
     start: Start | None = None
     stop: Stop = Stop()
     remediation: Remediation = Remediation()
@@ -238,19 +351,6 @@ class ServiceConfig(_Model):
         return self
 
 
-class Secret(_Model):
-    """A secret read from a file (first line, stripped) or an environment variable."""
-
-    file: str | None = None
-    env: str | None = None
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> Secret:
-        if (self.file is None) == (self.env is None):
-            raise ValueError("give exactly one of file, env")
-        return self
-
-
 class ListenConfig(_Model):
     listen_address: str = "127.0.0.1"
 
@@ -259,6 +359,10 @@ class ExporterConfig(ListenConfig):
     port: Port = DEFAULT_EXPORTER_PORT
     max_scrape_timeout: PositiveSeconds = 10.0
     """Upper bound on one collection, also when Prometheus allows more."""
+    state_file: str = "caretaker-exporter-state.json"
+    """Heartbeats, kept across restarts (relative to the config file's directory)."""
+    log_read_limit_bytes: int = Field(default=8 * 1024 * 1024, ge=4096)
+    """At most this much of each log file is read per collection; the rest waits."""
 
 
 class Attempts(_Model):
@@ -286,6 +390,25 @@ class Config(_Model):
     services: dict[Name, ServiceConfig] = Field(min_length=1)
     base_dir: Path = Path(".")
     """Directory of the config file; relative paths in it are resolved against it."""
+
+    @model_validator(mode="after")
+    def _unique_heartbeats(self) -> Config:
+        seen: dict[str, str] = {}
+        for service, cfg in self.services.items():
+            for hb in cfg.heartbeats:
+                if hb.name in seen:
+                    raise ValueError(f"heartbeat {hb.name!r} of {service} is also one of {seen[hb.name]}; "
+                                     "heartbeat names must be unique")
+                seen[hb.name] = service
+        return self
+
+    def heartbeat(self, name: str) -> tuple[str, Heartbeat] | None:
+        """``(service, heartbeat)`` for a heartbeat name, or ``None``."""
+        for service, cfg in self.services.items():
+            for hb in cfg.heartbeats:
+                if hb.name == name:
+                    return service, hb
+        return None
 
     def resolve(self, path: str) -> Path:
         """``path`` made absolute against the config file's directory."""

@@ -7,6 +7,10 @@ Each part ("component") is a ratio from 0 (all wrong) to 1 (all fine):
 - ``resources``: the share of configured limits (memory, fds) that are respected
   (only when the service has limits); 0 when no process runs, since nothing that
   does not run is healthy.
+- ``integrity``: the share of declared files (exist, parse, fresh, mode/owner),
+  directories and ports (no other process holds them) that are as they should be.
+- ``heartbeats``: the share of the service's heartbeats fed in time, not failed since,
+  whose reporting process (if any) still runs.
 
 The score is the weighted mean of the parts that apply, with the weights from the
 config (DESIGN.md defaults: processes 30, probes 25, resources 20, integrity 15,
@@ -33,8 +37,8 @@ def _processes_ratio(n: int, low: int, high: int) -> float:
     return 1.0
 
 
-def components(cfg: ServiceConfig, processes: Sequence[ProcessInfo],
-               probes: Mapping[str, ProbeResult]) -> dict[str, float]:
+def components(cfg: ServiceConfig, processes: Sequence[ProcessInfo], probes: Mapping[str, ProbeResult],
+               integrity: Sequence[bool] = (), heartbeats: Sequence[bool] = ()) -> dict[str, float]:
     """The parts that apply to this service, each 0-1."""
     parts = {"processes": _processes_ratio(len(processes), cfg.processes.min, cfg.processes.max)}
     if cfg.probes:
@@ -47,6 +51,10 @@ def components(cfg: ServiceConfig, processes: Sequence[ProcessInfo],
         checks.append(all((p.open_fds or 0) <= cfg.limits.open_fds for p in processes))
     if checks:
         parts["resources"] = sum(checks) / len(checks) if processes else 0.0
+    if integrity:
+        parts["integrity"] = sum(integrity) / len(integrity)
+    if heartbeats:
+        parts["heartbeats"] = sum(heartbeats) / len(heartbeats)
     return parts
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import aiohttp
 
 from exporter.config import Config, ServiceConfig
-from exporter.probes import run_probes
+from exporter.probes import ProbeContext, run_probes
 from exporter.procfs import ProcessInfo, ProcReader, scan_services
 
 __all__ = ["ActionContext", "ChildReaper", "RepairFailed", "StepLog", "restart"]
@@ -83,6 +83,10 @@ class ActionContext:
     session: aiohttp.ClientSession
     reader: ProcReader = field(default_factory=ProcReader)
     reaper: ChildReaper = field(default_factory=ChildReaper)
+
+    @property
+    def probes(self) -> ProbeContext:
+        return ProbeContext(self.session, self.config.base_dir)
 
 
 async def find_processes(ctx: ActionContext, name: str) -> list[ProcessInfo]:
@@ -192,7 +196,7 @@ async def verify(ctx: ActionContext, name: str, timeout: float, step: StepLog,
                 raise RepairFailed(f"started process exited with status {child.returncode}; {problem}")
         else:
             remaining = max(0.1, deadline - time.monotonic())
-            results = await run_probes(cfg.probes, ctx.session, remaining)
+            results = await run_probes(cfg.probes, ctx.probes, remaining)
             failing = {k: r for k, r in results.items() if not r.success}
             if not failing:
                 step(f"verified: {n} processes, probes passing: {', '.join(results) or 'none configured'}")

@@ -1,0 +1,211 @@
+"""Files, directories, filesystems and ports a service depends on.
+
+All functions are blocking (file system and ``/proc`` reads): call them from a thread.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .config import DirectoryCheck, FileCheck
+
+__all__ = ["DirStatus", "FileStatus", "PortStatus", "check_directory", "check_file", "check_port", "filesystem",
+           "parses"]
+
+PARSE_LIMIT = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FileStatus:
+    exists: bool
+    valid: bool
+    """Parses as its declared format (always true without a format)."""
+    mtime: float = 0.0
+    size: int = 0
+    attributes_ok: bool = True
+    """Mode, owner and group are as declared (true when none is declared)."""
+    fresh: bool = True
+    """Modified within ``max_age`` (true without one)."""
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.exists and self.valid and self.attributes_ok and self.fresh
+
+
+@dataclass(frozen=True)
+class DirStatus:
+    exists: bool
+    attributes_ok: bool = True
+
+    @property
+    def ok(self) -> bool:
+        return self.exists and self.attributes_ok
+
+
+def _uid(owner: str) -> int:
+    return int(owner) if owner.isdigit() else pwd.getpwnam(owner).pw_uid
+
+
+def _gid(group: str) -> int:
+    return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+
+
+def _attributes(st: os.stat_result, mode: str | None, owner: str | None = None, group: str | None = None) -> str:
+    """Empty when all declared attributes match, else what differs."""
+    problems = []
+    if mode is not None and stat.S_IMODE(st.st_mode) != int(mode, 8):
+        problems.append(f"mode {stat.S_IMODE(st.st_mode):04o}, expected {int(mode, 8):04o}")
+    try:
+        if owner is not None and st.st_uid != _uid(owner):
+            problems.append(f"owner uid {st.st_uid}, expected {owner}")
+        if group is not None and st.st_gid != _gid(group):
+            problems.append(f"group gid {st.st_gid}, expected {group}")
+    except KeyError as err:
+        problems.append(f"unknown user or group: {err}")
+    return "; ".join(problems)
+
+
+def parses(path: Path, fmt: str) -> str:
+    """Empty when ``path`` parses as ``fmt`` (json/yaml), else why not."""
+    try:
+        size = path.stat().st_size
+        if size > PARSE_LIMIT:
+            return f"larger than {PARSE_LIMIT} bytes, not parsed"
+        text = path.read_text(encoding="utf-8")
+        if fmt == "json":
+            json.loads(text)
+        else:
+            yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
+        return f"does not parse as {fmt}: {str(err).splitlines()[0][:200]}"
+    return ""
+
+
+class FileChecker:
+    """Checks one declared file; a parse result is reused while the file is unchanged."""
+
+    def __init__(self, spec: FileCheck, path: Path) -> None:
+        self.spec = spec
+        self.path = path
+        self._parsed: tuple[tuple[int, int, int], str] | None = None
+
+    def check(self, now: float) -> FileStatus:
+        try:
+            st = os.stat(self.path)
+        except OSError as err:
+            return FileStatus(False, False, detail=err.strerror or "missing")
+        if not stat.S_ISREG(st.st_mode):
+            return FileStatus(True, False, st.st_mtime, st.st_size, detail="not a regular file")
+        problem = ""
+        if self.spec.format is not None:
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if self._parsed is None or self._parsed[0] != key:
+                self._parsed = (key, parses(self.path, self.spec.format))
+            problem = self._parsed[1]
+        attrs = _attributes(st, self.spec.mode, self.spec.owner, self.spec.group)
+        fresh = self.spec.max_age is None or now - st.st_mtime <= self.spec.max_age
+        return FileStatus(True, not problem, st.st_mtime, st.st_size, not attrs, fresh,
+                          "; ".join(p for p in (problem, attrs, "" if fresh else "stale") if p))
+
+
+def check_file(spec: FileCheck, path: Path, now: float) -> FileStatus:
+    return FileChecker(spec, path).check(now)
+
+
+def check_directory(spec: DirectoryCheck, path: Path) -> DirStatus:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return DirStatus(False, False)
+    if not stat.S_ISDIR(st.st_mode):
+        return DirStatus(False, False)
+    return DirStatus(True, not _attributes(st, spec.mode))
+
+
+def filesystem(path: Path) -> tuple[int, int] | None:
+    """``(avail_bytes, size_bytes)`` of the filesystem holding ``path`` (as ``df``), or None."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+
+# --- ports --------------------------------------------------------------------------
+
+TCP_LISTEN = "0A"
+
+
+@dataclass(frozen=True)
+class PortStatus:
+    listening: bool
+    conflict: bool
+    """Something listens on the port, and it is not one of the service's processes."""
+    holder_pid: int = 0
+    holder_comm: str = ""
+
+
+def listening_inodes(port: int, proc_root: str = "/proc") -> set[int]:
+    """Socket inodes listening on TCP ``port`` (IPv4 and IPv6), from ``/proc/net/tcp{,6}``."""
+    inodes = set()
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"{proc_root}/net/{name}", encoding="ascii") as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[3] == TCP_LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(int(fields[9]))
+        except OSError:
+            continue
+    return inodes
+
+
+def socket_inodes(pid: int, proc_root: str = "/proc") -> set[int]:
+    out = set()
+    try:
+        with os.scandir(f"{proc_root}/{pid}/fd") as it:
+            for entry in it:
+                try:
+                    target = os.readlink(entry.path)
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    out.add(int(target[8:-1]))
+    except OSError:
+        pass
+    return out
+
+
+def _holder(inodes: set[int], proc_root: str) -> tuple[int, str]:
+    for name in os.listdir(proc_root):
+        if name.isdigit() and socket_inodes(int(name), proc_root) & inodes:
+            try:
+                comm = Path(proc_root, name, "comm").read_text().strip()
+            except OSError:
+                comm = ""
+            return int(name), comm
+    return 0, ""
+
+
+def check_port(port: int, service_pids: list[int], proc_root: str = "/proc") -> PortStatus:
+    """Who listens on ``port``: the service (fine), nobody, or someone else (a conflict)."""
+    inodes = listening_inodes(port, proc_root)
+    if not inodes:
+        return PortStatus(False, False)
+    owned: set[int] = set()
+    for pid in service_pids:
+        owned |= socket_inodes(pid, proc_root)
+    if inodes & owned:
+        return PortStatus(True, False)
+    pid, comm = _holder(inodes, proc_root)
+    return PortStatus(True, True, pid, comm)

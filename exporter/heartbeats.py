@@ -1,0 +1,117 @@
+"""Heartbeats: a watchdog that apps feed, kept across exporter restarts.
+
+An app calls ``POST /heartbeat/NAME`` (optionally ``?pid=PID``) every so often, or
+``POST /heartbeat/NAME/fail`` to say it is in trouble; see :mod:`exporter.client`.
+Only names in the config exist (others are refused, so no series appears from a
+typo). The reporting pid is remembered with its start time, so "is it still alive"
+is answered for that process, not for whoever has its pid now.
+
+State is saved to ``exporter.state_file`` as JSON, written to a temporary file and
+renamed over the old one (atomic), at most once per :data:`SAVE_INTERVAL` and at
+shutdown. A state file that does not parse is kept aside (``.corrupt``), not lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .procfs import ProcReader
+
+__all__ = ["HeartbeatState", "HeartbeatStore"]
+
+log = logging.getLogger(__name__)
+
+SAVE_INTERVAL = 1.0
+
+
+@dataclass
+class HeartbeatState:
+    last_seen: float = 0.0
+    """Unix seconds of the last heartbeat; 0 before the first."""
+    last_failure: float = 0.0
+    pid: int = 0
+    pid_start_ticks: int = 0
+    received: int = 0
+    failures: int = 0
+
+
+class HeartbeatStore:
+    def __init__(self, path: Path, names: Iterable[str], reader: ProcReader | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.reader = reader or ProcReader()
+        self.clock = clock
+        self.states = {name: HeartbeatState() for name in names}
+        self.dirty = False
+
+    def load(self) -> None:
+        """Read the saved state; unknown names are dropped, a corrupt file is set aside."""
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as err:
+            aside = self.path.with_name(self.path.name + ".corrupt")
+            log.error("heartbeat state %s is unreadable (%s); moved to %s, starting empty", self.path, err, aside)
+            try:
+                self.path.replace(aside)
+            except OSError as move_err:
+                log.error("could not move it aside: %s", move_err)
+            return
+        for name, saved in (data.get("heartbeats") or {}).items() if isinstance(data, dict) else ():
+            if name in self.states and isinstance(saved, dict):
+                known = {k: v for k, v in saved.items() if k in HeartbeatState.__dataclass_fields__}
+                try:
+                    self.states[name] = HeartbeatState(**known)
+                except TypeError:
+                    log.warning("ignoring saved heartbeat %s: %r", name, saved)
+
+    def save(self) -> None:
+        """Write the state atomically (blocking: call from a thread)."""
+        self.dirty = False
+        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"heartbeats": {k: asdict(v) for k, v in self.states.items()}}), encoding="utf-8")
+        tmp.replace(self.path)
+
+    def _remember_pid(self, state: HeartbeatState, pid: int | None) -> None:
+        if pid is None:
+            return
+        info = self.reader.stat(pid)
+        state.pid, state.pid_start_ticks = (pid, info.start_ticks) if info else (pid, 0)
+
+    def beat(self, name: str, pid: int | None = None) -> None:
+        state = self.states[name]
+        state.last_seen = self.clock()
+        state.received += 1
+        self._remember_pid(state, pid)
+        self.dirty = True
+
+    def fail(self, name: str, pid: int | None = None) -> None:
+        state = self.states[name]
+        state.last_failure = self.clock()
+        state.failures += 1
+        self._remember_pid(state, pid)
+        self.dirty = True
+
+    def process_alive(self, name: str) -> bool:
+        """True when a pid was reported and that same process (pid + start time) runs."""
+        state = self.states[name]
+        if not state.pid:
+            return False
+        info = self.reader.stat(state.pid)
+        return info is not None and info.start_ticks == state.pid_start_ticks
+
+    def healthy(self, name: str, timeout: float, now: float | None = None) -> bool:
+        """Fed within ``timeout`` seconds, not failed since, and its process (if any) alive."""
+        state = self.states[name]
+        now = self.clock() if now is None else now
+        if not state.last_seen or now - state.last_seen > timeout or state.last_failure > state.last_seen:
+            return False
+        return not state.pid or self.process_alive(name)
