@@ -7,7 +7,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STACK_PACKAGES := venv:python3-venv prometheus:prometheus prometheus-alertmanager:prometheus-alertmanager \
 	redis-server:redis-server
-TEST_PACKAGES := $(STACK_PACKAGES) promtool:prometheus amtool:prometheus-alertmanager
+TEST_PACKAGES := $(STACK_PACKAGES) promtool:prometheus amtool:prometheus-alertmanager logrotate:logrotate \
+	postgres:postgresql openssl:openssl prometheus-process-exporter:prometheus-process-exporter
 
 .PHONY: run demo test lint check-config packages-stack packages-test clean
 

@@ -105,6 +105,7 @@ class Scraper:
         self.file_checkers = {name: {f.path: FileChecker(f, config.resolve(f.path)) for f in cfg.files}
                               for name, cfg in config.services.items()}
         self.snapshot: Snapshot | None = None
+        self._probe_ctx: ProbeContext | None = None
         self._running: asyncio.Task[Snapshot] | None = None
         self._blocking: asyncio.Future[tuple[dict[str, list[ProcessInfo]], dict[str, Observed]]] | None = None
         self.errors = CounterMetric("caretaker_exporter_errors", "Collection problems, by reason.",
@@ -169,7 +170,9 @@ class Scraper:
         session = self.session
         assert session is not None, "Scraper.session must be set before collecting"
         blocking = asyncio.create_task(self._observe(deadline))
-        probe_ctx = ProbeContext(session, self.config.base_dir)
+        if self._probe_ctx is None or self._probe_ctx.session is not session:
+            self._probe_ctx = ProbeContext(session, self.config.base_dir)
+        probe_ctx = self._probe_ctx
         probe_tasks = {name: asyncio.create_task(run_probes(cfg.probes, probe_ctx, deadline_seconds))
                        for name, cfg in self.config.services.items()}
         result = await blocking

@@ -345,6 +345,18 @@ class ServiceConfig(_Model):
         return probes
 
     @model_validator(mode="after")
+    def _unique_paths(self) -> ServiceConfig:
+        lists: dict[str, list[str]] = {
+            "files": [f.path for f in self.files], "directories": [d.path for d in self.directories],
+            "logs": [w.path for w in self.logs], "data_paths": list(self.data_paths),
+            "ports": [str(p) for p in self.ports]}
+        for kind, values in lists.items():
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:
+                raise ValueError(f"{kind} lists {', '.join(twice)} more than once")
+        return self
+
+    @model_validator(mode="after")
     def _restart_needs_start(self) -> ServiceConfig:
         if "restart" in self.remediation.allow and self.start is None:
             raise ValueError("remediation.allow has 'restart' but the service has no 'start' command")

@@ -24,13 +24,14 @@ import signal
 import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
+import yarl
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -60,10 +61,12 @@ class ProbeResult:
 
 @dataclass(frozen=True)
 class ProbeContext:
-    """What probes share: an HTTP session and the config directory (for secrets, files)."""
+    """What probes share: an HTTP session, the config directory (for secrets, files),
+    and certificate expiries seen recently (``{url: (expiry, checked_at)}``)."""
 
     session: aiohttp.ClientSession
     base_dir: Path = Path(".")
+    cert_cache: dict[str, tuple[float | None, float]] = field(default_factory=dict)
 
     def path(self, p: str) -> str:
         return str(self.base_dir / os.path.expanduser(p))
@@ -87,23 +90,46 @@ def _ssl_context(ca_file: str | None, insecure: bool) -> ssl.SSLContext:
     return context
 
 
+CERT_RECHECK_SECONDS = 300.0
+
+
+async def _cert_expiry(url: str, context: ssl.SSLContext, ctx: ProbeContext) -> float | None:
+    """notAfter of the certificate the server presents, from a TLS handshake of our own.
+
+    aiohttp has no supported way to read the peer certificate of a response
+    (aio-libs/aiohttp#2816), so asyncio's documented ``get_extra_info("peercert")``
+    is used; the answer is kept for :data:`CERT_RECHECK_SECONDS`.
+    """
+    cached = ctx.cert_cache.get(url)
+    if cached is not None and time.monotonic() - cached[1] < CERT_RECHECK_SECONDS:
+        return cached[0]
+    parsed = yarl.URL(url)
+    _, writer = await asyncio.open_connection(parsed.host, parsed.port, ssl=context, server_hostname=parsed.host)
+    try:
+        cert = writer.get_extra_info("peercert") or {}
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+    expiry = float(ssl.cert_time_to_seconds(str(cert["notAfter"]))) if "notAfter" in cert else None
+    ctx.cert_cache[url] = (expiry, time.monotonic())
+    return expiry
+
+
 async def _http(probe: HttpProbe, ctx: ProbeContext) -> tuple[str, float | None]:
     tls: ssl.SSLContext | bool = True
     if probe.url.startswith("https:"):
         tls = _ssl_context(ctx.path(probe.ca_file) if probe.ca_file else None, probe.insecure_skip_verify)
     expiry = None
     async with ctx.session.request(probe.method, probe.url, allow_redirects=False, ssl=tls) as resp:
-        if resp.connection is not None and resp.connection.transport is not None:
-            ssl_object = resp.connection.transport.get_extra_info("ssl_object")
-            cert = ssl_object.getpeercert() if ssl_object is not None else None
-            if cert and "notAfter" in cert:
-                expiry = float(ssl.cert_time_to_seconds(str(cert["notAfter"])))
         body = await resp.content.read(BODY_LIMIT)
         if resp.status not in probe.expect_status:
             raise _Failed("status", f"HTTP {resp.status}, expected {list(probe.expect_status)}")
         if probe.body_regex is not None and not re.search(probe.body_regex, body.decode("utf-8", "replace")):
             raise _Failed("body", f"body does not match {probe.body_regex!r}")
-        return f"HTTP {resp.status}", expiry
+    if isinstance(tls, ssl.SSLContext):
+        expiry = await _cert_expiry(probe.url, tls, ctx)
+    return f"HTTP {resp.status}", expiry
 
 
 async def _tcp(probe: TcpProbe) -> str:
@@ -151,7 +177,8 @@ async def _redis(probe: RedisProbe, ctx: ProbeContext, limit: float) -> str:
         text = str(err)
         if "SSL" in text or "certificate" in text:
             raise _Failed("tls", text) from err
-        raise _Failed("refused" if "refused" in text.lower() else "error", text) from err
+        refused = isinstance(err.__context__, ConnectionRefusedError) or "refused" in text.lower()
+        raise _Failed("refused" if refused else "error", text) from err
     finally:
         await client.aclose()
 

@@ -16,6 +16,7 @@ for pair in "$@"; do
     pkg=${pair#*:}
     case $cmd in
         venv) python3 -c 'import ensurepip, venv' 2>/dev/null && continue ;;
+        postgres) ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && continue ;;
         *) command -v "$cmd" >/dev/null 2>&1 && continue ;;
     esac
     missing="$missing $pkg"

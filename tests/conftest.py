@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -174,3 +175,61 @@ def stop_config_services(config: Any) -> None:
     send_signal(reader, procs, signal.SIGKILL)
     wait_for(lambda: not any(scan_services(reader, config.services, (os.getpid(),), with_fds=False).values()), 10,
              what="services to stop")
+
+
+# --- real PostgreSQL ----------------------------------------------------------------------
+
+def postgres_bin(name: str) -> str:
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    if found:
+        return str(found[-1])
+    return require_binary(name)
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 with SCRAM password authentication."""
+
+    def __init__(self, root: Path, port: int, password: str) -> None:
+        self.root, self.port, self.password = root, port, password
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    def start(self) -> None:
+        initdb, postgres = postgres_bin("initdb"), postgres_bin("postgres")
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "pw").write_text(self.password + "\n")
+        if self.as_user:
+            shutil.chown(self.root, "postgres")
+            shutil.chown(self.root / "pw", "postgres")
+        subprocess.run([*self.as_user, initdb, "-D", str(self.root / "data"), "-U", "postgres",
+                        "--auth=scram-sha-256", f"--pwfile={self.root / 'pw'}", "-E", "UTF8"],
+                       check=True, capture_output=True, timeout=120)
+        with open(self.root / "postgres.log", "ab") as out:
+            self.proc = subprocess.Popen(
+                [*self.as_user, postgres, "-D", str(self.root / "data"), "-p", str(self.port),
+                 "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.root}"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: port_open(self.port), 30, what="postgres to listen")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)  # fast shutdown
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def postgres_server() -> Iterator[Postgres]:
+    postgres_bin("postgres")
+    root = Path(tempfile.mkdtemp(prefix="caretaker-pg-"))  # pytest's tmp dirs are 0700: not for user postgres
+    os.chmod(root, 0o755)
+    server = Postgres(root / "cluster", free_port(), "s3cret-pw")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
