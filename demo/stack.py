@@ -134,13 +134,16 @@ class Stack:
             port = exp.port if job["job_name"] == "caretaker-exporter" else recv.port
             job["static_configs"][0]["targets"] = [f"127.0.0.1:{port}"]
         am = yaml.safe_load((ASSETS / "alertmanager.yml").read_text())
-        hook = am["receivers"][0]["webhook_configs"][0]
+        hook = next(r for r in am["receivers"] if r["name"] == "caretaker")["webhook_configs"][0]
         hook["url"] = f"http://127.0.0.1:{recv.port}/alerts"
         if self.token_path is not None:
             hook["http_config"]["authorization"]["credentials_file"] = str(self.token_path)
         else:
             del hook["http_config"]
-        am["route"].update(self.alertmanager_overrides)
+        for route in [am["route"], *am["route"].get("routes", [])]:
+            for key, value in self.alertmanager_overrides.items():
+                if route is am["route"] or key in route:
+                    route[key] = value
         (out / "prometheus.yml").write_text(yaml.safe_dump(prom, sort_keys=False))
         (out / "alertmanager.yml").write_text(yaml.safe_dump(am, sort_keys=False))
         return out / "prometheus.yml", out / "alertmanager.yml"

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from .conftest import REPO, require_binary
 
 PROM = REPO / "prometheus"
+ALERTS = yaml.safe_load((PROM / "rules" / "caretaker-alerts.yml").read_text())
+ALERT_RULES = [r for g in ALERTS["groups"] for r in g["rules"]]
 
 
 def run(argv: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
@@ -32,6 +36,7 @@ def test_promtool_check_config_and_rules() -> None:
     for rules in sorted((PROM / "rules").glob("*.yml")):
         result = run([promtool, "check", "rules", str(rules)])
         assert result.returncode == 0, result.stdout + result.stderr
+        assert "SUCCESS" in result.stdout
 
 
 def test_amtool_check_config() -> None:
@@ -40,22 +45,42 @@ def test_amtool_check_config() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_alertmanager_routes_repairs_to_the_receiver() -> None:
+@pytest.mark.parametrize(("labels", "receivers"), [
+    ("alertname=CaretakerServiceDown service_name=redis remediation=restart severity=critical",
+     "caretaker,people-critical"),
+    ("alertname=CaretakerDiskAlmostFull service_name=redis remediation=clean severity=warning", "caretaker,people"),
+    ("alertname=CaretakerProbeSlow service_name=redis severity=warning", "people"),
+    ("alertname=CaretakerRepairsExhausted service_name=redis severity=critical", "people-critical"),
+    ("alertname=SomethingElse severity=info", "people"),
+])
+def test_alertmanager_routes(labels: str, receivers: str) -> None:
     amtool = require_binary("amtool")
     result = run([amtool, "config", "routes", "test", "--config.file", str(PROM / "alertmanager.yml"),
-                  "alertname=CaretakerServiceDown", "service_name=redis", "remediation=restart"])
+                  *labels.split()])
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip() == "caretaker"
+    assert result.stdout.strip() == receivers
 
 
-def test_every_alert_is_unit_tested_and_names_its_service() -> None:
-    rules = yaml.safe_load((PROM / "rules" / "caretaker-alerts.yml").read_text())
-    alerts = {r["alert"]: r for g in rules["groups"] for r in g["rules"] if "alert" in r}
+def test_every_alert_is_unit_tested() -> None:
     tested = {t["alertname"] for f in (PROM / "tests").glob("*.test.yml")
               for case in yaml.safe_load(f.read_text())["tests"] for t in case.get("alert_rule_test", [])}
-    assert set(alerts) <= tested, f"alerts without promtool tests: {set(alerts) - tested}"
-    for name, rule in alerts.items():
-        has_label = "service_name" in rule.get("labels", {}) or "service_name" in rule["expr"] or \
-            rule["expr"].startswith("caretaker_")
-        assert has_label, f"{name} does not carry service_name"
-        assert rule["labels"].get("severity") in ("critical", "warning", "info"), name
+    names = {r["alert"] for r in ALERT_RULES}
+    assert names <= tested, f"alerts without promtool tests: {names - tested}"
+
+
+@pytest.mark.parametrize("rule", ALERT_RULES, ids=[f"{r['alert']}-{i}" for i, r in enumerate(ALERT_RULES)])
+def test_every_alert_is_actionable(rule: dict[str, object]) -> None:
+    labels = rule["labels"]
+    annotations = rule["annotations"]
+    assert isinstance(labels, dict) and isinstance(annotations, dict)
+    assert labels["severity"] in ("critical", "warning", "info")
+    expr = str(rule["expr"])
+    assert "service_name" in labels or "caretaker_" in expr, "alert must carry service_name"
+    assert {"summary", "description", "runbook_url"} <= set(annotations)
+    anchor = str(annotations["runbook_url"]).split("#", 1)[1]
+    runbook = (REPO / "docs" / "runbook.md").read_text()
+    headings = {re.sub(r"[^a-z0-9-]", "", h.lower().replace(" ", "-")) for h in re.findall(r"^## (.+)$", runbook, re.M)}
+    assert anchor in headings, f"docs/runbook.md has no section #{anchor}"
+    if "remediation" in labels:
+        assert labels["remediation"] in ("restart", "stop_duplicates", "restore_file", "ensure_paths", "clean",
+                                         "free_port")
