@@ -34,7 +34,7 @@ test: packages-test $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check exporter receiver demo tests bench
+	$(VENV)/bin/ruff check exporter receiver demo tests bench grafana
 	$(VENV)/bin/mypy
 
 check-config: $(VENV)/.installed

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,21 @@ def test_every_alert_is_actionable(rule: dict[str, object]) -> None:
     if "remediation" in labels:
         assert labels["remediation"] in ("restart", "stop_duplicates", "restore_file", "ensure_paths", "clean",
                                          "free_port")
+
+
+def test_dashboards_are_generated_from_grafana_generate_py() -> None:
+    result = run([sys.executable, str(REPO / "grafana" / "generate.py"), "--check"])
+    assert result.returncode == 0, result.stderr
+
+
+def test_dashboards_use_the_provisioned_datasource_and_a_service_variable() -> None:
+    provisioned = yaml.safe_load((REPO / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    uid = provisioned["datasources"][0]["uid"]
+    for path in sorted((REPO / "grafana" / "dashboards").glob("*.json")):
+        board = json.loads(path.read_text())
+        assert board["uid"].startswith("caretaker-")
+        for panel in board["panels"]:
+            assert panel["datasource"]["uid"] == uid
+            assert panel["targets"], panel["title"]
+    service = json.loads((REPO / "grafana/dashboards/service.json").read_text())
+    assert [v["name"] for v in service["templating"]["list"]] == ["service_name"]

@@ -23,6 +23,7 @@ import redis
 import yaml
 
 from demo.stack import Stack
+from exporter.client import send
 from exporter.config import Config
 from exporter.procfs import ProcReader, scan_services
 
@@ -96,6 +97,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                                    "--appendonly", "no", "--dir", str(tmp)], "log_file": "logs/redis.log"},
                 "stop": {"grace_period": "5s"},
                 "remediation": {"allow": ["restart"], "verify_timeout": "15s"},
+                "ports": [ports["redis"]],
+                "data_paths": [str(tmp)],
+                "limits": {"memory_bytes": 2**30, "open_fds": 10000},
             },
             "webapp": {
                 "match": {"cmdline": f"webapp\\.py --port {ports['webapp']}$"},
@@ -105,9 +109,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                           "log_file": "logs/webapp.log"},
                 "stop": {"grace_period": "2s"},
                 "remediation": {"allow": ["restart"], "verify_timeout": "15s"},
+                "heartbeats": [{"name": "webapp-loop", "timeout": "1h"}],
+                "logs": [{"path": "logs/webapp.log"}],
+                "files": [{"path": "state.json", "format": "json"}],
             },
         },
     }
+    (tmp / "state.json").write_text('{"ok": true}')
     path = tmp / "caretaker.yml"
     path.write_text(yaml.safe_dump(config))
     stack = Stack(path, tmp / "run", prometheus_port=ports["prometheus"], alertmanager_port=ports["alertmanager"],
@@ -117,6 +125,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         stack.wait_ready()
         assert stack.token_path is not None
         e = Env(stack, ports, stack.token_path.read_text().strip())
+        assert send("webapp-loop", f"http://127.0.0.1:{ports['exporter']}")
         wait_for(lambda: len(e.query('up{job=~"caretaker-exporter|caretaker-receiver"} == 1')) == 2, 30, 0.2,
                  what="Prometheus scraping both caretaker programs")
         wait_for(lambda: len(e.query("caretaker_service_health_ratio == 1")) == 2, 30, 0.2,
@@ -210,3 +219,24 @@ def test_duplicate_notifications_and_alertmanager_resends_cause_no_second_restar
     wait_for(lambda: any(e["alertname"] == "CaretakerE2EResend" and e["status"] == "resolved"
                          for e in env.audit("redis")), 30, 0.2, what="the resolved notification")
     assert len(acted_since(env, "redis", since)) == 1, "a resolved alert is recorded, not acted on"
+
+
+def test_every_dashboard_query_parses_and_core_panels_have_data(env: Env) -> None:
+    """Runs last: by now the receiver has had requests and repairs to show."""
+    from grafana.generate import CORE
+
+    values = env.get(f"http://127.0.0.1:{env.stack.prometheus_port}/api/v1/label/service_name/values?"
+                     + urllib.parse.urlencode({"match[]": "caretaker_service_processes"}))["data"]
+    assert set(values) == {"redis", "webapp"}  # the dashboards' service_name variable
+    empty_core = []
+    for path in sorted((REPO / "grafana" / "dashboards").glob("*.json")):
+        board = json.loads(path.read_text())
+        for panel in board["panels"]:
+            results = []
+            for target in panel["targets"]:
+                expr = (target["expr"].replace("$service_name", ".*").replace("$__rate_interval", "1m")
+                        .replace("$__range", "1h"))
+                results.extend(env.query(expr))  # a query that does not parse raises HTTP 400 here
+            if panel["title"] in CORE[path.stem] and not results:
+                empty_core.append(f"{path.stem}: {panel['title']}")
+    assert not empty_core, f"core panels without data: {empty_core}"
