@@ -46,6 +46,7 @@ __all__ = [
     "RedisProbe",
     "Secret",
     "ServiceConfig",
+    "Start",
     "TcpProbe",
     "load_config",
     "parse_config",
@@ -53,8 +54,11 @@ __all__ = [
 
 DEFAULT_EXPORTER_PORT = 8930
 DEFAULT_RECEIVER_PORT = 8931
-REMEDIATION_ACTIONS = ("restart",)
+REMEDIATION_ACTIONS = ("restart", "stop_duplicates", "free_port", "rotate_logs", "clean", "ensure_paths",
+                       "restore_file", "vacuum", "http", "exec", "signal")
 """Repairs the receiver knows. A service may allow only these."""
+Action = Literal["restart", "stop_duplicates", "free_port", "rotate_logs", "clean", "ensure_paths", "restore_file",
+                 "vacuum", "http", "exec", "signal"]
 
 _NAME_RE = r"^[a-zA-Z_][a-zA-Z0-9_.-]*$"
 _DURATION_RE = re.compile(r"^(?:(\d+(?:\.\d+)?)(ms|s|m|h|d))+$")
@@ -279,14 +283,32 @@ class DirectoryCheck(_Model):
     mode: Annotated[str, Field(pattern=r"^0?[0-7]{3,4}$")] | None = None
 
 
-class Start(_Model):
-    """How to start a service: argv (never a shell), working dir, env, log file."""
+class Supervisor(_Model):
+    """A program run by supervisord; restarted with ``supervisorctl [-c CONFIG] restart PROGRAM``."""
 
-    argv: Annotated[tuple[str, ...], Field(min_length=1)]
+    program: Name
+    config: str | None = None
+
+
+class Start(_Model):
+    """How to (re)start a service: argv (never a shell), a systemd unit, or a supervisord program."""
+
+    argv: Annotated[tuple[str, ...], Field(min_length=1)] | None = None
     cwd: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     log_file: str | None = None
-    """Standard output and error of the started process go here (appended)."""
+    """Standard output and error of an argv-started process go here (appended)."""
+    systemd_unit: Annotated[str, Field(pattern=r"^[A-Za-z0-9@_.:-]+$")] | None = None
+    supervisor: Supervisor | None = None
+    timeout: PositiveSeconds = 60.0
+    """For systemctl/supervisorctl: how long the command may take."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Start:
+        given = [k for k in ("argv", "systemd_unit", "supervisor") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of argv, systemd_unit, supervisor")
+        return self
 
 
 class Stop(_Model):
@@ -295,10 +317,96 @@ class Stop(_Model):
     """Seconds to wait after ``signal`` before SIGKILL."""
 
 
+class RotateLogs(_Model):
+    """``rotate_logs``: the service's log files (``logs`` and ``start.log_file``)."""
+
+    keep: int = Field(default=5, ge=1, le=100)
+    compress: bool = True
+    copytruncate: bool = False
+    """Copy then truncate, for writers that cannot reopen their log."""
+    reopen_signal: SignalName | None = None
+    """Sent to the service after a rename so it reopens its log (e.g. SIGHUP, SIGUSR1)."""
+
+
+class CleanRule(_Model):
+    """``clean``: delete files matching ``glob`` older than ``older_than`` inside ``directory``."""
+
+    directory: str
+    glob: str = "*"
+    older_than: Seconds = 86400.0
+    recursive: bool = True
+
+
+class Vacuum(_Model):
+    """``vacuum``: ``VACUUM (ANALYZE)`` the tables (or the whole database) with asyncpg."""
+
+    host: str = "127.0.0.1"
+    port: Port = 5432
+    user: str = "postgres"
+    database: str = "postgres"
+    password: Secret | None = None
+    tables: tuple[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")], ...] = ()
+    statement_timeout: PositiveSeconds = 300.0
+    tls: Literal["disable", "prefer", "require", "verify-full"] = "prefer"
+
+
+class HttpAction(_Model):
+    """``http``: call an endpoint of the service (e.g. a "reset conversation" endpoint)."""
+
+    url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")]
+    method: Literal["GET", "POST", "PUT", "DELETE"] = "POST"
+    timeout: PositiveSeconds = 10.0
+    expect_status: tuple[Annotated[int, Field(ge=100, le=599)], ...] = (200, 202, 204)
+
+
+_PLACEHOLDER = re.compile(r"^\{([a-zA-Z_][a-zA-Z0-9_]*)\}$")
+
+
+class ExecAction(_Model):
+    """``exec``: run argv (never a shell). An argv item that is exactly ``{name}`` is
+    replaced by the alert's label ``name``, which must match ``labels[name]`` (a regex,
+    matched in full); placeholders are whole argv items only."""
+
+    argv: Annotated[tuple[str, ...], Field(min_length=1)]
+    timeout: PositiveSeconds = 60.0
+    labels: dict[str, Regex] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _placeholders_declared(self) -> ExecAction:
+        for item in self.argv:
+            m = _PLACEHOLDER.match(item)
+            if m and m.group(1) not in self.labels:
+                raise ValueError(f"argv uses {item} but labels does not declare {m.group(1)!r}")
+            if not m and ("{" in item and "}" in item):
+                raise ValueError(f"argv item {item!r}: placeholders must be whole argv items like {{name}}")
+        return self
+
+
+class SignalAction(_Model):
+    """``signal``: send a signal to the service's processes (e.g. SIGHUP to reload)."""
+
+    signal: SignalName
+
+
 class Remediation(_Model):
-    allow: tuple[Literal["restart"], ...] = ()
+    allow: tuple[Action, ...] = ()
     verify_timeout: PositiveSeconds = 30.0
     """Seconds a repaired service has to show its processes and pass its probes."""
+    rotate_logs: RotateLogs = RotateLogs()
+    clean: tuple[CleanRule, ...] = ()
+    vacuum: Vacuum | None = None
+    http: HttpAction | None = None
+    exec: ExecAction | None = None
+    signal: SignalAction | None = None
+
+    @model_validator(mode="after")
+    def _allowed_actions_are_configured(self) -> Remediation:
+        for action in ("vacuum", "http", "exec", "signal"):
+            if action in self.allow and getattr(self, action) is None:
+                raise ValueError(f"allow has {action!r} but there is no remediation.{action} block")
+        if "clean" in self.allow and not self.clean:
+            raise ValueError("allow has 'clean' but remediation.clean lists no directory")
+        return self
 
 
 class Limits(_Model):
@@ -358,8 +466,16 @@ class ServiceConfig(_Model):
 
     @model_validator(mode="after")
     def _restart_needs_start(self) -> ServiceConfig:
-        if "restart" in self.remediation.allow and self.start is None:
+        allow = self.remediation.allow
+        if "restart" in allow and self.start is None:
             raise ValueError("remediation.allow has 'restart' but the service has no 'start' command")
+        needs = {"free_port": (self.ports and self.start, "ports and a start command"),
+                 "ensure_paths": (self.directories, "directories"),
+                 "restore_file": ([f for f in self.files if f.format or f.default], "files with a format or default"),
+                 "rotate_logs": (self.logs or (self.start and self.start.log_file), "logs or start.log_file")}
+        for action, (present, what) in needs.items():
+            if action in allow and not present:
+                raise ValueError(f"remediation.allow has {action!r} but the service has no {what}")
         return self
 
 
@@ -380,11 +496,40 @@ class ExporterConfig(ListenConfig):
 class Attempts(_Model):
     max: int = Field(default=3, ge=1)
     window: PositiveSeconds = 900.0
+    healthy_for: PositiveSeconds = 600.0
+    """An exhausted service is repaired again once it has been healthy this long."""
+
+
+class BasicAuth(_Model):
+    username: str
+    password: Secret
+
+
+class TlsConfig(_Model):
+    cert_file: str
+    key_file: str
+
+
+class Evidence(_Model):
+    """What the receiver keeps before a destructive repair (restart, stop, free_port)."""
+
+    log_lines: int = Field(default=50, ge=0, le=10000)
+    max_bytes: int = Field(default=50 * 1024 * 1024, ge=0)
+    """Total size of the evidence directory; the oldest files go first."""
+    py_spy: bool = True
+    """Dump Python stacks with py-spy (when installed) of Python processes about to be stopped."""
 
 
 class ReceiverConfig(ListenConfig):
     port: Port = DEFAULT_RECEIVER_PORT
     bearer_token: Secret | None = None
+    basic_auth: BasicAuth | None = None
+    tls: TlsConfig | None = None
+    alertmanager_url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")] | None = None
+    """Where to post CaretakerRepairsExhausted (Alertmanager's API v2); none: metric only."""
+    evidence: Evidence = Evidence()
+    backup_interval: PositiveSeconds = 60.0
+    """How often valid declared files are backed up for restore_file."""
     state_file: str = "caretaker-state.sqlite"
     """SQLite file (relative to the config file's directory) for dedupe, audit, budgets."""
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)

@@ -19,27 +19,31 @@ shell; argv comes from the config only, never from an alert.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from exporter.config import Config, ServiceConfig
+from exporter.files import check_port, listening_inodes, socket_inodes
 from exporter.probes import ProbeContext, run_probes
 from exporter.procfs import ProcessInfo, ProcReader, scan_services
 
-__all__ = ["ActionContext", "ChildReaper", "RepairFailed", "StepLog", "restart"]
+__all__ = ["ACTIONS", "ActionContext", "ChildReaper", "RepairFailed", "StepLog", "restart", "run_command"]
 
 log = logging.getLogger(__name__)
 
 KILL_WAIT_SECONDS = 5.0
 POLL_SECONDS = 0.1
+OUTPUT_TAIL = 4096
 
 
 class RepairFailed(Exception):
@@ -77,12 +81,33 @@ class ChildReaper:
         self.children = [c for c in self.children if c.poll() is None]
 
 
+EvidenceFunc = Callable[[str, list[ProcessInfo], "StepLog"], Awaitable[None]]
+
+
+async def _no_evidence(name: str, procs: list[ProcessInfo], step: StepLog) -> None:
+    return None
+
+
 @dataclass
 class ActionContext:
+    """What a repair may use. ``labels`` are the alert's, for ``exec`` placeholders only."""
+
     config: Config
     session: aiohttp.ClientSession
     reader: ProcReader = field(default_factory=ProcReader)
     reaper: ChildReaper = field(default_factory=ChildReaper)
+    evidence: EvidenceFunc = _no_evidence
+    labels: Mapping[str, str] = field(default_factory=dict)
+    backups: object | None = None
+    """The receiver's :class:`receiver.repairs.BackupKeeper`, for ``restore_file``."""
+
+    async def keep_evidence(self, name: str, procs: list[ProcessInfo], step: StepLog) -> None:
+        """Record what a person would want to see, before something is stopped."""
+        try:
+            await self.evidence(name, procs, step)
+        except Exception as err:  # evidence must never prevent the repair
+            log.warning("could not keep evidence for %s: %s", name, err)
+            step(f"evidence not kept: {err}")
 
     @property
     def probes(self) -> ProbeContext:
@@ -156,7 +181,7 @@ def start_service(config: Config, name: str) -> subprocess.Popen[bytes]:
     ``RepairFailed`` if it cannot be started (missing program, bad cwd...).
     """
     cfg = config.services[name]
-    assert cfg.start is not None
+    assert cfg.start is not None and cfg.start.argv is not None, "start_service needs start.argv"
     cwd = config.resolve(cfg.start.cwd) if cfg.start.cwd else config.base_dir
     log_path = config.resolve(cfg.start.log_file) if cfg.start.log_file else None
     env = {**os.environ, **cfg.start.env}
@@ -207,36 +232,104 @@ async def verify(ctx: ActionContext, name: str, timeout: float, step: StepLog,
         await asyncio.sleep(0.25)
 
 
+async def stop_gracefully(ctx: ActionContext, name: str, procs: list[ProcessInfo], step: StepLog,
+                          whole_groups: bool = True) -> None:
+    """Stop signal, grace period, SIGKILL for what is left; ``RepairFailed`` if some survive.
+
+    ``whole_groups=False`` signals each pid alone (for stopping some processes of a
+    service while keeping others of the same group).
+    """
+    cfg = ctx.config.services[name]
+    stop_signal = signal.Signals[cfg.stop.signal]
+    send = send_signal if whole_groups else send_signal_each
+    for line in await asyncio.to_thread(send, ctx.reader, procs, stop_signal):
+        step(line)
+    left = await wait_gone(ctx.reader, procs, cfg.stop.grace_period)
+    if left:
+        step(f"{len(left)} processes still there after {cfg.stop.grace_period:g}s grace period",
+             processes=[_describe(p) for p in left])
+        for line in await asyncio.to_thread(send, ctx.reader, left, signal.SIGKILL):
+            step(line)
+        left = await wait_gone(ctx.reader, left, KILL_WAIT_SECONDS)
+        if left:
+            raise RepairFailed(f"processes {[p.pid for p in left]} survived SIGKILL "
+                               f"(states {[p.state for p in left]}; uninterruptible sleep?)")
+
+
+def send_signal_each(reader: ProcReader, processes: list[ProcessInfo], sig: signal.Signals) -> list[str]:
+    """Like :func:`send_signal`, but never to a whole process group."""
+    done: list[str] = []
+    for p in processes:
+        try:
+            pidfd = os.pidfd_open(p.pid)
+        except ProcessLookupError:
+            continue
+        try:
+            if _same_process(reader, p):
+                signal.pidfd_send_signal(pidfd, sig)
+                done.append(f"{sig.name} to pid {p.pid} ({p.comm})")
+        except ProcessLookupError:
+            continue
+        finally:
+            os.close(pidfd)
+    return done
+
+
+async def run_command(argv: list[str], timeout: float, cwd: Path | None = None) -> tuple[int, str]:
+    """Run argv (no shell) in its own process group; ``(status, output tail)``.
+
+    On timeout the whole group is killed and ``RepairFailed`` is raised.
+    """
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True, cwd=cwd)
+    except OSError as err:
+        raise RepairFailed(f"cannot run {argv[0]!r}: {err.strerror}") from err
+    try:
+        async with asyncio.timeout(timeout):
+            out, _ = await proc.communicate()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        raise RepairFailed(f"{argv[0]} did not finish within {timeout:g}s; killed") from None
+    text = out.decode("utf-8", "replace")
+    return proc.returncode or 0, text[-OUTPUT_TAIL:]
+
+
 async def restart(ctx: ActionContext, name: str, step: StepLog) -> None:
     """Restart service ``name`` (see the module docstring). Raises ``RepairFailed``."""
     cfg = ctx.config.services[name]
     if cfg.start is None:
         raise RepairFailed("the service has no start command")
-    stop_signal = signal.Signals[cfg.stop.signal]
+    if cfg.start.systemd_unit or cfg.start.supervisor:
+        await restart_managed(ctx, name, step)
+        return
     procs = await find_processes(ctx, name)
     if procs:
         step(f"found {len(procs)} processes", processes=[_describe(p) for p in procs])
-        for line in await asyncio.to_thread(send_signal, ctx.reader, procs, stop_signal):
-            step(line)
-        left = await wait_gone(ctx.reader, procs, cfg.stop.grace_period)
-        if left:
-            step(f"{len(left)} processes still there after {cfg.stop.grace_period:g}s grace period",
-                 processes=[_describe(p) for p in left])
-            for line in await asyncio.to_thread(send_signal, ctx.reader, left, signal.SIGKILL):
-                step(line)
-            left = await wait_gone(ctx.reader, left, KILL_WAIT_SECONDS)
-            if left:
-                raise RepairFailed(f"processes {[p.pid for p in left]} survived SIGKILL "
-                                   f"(states {[p.state for p in left]}; uninterruptible sleep?)")
+        await ctx.keep_evidence(name, procs, step)
+        await stop_gracefully(ctx, name, procs, step)
         step("all processes stopped")
     else:
         step("no processes running")
+    await start_if_needed(ctx, name, step)
+
+
+async def start_if_needed(ctx: ActionContext, name: str, step: StepLog) -> None:
+    """Start the service unless it already runs its min processes (never a second copy), then verify."""
+    cfg = ctx.config.services[name]
+    assert cfg.start is not None
     ctx.reaper.reap()
     running = await find_processes(ctx, name)
     child = None
     if len(running) >= max(cfg.processes.min, 1):
         step(f"{len(running)} processes already running (started by someone else); not starting a second copy",
              processes=[_describe(p) for p in running])
+    elif cfg.start.argv is None:
+        await restart_managed(ctx, name, step)
+        return
     else:
         child = await asyncio.to_thread(start_service, ctx.config, name)
         ctx.reaper.add(child)
@@ -244,12 +337,95 @@ async def restart(ctx: ActionContext, name: str, step: StepLog) -> None:
     await verify(ctx, name, cfg.remediation.verify_timeout, step, child)
 
 
-ACTIONS = {"restart": restart}
+async def restart_managed(ctx: ActionContext, name: str, step: StepLog) -> None:
+    """``systemctl restart UNIT`` or ``supervisorctl restart PROGRAM``, then verify."""
+    cfg = ctx.config.services[name]
+    assert cfg.start is not None
+    procs = await find_processes(ctx, name)
+    if procs:
+        await ctx.keep_evidence(name, procs, step)
+    if cfg.start.systemd_unit:
+        argv = ["systemctl", "restart", cfg.start.systemd_unit]
+    else:
+        sup = cfg.start.supervisor
+        assert sup is not None
+        argv = ["supervisorctl", *(["-c", str(ctx.config.resolve(sup.config))] if sup.config else []),
+                "restart", sup.program]
+    status, output = await run_command(argv, cfg.start.timeout)
+    step(f"{' '.join(argv)}: exit status {status}", output=output)
+    if status != 0 or "ERROR" in output:
+        raise RepairFailed(f"{argv[0]} failed (exit status {status}): {output.strip()[-200:]}")
+    await verify(ctx, name, cfg.remediation.verify_timeout, step)
 
 
-async def run_action(ctx: ActionContext, action: str, name: str, step: StepLog) -> None:
-    """Run a known repair; ``action`` must be one the service allows (checked by the caller)."""
-    func = ACTIONS.get(action)
-    if func is None:
-        raise RepairFailed(f"unknown action {action!r}")
-    await func(ctx, name, step)
+async def stop_duplicates(ctx: ActionContext, name: str, step: StepLog) -> None:
+    """Keep ``processes.max`` processes (those holding the service's ports first, then
+    the oldest), stop the others, each alone, gracefully; then verify."""
+    cfg = ctx.config.services[name]
+    procs = await find_processes(ctx, name)
+    if len(procs) <= cfg.processes.max:
+        step(f"{len(procs)} processes, max {cfg.processes.max}: nothing to stop")
+        return
+    holders: set[int] = set()
+    for port in cfg.ports:
+        inodes = await asyncio.to_thread(listening_inodes, port, ctx.reader.root)
+        for p in procs:
+            if inodes & await asyncio.to_thread(socket_inodes, p.pid, ctx.reader.root):
+                holders.add(p.pid)
+    ranked = sorted(procs, key=lambda p: (p.pid not in holders, p.start_ticks, p.pid))
+    keep, extra = ranked[:cfg.processes.max], ranked[cfg.processes.max:]
+    step(f"keeping {[p.pid for p in keep]}, stopping {[p.pid for p in extra]}",
+         processes=[_describe(p) for p in procs])
+    await ctx.keep_evidence(name, extra, step)
+    await stop_gracefully(ctx, name, extra, step, whole_groups=False)
+    await verify(ctx, name, cfg.remediation.verify_timeout, step)
+
+
+async def free_port(ctx: ActionContext, name: str, step: StepLog) -> None:
+    """Stop the process holding the service's port when it is not the service, then start the service."""
+    cfg = ctx.config.services[name]
+    own = await find_processes(ctx, name)
+    freed = False
+    for port in cfg.ports:
+        status = await asyncio.to_thread(check_port, port, [p.pid for p in own], ctx.reader.root)
+        if not status.conflict:
+            step(f"port {port}: {'held by the service' if status.listening else 'free'}")
+            continue
+        if status.holder_pid in (0, 1, os.getpid()):
+            raise RepairFailed(f"port {port} is held by pid {status.holder_pid} ({status.holder_comm}); "
+                               "not stopping that")
+        holder = ctx.reader.stat(status.holder_pid)
+        if holder is None:
+            step(f"port {port}: the holder {status.holder_pid} is already gone")
+            continue
+        step(f"port {port} is held by pid {holder.pid} ({holder.comm}), not {name}: stopping it",
+             processes=[_describe(holder)])
+        await ctx.keep_evidence(name, [holder], step)
+        await stop_gracefully(ctx, name, [holder], step, whole_groups=False)
+        freed = True
+    if freed or not own:
+        await start_if_needed(ctx, name, step)
+
+
+def _top_level(procs: list[ProcessInfo]) -> list[ProcessInfo]:
+    pids = {p.pid for p in procs}
+    return [p for p in procs if p.ppid not in pids]
+
+
+async def send_declared_signal(ctx: ActionContext, name: str, step: StepLog) -> None:
+    """The declared signal to the service's top processes (those whose parent is not
+    part of the service: a master, not its workers), each alone."""
+    cfg = ctx.config.services[name]
+    assert cfg.remediation.signal is not None
+    sig = signal.Signals[cfg.remediation.signal.signal]
+    procs = _top_level(await find_processes(ctx, name))
+    if not procs:
+        raise RepairFailed("no process of the service runs")
+    for line in await asyncio.to_thread(send_signal_each, ctx.reader, procs, sig):
+        step(line)
+
+
+ActionFunc = Callable[[ActionContext, str, StepLog], Awaitable[None]]
+ACTIONS: dict[str, ActionFunc] = {
+    "restart": restart, "stop_duplicates": stop_duplicates, "free_port": free_port, "signal": send_declared_signal,
+}

@@ -6,17 +6,26 @@
   415 not ``application/json``; 503 when too many repairs are pending (Alertmanager
   retries on 5xx, never on 4xx).
 - ``GET /api/v1/remediations?limit=N&service_name=S``: the audit trail, newest first.
+- ``POST /api/v1/plan``: for a webhook payload, what would be done now and why (or why
+  not); nothing is recorded or run.
+- ``POST /api/v1/services/{name}/reset``: re-enable repairs of a service whose attempt
+  budget is spent (404 for a service not in the config).
 - ``GET /metrics``: the receiver's own metrics. ``GET /-/healthy``.
+
+Auth (``/alerts`` and ``/api/``): a bearer token or basic auth, what Alertmanager's
+``http_config`` can send, compared in constant time. Without either, the receiver
+refuses to listen beyond loopback.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import base64
 import hmac
 import ipaddress
 import json
 import logging
+import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -30,8 +39,10 @@ from exporter.config import Config, ConfigError, read_secret
 from exporter.procfs import ProcReader
 
 from .actions import ActionContext, ChildReaper
+from .evidence import EvidenceKeeper
 from .executor import Executor, QueueFull, ReceiverMetrics
 from .payload import Notification
+from .repairs import BackupKeeper
 from .store import Store
 
 __all__ = ["EXECUTOR_KEY", "create_app", "main"]
@@ -42,6 +53,7 @@ EXECUTOR_KEY = web.AppKey("executor", Executor)
 METRICS_KEY = web.AppKey("metrics", ReceiverMetrics)
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 TOKEN_KEY = web.AppKey("token", str)
+BASIC_KEY = web.AppKey("basic", str)
 MAX_JSON_DEPTH = 32
 PROTECTED = ("/alerts", "/api/")
 
@@ -81,21 +93,32 @@ async def count_requests(request: web.Request, handler: Callable[[web.Request], 
     return response
 
 
+def authorized(header: str, token: str, basic: str) -> bool:
+    """Whether an Authorization header carries the bearer token or the basic credentials.
+
+    Both comparisons always run, in constant time, so timing tells nothing.
+    """
+    scheme, _, given = header.partition(" ")
+    given_bytes = given.strip().encode()
+    bearer_ok = hmac.compare_digest(given_bytes, token.encode()) and scheme.lower() == "bearer" and bool(token)
+    basic_ok = hmac.compare_digest(given_bytes, basic.encode()) and scheme.lower() == "basic" and bool(basic)
+    return bearer_ok or basic_ok
+
+
 @web.middleware
 async def check_auth(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
                      ) -> web.StreamResponse:
-    token = request.app[TOKEN_KEY]
-    if token and request.path.startswith(PROTECTED):
-        header = request.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-            response = _error(401, "missing or wrong bearer token")
-            response.headers["WWW-Authenticate"] = 'Bearer realm="caretaker"'
+    token, basic = request.app[TOKEN_KEY], request.app[BASIC_KEY]
+    if (token or basic) and request.path.startswith(PROTECTED):
+        if not authorized(request.headers.get("Authorization", ""), token, basic):
+            response = _error(401, "missing or wrong credentials")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="caretaker"' if token else 'Basic realm="caretaker"'
             return response
     return await handler(request)
 
 
-async def post_alerts(request: web.Request) -> web.Response:
+async def read_notification(request: web.Request) -> Notification | web.Response:
+    """The validated payload, or the 4xx response that says what is wrong with it."""
     executor = request.app[EXECUTOR_KEY]
     if request.content_type != "application/json":
         return _error(415, f"content type must be application/json, not {request.content_type or 'none'}")
@@ -118,11 +141,35 @@ async def post_alerts(request: web.Request) -> web.Response:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
                              for e in err.errors()[:5])
         return _error(400, f"not an Alertmanager webhook payload (version 4): {problems}")
+    return notification
+
+
+async def post_alerts(request: web.Request) -> web.Response:
+    notification = await read_notification(request)
+    if isinstance(notification, web.Response):
+        return notification
     try:
-        admission = await executor.admit(notification.alerts)
+        admission = await request.app[EXECUTOR_KEY].admit(notification.alerts)
     except QueueFull as err:
         return _error(503, f"too busy, retry later: {err}")
     return web.json_response({"status": "success", **admission.as_json()})
+
+
+async def post_plan(request: web.Request) -> web.Response:
+    notification = await read_notification(request)
+    if isinstance(notification, web.Response):
+        return notification
+    plan = await request.app[EXECUTOR_KEY].plan(notification.alerts)
+    return web.json_response({"status": "success", "data": plan})
+
+
+async def post_reset(request: web.Request) -> web.Response:
+    executor = request.app[EXECUTOR_KEY]
+    name = request.match_info["name"]
+    if name not in executor.config.services:
+        return _error(404, f"no service named {name[:100]!r} in the config")
+    was = await executor.reset(name, "reset by an operator")
+    return web.json_response({"status": "success", "service_name": name, "was_exhausted": was})
 
 
 async def get_remediations(request: web.Request) -> web.Response:
@@ -142,6 +189,16 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def healthy(request: web.Request) -> web.Response:
     return web.Response(text="OK\n")
+
+
+async def backup_forever(keeper: BackupKeeper, interval: float) -> None:
+    """Back up the declared files while they are valid, for restore_file."""
+    while True:
+        try:
+            await asyncio.to_thread(keeper.run_once)
+        except OSError as err:
+            log.error("backing up declared files: %s", err)
+        await asyncio.sleep(interval)
 
 
 async def reap_forever(reaper: ChildReaper, interval: float = 2.0) -> None:
@@ -165,28 +222,39 @@ def create_app(config: Config, reader: ProcReader | None = None, dry_run: bool =
     would listen beyond loopback without auth."""
     recv = config.receiver
     token = read_secret(recv.bearer_token, config.base_dir) if recv.bearer_token else ""
-    if not token and not _is_loopback(recv.listen_address):
+    basic = ""
+    if recv.basic_auth is not None:
+        password = read_secret(recv.basic_auth.password, config.base_dir)
+        basic = base64.b64encode(f"{recv.basic_auth.username}:{password}".encode()).decode()
+    if not (token or basic) and not _is_loopback(recv.listen_address):
         raise ConfigError("config", [f"receiver.listen_address ({recv.listen_address}) is not loopback: "
-                                     "set receiver.bearer_token"])
+                                     "set receiver.bearer_token or receiver.basic_auth"])
     app = web.Application(middlewares=[count_requests, check_auth], client_max_size=recv.max_body_bytes)
     registry = CollectorRegistry()
     app[REGISTRY_KEY] = registry
     app[METRICS_KEY] = receiver_metrics = ReceiverMetrics(registry, config)
     app[TOKEN_KEY] = token
+    app[BASIC_KEY] = basic
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        store = Store(config.resolve(recv.state_file))
+        state_file = config.resolve(recv.state_file)
+        store = Store(state_file)
+        proc_reader = reader or ProcReader()
         async with aiohttp.ClientSession(headers={"User-Agent": "caretaker-receiver"}) as session:
             reaper = ChildReaper()
-            ctx = ActionContext(config, session, reader or ProcReader(), reaper)
+            backups = BackupKeeper(config, state_file.parent / "backups")
+            evidence = EvidenceKeeper(config, state_file.parent / "evidence", proc_reader)
+            ctx = ActionContext(config, session, proc_reader, reaper, evidence=evidence, backups=backups)
             executor = Executor(config, store, ctx, receiver_metrics, dry_run=dry_run)
             app[EXECUTOR_KEY] = executor
             await executor.start()
-            reaping = asyncio.create_task(reap_forever(reaper))
+            background = [asyncio.create_task(reap_forever(reaper)),
+                          asyncio.create_task(backup_forever(backups, recv.backup_interval)),
+                          asyncio.create_task(executor.watch_exhausted())]
             yield
-            reaping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reaping
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await executor.stop()
             reaper.reap()
         store.close()
@@ -194,6 +262,8 @@ def create_app(config: Config, reader: ProcReader | None = None, dry_run: bool =
     app.cleanup_ctx.append(lifecycle)
     app.router.add_post("/alerts", post_alerts)
     app.router.add_get("/api/v1/remediations", get_remediations)
+    app.router.add_post("/api/v1/plan", post_plan)
+    app.router.add_post("/api/v1/services/{name}/reset", post_reset)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/-/healthy", healthy)
     return app
@@ -211,9 +281,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{err}", file=sys.stderr)
         raise SystemExit(2) from err
     host, port = config.receiver.listen_address, config.receiver.port
-    log.info("caretaker receiver listening on http://%s:%d/alerts (auth: %s%s)", host, port,
-             "bearer token" if app[TOKEN_KEY] else "none, loopback only", ", DRY RUN" if args.dry_run else "")
-    web.run_app(app, host=host, port=port, print=None, access_log=None)
+    tls = None
+    if config.receiver.tls is not None:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            tls.load_cert_chain(config.resolve(config.receiver.tls.cert_file),
+                                config.resolve(config.receiver.tls.key_file))
+        except (OSError, ssl.SSLError) as err:
+            print(f"receiver.tls: cannot load the certificate or key: {err}", file=sys.stderr)
+            raise SystemExit(2) from err
+    auth = " and ".join(k for k, v in (("bearer token", app[TOKEN_KEY]), ("basic auth", app[BASIC_KEY])) if v)
+    log.info("caretaker receiver listening on %s://%s:%d/alerts (auth: %s%s)", "https" if tls else "http", host,
+             port, auth or "none, loopback only", ", DRY RUN" if args.dry_run else "")
+    web.run_app(app, host=host, port=port, ssl_context=tls, print=None, access_log=None)
 
 
 if __name__ == "__main__":

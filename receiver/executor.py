@@ -7,38 +7,48 @@
 - **Cooldown.** No repair of a service starts within ``receiver.cooldown`` seconds of
   the end of the previous one.
 - **Attempt budget.** At most ``receiver.attempts.max`` repairs of a service within
-  ``receiver.attempts.window`` seconds; past that the repair is skipped, logged at
-  ERROR and ``caretaker_remediation_attempts_exhausted{service_name}`` is 1.
+  ``receiver.attempts.window`` seconds. Past that: no more repairs, an ERROR log,
+  ``caretaker_remediation_attempts_exhausted{service_name}`` 1, and (when
+  ``receiver.alertmanager_url`` is set) the alert ``CaretakerRepairsExhausted`` posted
+  to Alertmanager and kept firing. Repairs resume when the service has been healthy for
+  ``attempts.healthy_for`` seconds, or when an operator resets the budget.
 - **Audit.** Every decision is a row in the audit trail; the steps of a repair are
-  written as it goes, so a crash leaves a trace (marked ``interrupted`` at start-up).
+  written as it goes. A repair cut short by a receiver crash is marked ``interrupted``
+  at the next start, not repeated, and its service is verified again.
 
-Cooldown and budget are read from the store, so they survive a receiver restart.
+Cooldown, budget and resets are read from the store, so they survive a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from exporter.config import Config
 
-from .actions import ActionContext, RepairFailed, StepLog, run_action
-from .payload import SKIP_REASONS, Alert, decide
+from .actions import ActionContext, RepairFailed, StepLog, verify
+from .alertmanager import post_alert
+from .catalogue import run_action
+from .payload import SKIP_REASONS, Alert, Decision, decide
 from .store import AuditEntry, NewAlert, Store
 
-__all__ = ["Admission", "Executor", "ReceiverMetrics"]
+__all__ = ["Admission", "Executor", "QueueFull", "ReceiverMetrics"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_PENDING = 1000
+EXHAUSTED_REPOST_SECONDS = 60.0
+EXHAUSTED_ALERT = "CaretakerRepairsExhausted"
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:
@@ -108,20 +118,46 @@ class Executor:
         self._locks: dict[str, asyncio.Lock] = {name: asyncio.Lock() for name in config.services}
         self._slots = asyncio.Semaphore(config.receiver.workers)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.exhausted: dict[str, datetime] = {}
+        """Services whose budget is spent, and since when."""
+        self._healthy_since: dict[str, float] = {}
 
     async def db(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking store call on the store's own thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._db_thread, lambda: func(*args, **kwargs))
 
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        """Mark what a previous run left half-done (see :meth:`Store.mark_interrupted`)."""
+        """Mark what a previous run left half-done, verify those services again, and
+        restore which budgets are spent."""
         for entry in await self.db(self.store.mark_interrupted, self.clock()):
             if entry.state == "interrupted":
-                log.error("repair #%d (%s of %s) was interrupted by a receiver restart; not repeating it. "
-                          "The service's alerts will ask again if it is still broken.",
-                          entry.id, entry.action, entry.service_name)
+                log.error("repair #%d (%s of %s) was interrupted by a receiver restart; not repeating it, "
+                          "verifying the service again", entry.id, entry.action, entry.service_name)
                 self.metrics.remediations.labels(entry.action, entry.service_name, "failure").inc()
+                if entry.service_name in self.config.services:
+                    self._spawn(self._reverify(entry))
+        now = self.clock()
+        for name in self.config.services:
+            if await self._budget_spent(name, now):
+                self.exhausted[name] = datetime.now(UTC)
+                self.metrics.exhausted.labels(name).set(1)
+
+    async def _reverify(self, entry: AuditEntry) -> None:
+        steps = StepLog(list(entry.steps))
+        steps("receiver restarted during this repair: verifying the service again")
+        cfg = self.config.services[entry.service_name]
+        try:
+            await verify(self.ctx, entry.service_name, cfg.remediation.verify_timeout, steps)
+        except RepairFailed as err:
+            steps(f"still not healthy: {err}; its alerts will ask for a repair again")
+        await self.db(self.store.update, entry.id, steps=steps.steps)
 
     async def stop(self) -> None:
         """Cancel repairs in flight (they will be marked interrupted on the next start)."""
@@ -134,6 +170,7 @@ class Executor:
     def pending(self) -> int:
         return len(self._tasks)
 
+    # --- admission ----------------------------------------------------------------------------
     async def admit(self, alerts: Sequence[Alert]) -> Admission:
         """Dedupe, decide and record every alert; queue the repairs. Raises ``QueueFull``."""
         if self.pending >= MAX_PENDING:
@@ -158,40 +195,39 @@ class Executor:
                     log.info("alert %s (%s): not acting: %s", alert.alertname, alert.fingerprint, decision.reason)
                 continue
             queued += 1
-            task = asyncio.create_task(self._repair(entry_id, decision.service_name, decision.action))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._repair(entry_id, decision.service_name, decision.action, alert.labels))
         return Admission(len(alerts), duplicates, queued, skipped)
 
     async def _skip(self, entry_id: int, service: str, reason: str) -> None:
         self.metrics.skipped.labels(service, reason).inc()
         await self.db(self.store.update, entry_id, decision="skipped", reason=reason, state="done")
 
-    async def _repair(self, entry_id: int, service: str, action: str) -> None:
-        async with self._locks[service], self._slots:
-            recv = self.config.receiver
-            now = self.clock()
-            last = await self.db(self.store.last_repair_finished, service)
-            if last is not None and now - last < recv.cooldown:
-                log.info("%s of %s skipped: cooldown (%.0fs left)", action, service, recv.cooldown - (now - last))
-                await self._skip(entry_id, service, "cooldown")
-                return
-            attempts = await self.db(self.store.repairs_since, service, now - recv.attempts.window)
-            if attempts >= recv.attempts.max:
-                self.metrics.exhausted.labels(service).set(1)
-                log.error("REPAIRS EXHAUSTED for %s: %d repairs in the last %.0fs; not repairing it again "
-                          "until the window passes. A person should look at it.", service, attempts,
-                          recv.attempts.window)
-                await self._skip(entry_id, service, "budget_exhausted")
-                return
-            self.metrics.exhausted.labels(service).set(0)
-            if self.dry_run:
-                log.info("dry run: would %s %s", action, service)
-                await self._skip(entry_id, service, "dry_run")
-                return
-            await self._run(entry_id, service, action)
+    async def _budget_spent(self, service: str, now: float) -> bool:
+        attempts = self.config.receiver.attempts
+        return await self.db(self.store.repairs_since, service, now - attempts.window) >= attempts.max
 
-    async def _run(self, entry_id: int, service: str, action: str) -> None:
+    async def _hold_back(self, service: str, now: float) -> str:
+        """Why a repair of ``service`` may not start now ("" when it may)."""
+        recv = self.config.receiver
+        last = await self.db(self.store.last_repair_finished, service)
+        if last is not None and now - last < recv.cooldown:
+            return "cooldown"
+        if service in self.exhausted or await self._budget_spent(service, now):
+            return "budget_exhausted"
+        return "dry_run" if self.dry_run else ""
+
+    async def _repair(self, entry_id: int, service: str, action: str, labels: Mapping[str, str]) -> None:
+        async with self._locks[service], self._slots:
+            reason = await self._hold_back(service, self.clock())
+            if reason == "budget_exhausted":
+                await self._exhaust(service)
+            if reason:
+                log.info("%s of %s skipped: %s", action, service, reason)
+                await self._skip(entry_id, service, reason)
+                return
+            await self._run(entry_id, service, action, labels)
+
+    async def _run(self, entry_id: int, service: str, action: str, labels: Mapping[str, str]) -> None:
         started = self.clock()
         await self.db(self.store.update, entry_id, decision="acted", state="running", started_at=started)
         loop = asyncio.get_running_loop()
@@ -203,11 +239,12 @@ class Executor:
             future.add_done_callback(_log_failure)
 
         steps = StepLog(on_step=persist)
+        ctx = dataclasses.replace(self.ctx, labels=dict(labels))
         log.info("%s of %s: starting (audit #%d)", action, service, entry_id)
         self.metrics.in_progress.inc()
         result = "failure"
         try:
-            await run_action(self.ctx, action, service, steps)
+            await run_action(ctx, action, service, steps)
             result = "success"
         except RepairFailed as err:
             steps(f"failed: {err}")
@@ -226,6 +263,92 @@ class Executor:
                       steps=steps.steps)
         log.log(logging.INFO if result == "success" else logging.ERROR, "%s of %s: %s in %.1fs (audit #%d)",
                 action, service, result, finished - started, entry_id)
+
+    # --- exhausted budgets ----------------------------------------------------------------------
+    async def _exhaust(self, service: str) -> None:
+        if service not in self.exhausted:
+            attempts = self.config.receiver.attempts
+            log.error("REPAIRS EXHAUSTED for %s: %d repairs within %.0fs; not repairing it again until it has "
+                      "been healthy for %.0fs or an operator resets it (POST /api/v1/services/%s/reset). "
+                      "A person should look at it.", service, attempts.max, attempts.window, attempts.healthy_for,
+                      service)
+            self.exhausted[service] = datetime.now(UTC)
+            await self._post_exhausted(service, firing=True)
+        self.metrics.exhausted.labels(service).set(1)
+
+    async def _post_exhausted(self, service: str, firing: bool) -> None:
+        url = self.config.receiver.alertmanager_url
+        if not url or service not in self.exhausted:
+            return
+        attempts = self.config.receiver.attempts
+        await post_alert(
+            self.ctx.session, url,
+            {"alertname": EXHAUSTED_ALERT, "service_name": service, "severity": "critical",
+             "source": "caretaker-receiver"},
+            {"summary": f"caretaker gave up repairing {service}",
+             "description": f"{service} used its repair budget ({attempts.max} within {attempts.window:g}s). "
+                            "caretaker will not repair it again until it has been healthy for "
+                            f"{attempts.healthy_for:g}s or an operator resets it.",
+             "runbook_url": "docs/runbook.md#caretakerrepairsexhausted"},
+            self.exhausted[service], timedelta(seconds=3 * EXHAUSTED_REPOST_SECONDS) if firing else None)
+
+    async def reset(self, service: str, reason: str) -> bool:
+        """Re-enable repairs of ``service``; True if its budget was spent."""
+        was = service in self.exhausted
+        await self.db(self.store.reset_budget, service, self.clock(), reason)
+        if was:
+            await self._post_exhausted(service, firing=False)
+            del self.exhausted[service]
+            log.warning("repairs of %s re-enabled: %s", service, reason)
+        self._healthy_since.pop(service, None)
+        self.metrics.exhausted.labels(service).set(0)
+        return was
+
+    async def watch_exhausted(self, interval: float = 5.0) -> None:
+        """Keep the exhausted alerts firing; re-enable a service once healthy long enough."""
+        last_post = 0.0
+        while True:
+            await asyncio.sleep(interval)
+            now = self.clock()
+            for service in list(self.exhausted):
+                if await self._healthy(service):
+                    since = self._healthy_since.setdefault(service, now)
+                    if now - since >= self.config.receiver.attempts.healthy_for:
+                        await self.reset(service, f"healthy for {now - since:.0f}s")
+                else:
+                    self._healthy_since.pop(service, None)
+            if self.exhausted and now - last_post >= EXHAUSTED_REPOST_SECONDS:
+                last_post = now
+                for service in list(self.exhausted):
+                    await self._post_exhausted(service, firing=True)
+
+    async def _healthy(self, service: str) -> bool:
+        """Processes within [min, max] and every probe passing, now."""
+        try:
+            await verify(self.ctx, service, 0.0, StepLog())
+        except RepairFailed:
+            return False
+        return True
+
+    # --- read-only ---------------------------------------------------------------------------------
+    async def plan(self, alerts: Sequence[Alert]) -> list[dict[str, Any]]:
+        """What :meth:`admit` would do with these alerts now, and why; records nothing."""
+        out = []
+        now = self.clock()
+        for alert in alerts:
+            d: Decision = decide(alert, self.config)
+            item: dict[str, Any] = {"alertname": alert.alertname, "fingerprint": alert.fingerprint,
+                                    "status": alert.status, "service_name": d.service_name, "action": d.action}
+            if await self.db(self.store.seen, alert.fingerprint, alert.starts_at_key, alert.status):
+                reason = "duplicate"
+            elif not d.acts:
+                reason = d.reason
+            else:
+                reason = await self._hold_back(d.service_name, now)
+            item["would"] = "skip" if reason else "repair"
+            item["reason"] = reason
+            out.append(item)
+        return out
 
     async def history(self, limit: int, service_name: str | None) -> list[AuditEntry]:
         return await self.db(self.store.list, limit, service_name)

@@ -51,6 +51,11 @@ CREATE TABLE IF NOT EXISTS remediations (
     steps        TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS remediations_service ON remediations (service_name, decision, started_at);
+CREATE TABLE IF NOT EXISTS resets (
+    service_name TEXT PRIMARY KEY,
+    at           REAL NOT NULL,
+    reason       TEXT NOT NULL
+) WITHOUT ROWID;
 """
 
 
@@ -173,12 +178,28 @@ class Store:
         return row[0] if row else None
 
     def repairs_since(self, service_name: str, since: float) -> int:
-        """Repairs of the service started at or after ``since`` (for the attempt budget)."""
+        """Repairs of the service started at or after ``since`` and after its last budget
+        reset (for the attempt budget)."""
         with self._lock:
             (n,) = self._db.execute(
-                "SELECT COUNT(*) FROM remediations WHERE service_name = ? AND decision = 'acted' "
-                "AND started_at >= ?", (service_name, since)).fetchone()
+                "SELECT COUNT(*) FROM remediations WHERE service_name = ? AND decision = 'acted' AND started_at >= "
+                "MAX(?, COALESCE((SELECT at FROM resets WHERE service_name = ?), 0))",
+                (service_name, since, service_name)).fetchone()
         return int(n)
+
+    def reset_budget(self, service_name: str, now: float, reason: str) -> None:
+        """Forget the service's past repairs for its attempt budget (an operator, or health)."""
+        with self._lock:
+            self._db.execute("INSERT INTO resets (service_name, at, reason) VALUES (?, ?, ?) "
+                             "ON CONFLICT DO UPDATE SET at = excluded.at, reason = excluded.reason",
+                             (service_name, now, reason))
+
+    def seen(self, fingerprint: str, starts_at: str, status: str) -> bool:
+        """Whether this alert was admitted before (read-only, for plans)."""
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM alerts WHERE fingerprint = ? AND starts_at = ? AND status = ?",
+                                   (fingerprint, starts_at, status)).fetchone()
+        return row is not None
 
     def mark_interrupted(self, now: float) -> list[AuditEntry]:
         """After a restart of the receiver: repairs left running become ``interrupted``,

@@ -1,0 +1,37 @@
+"""A small client for Alertmanager's API v2: post alerts the receiver raises itself.
+
+Format: ``POST /api/v2/alerts`` with a JSON list of ``{labels, annotations, startsAt,
+endsAt}`` (prometheus/alertmanager ``api/v2/openapi.yaml``). An alert stays firing
+while it is re-posted before its ``endsAt``; posting it with ``endsAt`` now resolves it.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+
+import aiohttp
+
+__all__ = ["post_alert"]
+
+log = logging.getLogger(__name__)
+
+
+async def post_alert(session: aiohttp.ClientSession, base_url: str, labels: dict[str, str],
+                     annotations: dict[str, str], starts_at: datetime, firing_for: timedelta | None) -> bool:
+    """Post one alert; ``firing_for=None`` resolves it now. True when Alertmanager took it; never raises."""
+    now = datetime.now(UTC)
+    ends_at = now + firing_for if firing_for is not None else now
+    body = [{"labels": labels, "annotations": annotations, "startsAt": starts_at.isoformat(),
+             "endsAt": ends_at.isoformat()}]
+    try:
+        async with session.post(base_url.rstrip("/") + "/api/v2/alerts", json=body,
+                                timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            if resp.status != 200:
+                log.error("Alertmanager refused alert %s: HTTP %d %s", labels.get("alertname"), resp.status,
+                          (await resp.text())[:200])
+                return False
+            return True
+    except (aiohttp.ClientError, OSError, TimeoutError) as err:
+        log.error("cannot post alert %s to Alertmanager at %s: %s", labels.get("alertname"), base_url, err)
+        return False
