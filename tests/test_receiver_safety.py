@@ -1,0 +1,263 @@
+"""The receiver under stress: spent budgets (with a real Alertmanager), resets, plans,
+basic auth, crashes mid-repair, and generated hostile payloads."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from exporter.config import parse_config
+from receiver.app import EXECUTOR_KEY, REGISTRY_KEY, create_app
+from receiver.store import NewAlert, Store
+
+from .conftest import Children, free_port, port_open, require_binary, stop_config_services, wait_for
+from .test_receiver import AUTH, TOKEN, alert, notification
+
+Client = TestClient[web.Request, web.Application]
+
+
+def service_config(tmp_path: Path, **receiver: Any) -> Any:
+    mark = f"safe-{uuid.uuid4().hex[:10]}"
+    (tmp_path / "token").write_text(TOKEN)
+    return parse_config({
+        "receiver": {"bearer_token": {"file": "token"}, "state_file": "state.sqlite", "cooldown": 0, **receiver},
+        "services": {"svc": {
+            "match": {"cmdline": f"{mark}$"},
+            "start": {"argv": [sys.executable, "-c", "import time\nwhile True: time.sleep(1)", mark]},
+            "stop": {"grace_period": 1},
+            "remediation": {"allow": ["restart"], "verify_timeout": 10}}}}, base_dir=tmp_path)
+
+
+@pytest.fixture
+async def receiver_for() -> AsyncIterator[Callable[..., Any]]:
+    made: list[tuple[Client, Any]] = []
+
+    async def make(config: Any) -> Client:
+        client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
+        await client.start_server()
+        made.append((client, config))
+        return client
+
+    yield make
+    for client, config in made:
+        stop_config_services(config)
+        await client.close()
+
+
+async def post(client: Client, payload: Any, path: str = "/alerts", headers: dict[str, str] | None = None) -> Any:
+    resp = await client.post(path, json=payload, headers=headers or AUTH)
+    return resp.status, await resp.json()
+
+
+async def settle(client: Client) -> list[dict[str, Any]]:
+    executor = client.server.app[EXECUTOR_KEY]
+    deadline = time.monotonic() + 30
+    while executor.pending:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    resp = await client.get("/api/v1/remediations", headers=AUTH)
+    return list((await resp.json())["data"])
+
+
+# --- a real Alertmanager -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def alertmanager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = require_binary("prometheus-alertmanager", "alertmanager")
+    tmp = tmp_path_factory.mktemp("am")
+    (tmp / "am.yml").write_text("route: {receiver: nobody}\nreceivers: [{name: nobody}]\n")
+    port = free_port()
+    children = Children()
+    children.start([binary, f"--config.file={tmp / 'am.yml'}", f"--storage.path={tmp}",
+                    f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="])
+    try:
+        wait_for(lambda: port_open(port), 20, what="alertmanager")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        children.stop_all()
+
+
+def am_alerts(url: str, **labels: str) -> list[dict[str, Any]]:
+    query = "&".join(f"filter={k}%3D%22{v}%22" for k, v in labels.items())
+    with urllib.request.urlopen(f"{url}/api/v2/alerts?{query}", timeout=5) as resp:
+        return list(json.load(resp))
+
+
+async def test_spent_budget_raises_an_alert_in_alertmanager_until_reset(receiver_for: Any, tmp_path: Path,
+                                                                        alertmanager: str) -> None:
+    config = service_config(tmp_path, alertmanager_url=alertmanager, attempts={"max": 1, "window": "1h"})
+    client = await receiver_for(config)
+    await post(client, notification(alert("f1", service_name="svc", remediation="restart")))
+    await settle(client)
+    await post(client, notification(alert("f2", service_name="svc", remediation="restart")))
+    entries = await settle(client)
+    assert [e["reason"] for e in entries] == ["budget_exhausted", ""]
+    firing = am_alerts(alertmanager, alertname="CaretakerRepairsExhausted", service_name="svc")
+    assert len(firing) == 1 and firing[0]["status"]["state"] == "active"
+    assert firing[0]["labels"]["severity"] == "critical"
+    registry = client.server.app[REGISTRY_KEY]
+    assert registry.get_sample_value("caretaker_remediation_attempts_exhausted", {"service_name": "svc"}) == 1
+
+    assert (await client.post("/api/v1/services/ghost/reset", headers=AUTH)).status == 404
+    status, body = await post(client, None, "/api/v1/services/svc/reset")
+    assert (status, body["was_exhausted"]) == (200, True)
+    assert registry.get_sample_value("caretaker_remediation_attempts_exhausted", {"service_name": "svc"}) == 0
+    wait_for(lambda: not am_alerts(alertmanager, alertname="CaretakerRepairsExhausted", service_name="svc"), 10,
+             what="the exhausted alert to resolve")
+    await post(client, notification(alert("f3", service_name="svc", remediation="restart")))
+    assert (await settle(client))[0]["result"] == "success"
+
+
+async def test_repairs_resume_once_the_service_has_been_healthy(receiver_for: Any, tmp_path: Path) -> None:
+    config = service_config(tmp_path, attempts={"max": 1, "window": "1h", "healthy_for": "1s"})
+    client = await receiver_for(config)
+    executor = client.server.app[EXECUTOR_KEY]
+    await post(client, notification(alert("f1", service_name="svc", remediation="restart")))
+    await settle(client)
+    await post(client, notification(alert("f2", service_name="svc", remediation="restart")))
+    await settle(client)
+    assert "svc" in executor.exhausted
+    watcher = asyncio.create_task(executor.watch_exhausted(interval=0.2))
+    try:
+        deadline = time.monotonic() + 10
+        while "svc" in executor.exhausted:
+            assert time.monotonic() < deadline, "repairs were not re-enabled"
+            await asyncio.sleep(0.1)
+    finally:
+        watcher.cancel()
+
+
+async def test_a_spent_budget_survives_a_receiver_restart(receiver_for: Any, tmp_path: Path) -> None:
+    config = service_config(tmp_path, attempts={"max": 1, "window": "1h"})
+    first = await receiver_for(config)
+    await post(first, notification(alert("f1", service_name="svc", remediation="restart")))
+    await settle(first)
+    await first.close()
+    second = await receiver_for(config)
+    assert "svc" in second.server.app[EXECUTOR_KEY].exhausted
+
+
+# --- plan, auth, crash ------------------------------------------------------------------------
+
+async def test_plan_says_what_would_happen_and_records_nothing(receiver_for: Any, tmp_path: Path) -> None:
+    config = service_config(tmp_path, cooldown="1h")
+    client = await receiver_for(config)
+    payload = notification(alert("p1", service_name="svc", remediation="restart"),
+                           alert("p2", service_name="ghost", remediation="restart"),
+                           alert("p3", status="resolved", service_name="svc", remediation="restart"))
+    status, body = await post(client, payload, "/api/v1/plan")
+    assert status == 200
+    assert [(p["would"], p["reason"]) for p in body["data"]] == [
+        ("repair", ""), ("skip", "unknown_service"), ("skip", "resolved")]
+    assert await settle(client) == []
+    await post(client, notification(alert("p1", service_name="svc", remediation="restart")))
+    await settle(client)
+    status, body = await post(client, notification(alert("p1", service_name="svc", remediation="restart"),
+                                                   alert("p9", service_name="svc", remediation="restart")),
+                              "/api/v1/plan")
+    assert [p["reason"] for p in body["data"]] == ["duplicate", "cooldown"]
+    assert (await client.post("/api/v1/plan", json=notification())).status == 401
+
+
+async def test_basic_auth(receiver_for: Any, tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("correct horse\n")
+    config = parse_config({"receiver": {"basic_auth": {"username": "am", "password": {"file": "pw"}},
+                                        "state_file": "s.sqlite"},
+                           "services": {"a": {"match": {"comm": "x"}}}}, base_dir=tmp_path)
+    client = await receiver_for(config)
+    good = base64.b64encode(b"am:correct horse").decode()
+    bad = base64.b64encode(b"am:wrong").decode()
+    assert (await post(client, notification(), headers={"Authorization": f"Basic {good}"}))[0] == 200
+    resp = await client.post("/alerts", json=notification(), headers={"Authorization": f"Basic {bad}"})
+    assert resp.status == 401 and resp.headers["WWW-Authenticate"].startswith("Basic")
+    assert (await client.post("/alerts", json=notification(), headers={"Authorization": f"Bearer {good}"})).status \
+        == 401
+
+
+async def test_repair_cut_short_by_a_crash_is_verified_again(receiver_for: Any, tmp_path: Path) -> None:
+    config = service_config(tmp_path)
+    store = Store(config.resolve(config.receiver.state_file))
+    (entry_id,) = store.admit([NewAlert("c1", "2026-01-01T00:00:00+00:00", "firing", "CaretakerServiceDown", "svc",
+                                        "restart", "queued", "")], time.time())
+    assert entry_id is not None
+    store.update(entry_id, decision="acted", state="running", started_at=time.time(),
+                 steps=[{"at": time.time(), "message": "SIGTERM to pid 1"}])
+    store.close()
+    client = await receiver_for(config)
+    deadline = time.monotonic() + 20
+    while True:
+        (entry,) = await settle(client)
+        if len(entry["steps"]) >= 3:
+            break
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.2)
+    assert entry["state"] == "interrupted"
+    assert entry["steps"][1]["message"].startswith("receiver restarted during this repair")
+    assert entry["steps"][2]["message"].startswith("still not healthy")  # nothing runs, and nothing was started
+
+
+# --- generated hostile payloads ---------------------------------------------------------------
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
+                                                                              max_size=4), max_leaves=20)
+LABEL_VALUES = st.text(max_size=40) | st.sampled_from(["svc", "restart", "; rm -rf /", "$(id)", "../../etc/passwd",
+                                                       "`id`", "a\nb", "\x00"])
+ALERTS = st.fixed_dictionaries({
+    "status": st.sampled_from(["firing", "resolved", "weird"]),
+    "labels": st.dictionaries(st.sampled_from(["alertname", "service_name", "remediation", "x"]), LABEL_VALUES,
+                              max_size=4),
+    "startsAt": st.sampled_from(["2026-11-22T03:00:00Z", "not a time", "2026-11-22T03:00:00"]),
+    "fingerprint": st.text(max_size=70) | st.just("abc123")},
+    optional={"annotations": JSON, "extra": JSON})
+PAYLOADS = JSON | st.fixed_dictionaries(
+    {"version": st.sampled_from(["4", "3", 4]), "status": st.sampled_from(["firing", "resolved"]),
+     "alerts": st.lists(ALERTS, max_size=5)}, optional={"groupKey": JSON, "truncatedAlerts": JSON})
+
+
+@pytest.fixture(scope="module")
+def fuzz_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Client, asyncio.AbstractEventLoop]]:
+    tmp = tmp_path_factory.mktemp("fuzz")
+    config = service_config(tmp, cooldown="1h")
+    config = parse_config({**config.model_dump(exclude={"base_dir"}, exclude_defaults=True),
+                           "services": {"svc": {"match": {"comm": "^never-matches-anything$"}}}}, base_dir=tmp)
+    loop = asyncio.new_event_loop()
+    client = TestClient(TestServer(create_app(config), host="127.0.0.1"), loop=loop)
+    loop.run_until_complete(client.start_server())
+    yield client, loop
+    loop.run_until_complete(client.close())
+    loop.close()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=PAYLOADS)
+def test_generated_payloads_never_crash_nor_repair(fuzz_target: tuple[Client, asyncio.AbstractEventLoop],
+                                                   payload: Any, caplog: pytest.LogCaptureFixture) -> None:
+    client, loop = fuzz_target
+
+    async def go() -> tuple[int, Any]:
+        resp = await client.post("/alerts", data=json.dumps(payload), headers={**AUTH,
+                                                                                 "Content-Type": "application/json"})
+        return resp.status, await resp.json()
+
+    status, body = loop.run_until_complete(go())
+    assert status in (200, 400), body
+    if status == 400:
+        assert body["status"] == "error" and body["error"]
+    else:
+        assert body["queued"] == 0  # the only configured service allows no repair
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
