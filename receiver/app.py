@@ -72,9 +72,9 @@ def _depth(value: object, limit: int) -> int:
         if deepest > limit:
             return deepest
         if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, (dict, list)))
         elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
+            stack.extend((v, depth + 1) for v in item if isinstance(v, (dict, list)))
     return deepest
 
 
@@ -133,7 +133,8 @@ async def read_notification(request: web.Request) -> Notification | web.Response
         data = json.loads(raw)
     except (ValueError, RecursionError) as err:
         return _error(400, f"body is not valid JSON: {str(err)[:200]}")
-    if _depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+    # Only a body with that many brackets can nest that deep: skip the walk otherwise.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         return _error(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         notification = Notification.model_validate(data)

@@ -118,6 +118,9 @@ class Executor:
         self._locks: dict[str, asyncio.Lock] = {name: asyncio.Lock() for name in config.services}
         self._slots = asyncio.Semaphore(config.receiver.workers)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._waiting: list[tuple[list[NewAlert], asyncio.Future[list[int | None]]]] = []
+        self._flushing = False
+        self._received = {status: metrics.alerts.labels(status) for status in ("firing", "resolved")}
         self.exhausted: dict[str, datetime] = {}
         """Services whose budget is spent, and since when."""
         self._healthy_since: dict[str, float] = {}
@@ -180,10 +183,10 @@ class Executor:
                          "queued" if d.acts else ("recorded" if d.reason in ("resolved", "no_remediation")
                                                   else "skipped"), d.reason)
                 for a, d in zip(alerts, decisions, strict=True)]
-        ids = await self.db(self.store.admit, rows, self.clock())
+        ids = await self._admit_rows(rows)
         duplicates = queued = skipped = 0
         for alert, decision, entry_id in zip(alerts, decisions, ids, strict=True):
-            self.metrics.alerts.labels(alert.status).inc()
+            self._received[alert.status].inc()
             if entry_id is None:
                 duplicates += 1
                 self.metrics.skipped.labels(decision.service_name, "duplicate").inc()
@@ -197,6 +200,41 @@ class Executor:
             queued += 1
             self._spawn(self._repair(entry_id, decision.service_name, decision.action, alert.labels))
         return Admission(len(alerts), duplicates, queued, skipped)
+
+    # Group commit: notifications that arrive while the store is busy are written
+    # together in one transaction; each request still answers only after its commit.
+    async def _admit_rows(self, rows: list[NewAlert]) -> list[int | None]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[int | None]] = loop.create_future()
+        self._waiting.append((rows, future))
+        if not self._flushing:
+            self._flushing = True
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._waiting = self._waiting, []
+        loop = asyncio.get_running_loop()
+        done = loop.run_in_executor(self._db_thread, self.store.admit_many, [rows for rows, _ in batch],
+                                    self.clock())
+        done.add_done_callback(lambda f: self._flushed(batch, f))
+
+    def _flushed(self, batch: list[tuple[list[NewAlert], asyncio.Future[list[int | None]]]],
+                 done: asyncio.Future[list[list[int | None]]]) -> None:
+        error = None if done.cancelled() else done.exception()
+        for i, (_, future) in enumerate(batch):
+            if future.done():
+                continue
+            if done.cancelled():
+                future.cancel()
+            elif error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(done.result()[i])
+        if self._waiting:
+            self._flush()
+        else:
+            self._flushing = False
 
     async def _skip(self, entry_id: int, service: str, reason: str) -> None:
         self.metrics.skipped.labels(service, reason).inc()

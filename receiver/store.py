@@ -129,32 +129,44 @@ class Store:
         Returns, per alert, the new audit entry's id, or ``None`` for an alert already
         seen (same fingerprint, startsAt and status), whose ``times_seen`` goes up.
         """
-        ids: list[int | None] = []
+        return self.admit_many([alerts], now)[0]
+
+    def admit_many(self, notifications: Sequence[Sequence[NewAlert]], now: float) -> list[list[int | None]]:
+        """:meth:`admit` for several notifications in one transaction (group commit),
+        in order, so a duplicate within the batch is seen as one."""
+        out: list[list[int | None]] = []
         with self._lock:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
-                for a in alerts:
-                    cur.execute(
-                        "INSERT INTO alerts (fingerprint, starts_at, status, first_seen, last_seen) "
-                        "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
-                        "times_seen = times_seen + 1, last_seen = excluded.last_seen "
-                        "RETURNING times_seen",
-                        (a.fingerprint, a.starts_at, a.status, now, now))
-                    (times_seen,) = cur.fetchone()
-                    if times_seen > 1:
-                        ids.append(None)
-                        continue
-                    cur.execute(
-                        "INSERT INTO remediations (received_at, fingerprint, starts_at, status, alertname, "
-                        "service_name, action, decision, reason, state) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                        (now, a.fingerprint, a.starts_at, a.status, a.alertname, a.service_name, a.action,
-                         a.decision, a.reason, "queued" if a.decision == "queued" else "done"))
-                    ids.append(cur.lastrowid)
+                for alerts in notifications:
+                    out.append(self._admit(cur, alerts, now))
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
+        return out
+
+    @staticmethod
+    def _admit(cur: sqlite3.Cursor, alerts: Sequence[NewAlert], now: float) -> list[int | None]:
+        ids: list[int | None] = []
+        for a in alerts:
+            cur.execute(
+                "INSERT INTO alerts (fingerprint, starts_at, status, first_seen, last_seen) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
+                "times_seen = times_seen + 1, last_seen = excluded.last_seen "
+                "RETURNING times_seen",
+                (a.fingerprint, a.starts_at, a.status, now, now))
+            (times_seen,) = cur.fetchone()
+            if times_seen > 1:
+                ids.append(None)
+                continue
+            cur.execute(
+                "INSERT INTO remediations (received_at, fingerprint, starts_at, status, alertname, "
+                "service_name, action, decision, reason, state) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (now, a.fingerprint, a.starts_at, a.status, a.alertname, a.service_name, a.action,
+                 a.decision, a.reason, "queued" if a.decision == "queued" else "done"))
+            ids.append(cur.lastrowid)
         return ids
 
     def update(self, entry_id: int, **fields: Any) -> None:
