@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -31,7 +32,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-TOKEN = "bench-token-0123456789abcdef"
+TOKEN = secrets.token_hex(16)
 
 BARE = """
 from aiohttp import web
@@ -124,7 +125,7 @@ def main() -> None:
     procs = [
         subprocess.Popen([sys.executable, "-m", "receiver.app", "--config", str(tmp / "caretaker.yml"),
                           "--log-level", "WARNING"], cwd=REPO, start_new_session=True,
-                         stdout=subprocess.DEVNULL, stderr=open(tmp / "receiver.log", "w")),  # noqa: SIM115
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
         subprocess.Popen([sys.executable, "-c", textwrap.dedent(BARE), str(bare_port)], start_new_session=True,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
     ]

@@ -76,6 +76,8 @@ class ReceiverMetrics:
                                ["service_name"], registry=registry)
         self.requests = Counter("caretaker_webhook_requests", "Webhook requests, by HTTP status code.",
                                 ["code"], registry=registry)
+        self._codes: dict[int, Any] = {}
+        self._skips: dict[tuple[str, str], Any] = {}
         for status in ("firing", "resolved"):
             self.alerts.labels(status)
         for name, svc in config.services.items():
@@ -86,6 +88,22 @@ class ReceiverMetrics:
                     self.remediations.labels(action, name, result)
             for reason in SKIP_REASONS:
                 self.skipped.labels(name, reason)
+
+
+    def skip(self, service: str, reason: str) -> None:
+        """Count an alert not acted on (children cached: this is on the hot path)."""
+        key = (service, reason)
+        child = self._skips.get(key)
+        if child is None:
+            child = self._skips[key] = self.skipped.labels(service, reason)
+        child.inc()
+
+    def request_count(self, code: int) -> None:
+        """Count one webhook answer (children cached: this is on the hot path)."""
+        child = self._codes.get(code)
+        if child is None:
+            child = self._codes[code] = self.requests.labels(str(code))
+        child.inc()
 
 
 @dataclass(frozen=True)
@@ -189,11 +207,11 @@ class Executor:
             self._received[alert.status].inc()
             if entry_id is None:
                 duplicates += 1
-                self.metrics.skipped.labels(decision.service_name, "duplicate").inc()
+                self.metrics.skip(decision.service_name, "duplicate")
                 continue
             if not decision.acts:
                 skipped += 1
-                self.metrics.skipped.labels(decision.service_name, decision.reason).inc()
+                self.metrics.skip(decision.service_name, decision.reason)
                 if decision.reason not in ("resolved", "no_remediation"):
                     log.info("alert %s (%s): not acting: %s", alert.alertname, alert.fingerprint, decision.reason)
                 continue
@@ -237,7 +255,7 @@ class Executor:
             self._flushing = False
 
     async def _skip(self, entry_id: int, service: str, reason: str) -> None:
-        self.metrics.skipped.labels(service, reason).inc()
+        self.metrics.skip(service, reason)
         await self.db(self.store.update, entry_id, decision="skipped", reason=reason, state="done")
 
     async def _budget_spent(self, service: str, now: float) -> bool:

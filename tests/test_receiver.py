@@ -136,7 +136,8 @@ async def test_oversized_body_is_413(receiver: Any, tmp_path: Path) -> None:
     (json.dumps(notification({**alert(), "labels": {"service_name": 5}})), "alerts.0.labels.service_name"),
     (json.dumps(notification({**alert(), "fingerprint": "../../etc/passwd"})), "alerts.0.fingerprint"),
     (json.dumps(notification({**alert(), "status": "exploded"})), "alerts.0.status"),
-    ("[" * 100 + "]" * 100, "nested deeper"),
+    ("[" * 100 + "]" * 100, "not an Alertmanager webhook payload"),
+    ('{"version": "4", "extra": ' + "[" * 300 + "]" * 300 + "}", "recursion limit exceeded"),
     ("[" * 100000 + "]" * 100000, "not valid JSON"),
 ])
 async def test_bad_payload_is_400_with_a_reason(receiver: Any, body: str, reason: str) -> None:
