@@ -10,7 +10,7 @@ STACK_PACKAGES := venv:python3-venv prometheus:prometheus prometheus-alertmanage
 TEST_PACKAGES := $(STACK_PACKAGES) promtool:prometheus amtool:prometheus-alertmanager logrotate:logrotate \
 	postgres:postgresql openssl:openssl prometheus-process-exporter:prometheus-process-exporter
 
-.PHONY: run demo test lint check-config packages-stack packages-test clean
+.PHONY: run demo test lint bench check-config packages-stack packages-test clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -36,6 +36,11 @@ test: packages-test $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check exporter receiver demo tests bench grafana
 	$(VENV)/bin/mypy
+
+bench: $(VENV)/.installed
+	@scripts/ensure-packages.sh wrk:wrk prometheus-process-exporter:prometheus-process-exporter redis-server:redis-server
+	$(PY) bench/scrape.py
+	$(PY) bench/webhook.py
 
 check-config: $(VENV)/.installed
 	$(VENV)/bin/caretaker-exporter --check-config --config caretaker.yml
