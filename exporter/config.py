@@ -520,6 +520,17 @@ class Evidence(_Model):
     """Dump Python stacks with py-spy (when installed) of Python processes about to be stopped."""
 
 
+class RedisState(_Model):
+    """Redis shared by several receivers (HA): dedupe, per-service locks, budgets, cooldowns."""
+
+    host: str = "127.0.0.1"
+    port: Port = 6379
+    db: int = Field(default=0, ge=0)
+    password: Secret | None = None
+    key_prefix: str = "caretaker:"
+    dedupe_ttl: PositiveSeconds = 7 * 86400.0
+
+
 class ReceiverConfig(ListenConfig):
     port: Port = DEFAULT_RECEIVER_PORT
     bearer_token: Secret | None = None
@@ -530,6 +541,8 @@ class ReceiverConfig(ListenConfig):
     evidence: Evidence = Evidence()
     backup_interval: PositiveSeconds = 60.0
     """How often valid declared files are backed up for restore_file."""
+    shared_state: RedisState | None = None
+    """Set when several receivers serve the same services (e.g. one per Alertmanager)."""
     state_file: str = "caretaker-state.sqlite"
     """SQLite file (relative to the config file's directory) for dedupe, audit, budgets."""
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)

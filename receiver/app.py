@@ -29,6 +29,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
+import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import ValidationError
@@ -42,6 +43,7 @@ from .evidence import EvidenceKeeper
 from .executor import Executor, QueueFull, ReceiverMetrics
 from .payload import Notification
 from .repairs import BackupKeeper
+from .shared import SharedState, SharedStateError
 from .store import Store
 
 __all__ = ["EXECUTOR_KEY", "create_app", "main"]
@@ -127,6 +129,9 @@ async def post_alerts(request: web.Request) -> web.Response:
         admission = await request.app[EXECUTOR_KEY].admit(notification.alerts)
     except QueueFull as err:
         return _error(503, f"too busy, retry later: {err}")
+    except SharedStateError as err:
+        log.error("shared state (Redis) unavailable; answering 503 so Alertmanager retries: %s", err)
+        return _error(503, "shared state unavailable, retry later")
     return web.json_response({"status": "success", **admission.as_json()})
 
 
@@ -220,7 +225,15 @@ def create_app(config: Config, reader: ProcReader | None = None, dry_run: bool =
             backups = BackupKeeper(config, state_file.parent / "backups")
             evidence = EvidenceKeeper(config, state_file.parent / "evidence", proc_reader)
             ctx = ActionContext(config, session, proc_reader, reaper, evidence=evidence, backups=backups)
-            executor = Executor(config, store, ctx, receiver_metrics, dry_run=dry_run)
+            shared = None
+            redis_client = None
+            if recv.shared_state is not None:
+                spec = recv.shared_state
+                redis_client = aioredis.Redis(host=spec.host, port=spec.port, db=spec.db,
+                                              password=read_secret(spec.password, config.base_dir)
+                                              if spec.password else None, socket_timeout=5, socket_connect_timeout=5)
+                shared = SharedState(redis_client, spec.key_prefix, spec.dedupe_ttl)
+            executor = Executor(config, store, ctx, receiver_metrics, dry_run=dry_run, shared=shared)
             app[EXECUTOR_KEY] = executor
             await executor.start()
             background = [asyncio.create_task(reap_forever(reaper)),
@@ -232,6 +245,8 @@ def create_app(config: Config, reader: ProcReader | None = None, dry_run: bool =
             await asyncio.gather(*background, return_exceptions=True)
             await executor.stop()
             reaper.reap()
+            if redis_client is not None:
+                await redis_client.aclose()
         store.close()
 
     app.cleanup_ctx.append(lifecycle)

@@ -39,6 +39,7 @@ from .actions import ActionContext, RepairFailed, StepLog, verify
 from .alertmanager import post_alert
 from .catalogue import run_action
 from .payload import SKIP_REASONS, Alert, Decision, decide
+from .shared import SharedState, SharedStateError
 from .store import AuditEntry, NewAlert, Store
 
 __all__ = ["Admission", "Executor", "QueueFull", "ReceiverMetrics"]
@@ -125,8 +126,10 @@ class QueueFull(Exception):
 
 class Executor:
     def __init__(self, config: Config, store: Store, ctx: ActionContext, metrics: ReceiverMetrics,
-                 clock: Callable[[], float] = time.time, dry_run: bool = False) -> None:
+                 clock: Callable[[], float] = time.time, dry_run: bool = False,
+                 shared: SharedState | None = None) -> None:
         self.config = config
+        self.shared = shared
         self.store = store
         self.ctx = ctx
         self.metrics = metrics
@@ -166,7 +169,13 @@ class Executor:
                     self._spawn(self._reverify(entry))
         now = self.clock()
         for name in self.config.services:
-            if await self._budget_spent(name, now):
+            try:
+                spent = await self._budget_spent(name, now)
+            except SharedStateError as err:
+                log.warning("shared state (Redis) unavailable at start: budget of %s unknown until it is: %s",
+                            name, err)
+                continue
+            if spent:
                 self.exhausted[name] = datetime.now(UTC)
                 self.metrics.exhausted.labels(name).set(1)
 
@@ -197,6 +206,14 @@ class Executor:
         if self.pending >= MAX_PENDING:
             raise QueueFull(f"{self.pending} repairs pending")
         decisions = [decide(a, self.config) for a in alerts]
+        if self.shared is not None:
+            acting = [i for i, d in enumerate(decisions) if d.acts]
+            # Raises SharedStateError (the webhook answers 503) before anything is recorded.
+            claimed = await self.shared.claim([(alerts[i].fingerprint, alerts[i].starts_at_key, alerts[i].status)
+                                               for i in acting])
+            for i, mine in zip(acting, claimed, strict=True):
+                if not mine:  # another receiver owns this alert
+                    decisions[i] = Decision(decisions[i].service_name, decisions[i].action, "duplicate")
         rows = [NewAlert(a.fingerprint, a.starts_at_key, a.status, a.alertname[:200], d.service_name, d.action,
                          "queued" if d.acts else ("recorded" if d.reason in ("resolved", "no_remediation")
                                                   else "skipped"), d.reason)
@@ -260,12 +277,25 @@ class Executor:
 
     async def _budget_spent(self, service: str, now: float) -> bool:
         attempts = self.config.receiver.attempts
-        return await self.db(self.store.repairs_since, service, now - attempts.window) >= attempts.max
+        since = now - attempts.window
+        if self.shared is not None:
+            return await self.shared.repairs_since(service, since) >= attempts.max
+        return await self.db(self.store.repairs_since, service, since) >= attempts.max
 
     async def _hold_back(self, service: str, now: float) -> str:
         """Why a repair of ``service`` may not start now ("" when it may)."""
+        try:
+            return await self._hold_back_reason(service, now)
+        except SharedStateError as err:
+            log.error("shared state (Redis) unavailable, not repairing %s: %s", service, err)
+            return "shared_state_error"
+
+    async def _hold_back_reason(self, service: str, now: float) -> str:
         recv = self.config.receiver
-        last = await self.db(self.store.last_repair_finished, service)
+        if self.shared is not None:
+            last = await self.shared.last_finished(service)
+        else:
+            last = await self.db(self.store.last_repair_finished, service)
         if last is not None and now - last < recv.cooldown:
             return "cooldown"
         if service in self.exhausted or await self._budget_spent(service, now):
@@ -274,18 +304,40 @@ class Executor:
 
     async def _repair(self, entry_id: int, service: str, action: str, labels: Mapping[str, str]) -> None:
         async with self._locks[service], self._slots:
-            reason = await self._hold_back(service, self.clock())
-            if reason == "budget_exhausted":
-                await self._exhaust(service)
-            if reason:
-                log.info("%s of %s skipped: %s", action, service, reason)
-                await self._skip(entry_id, service, reason)
-                return
-            await self._run(entry_id, service, action, labels)
+            token = None
+            reason = ""
+            if self.shared is not None:
+                cfg = self.config.services[service]
+                lease = cfg.stop.grace_period + cfg.remediation.verify_timeout + 120.0
+                try:
+                    token = await self.shared.acquire(service, lease)
+                except SharedStateError as err:
+                    log.error("shared state (Redis) unavailable, not repairing %s: %s", service, err)
+                    reason = "shared_state_error"
+                else:
+                    reason = "" if token else "in_progress"  # another receiver repairs it now
+            try:
+                reason = reason or await self._hold_back(service, self.clock())
+                if reason == "budget_exhausted":
+                    await self._exhaust(service)
+                if reason:
+                    log.info("%s of %s skipped: %s", action, service, reason)
+                    await self._skip(entry_id, service, reason)
+                    return
+                await self._run(entry_id, service, action, labels)
+            finally:
+                if token is not None and self.shared is not None:
+                    try:
+                        await self.shared.release(service, token)
+                    except SharedStateError as err:
+                        log.error("could not release the repair lock of %s (it expires by itself): %s",
+                                  service, err)
 
     async def _run(self, entry_id: int, service: str, action: str, labels: Mapping[str, str]) -> None:
         started = self.clock()
         await self.db(self.store.update, entry_id, decision="acted", state="running", started_at=started)
+        if self.shared is not None:
+            await self.shared.record_start(service, started)
         loop = asyncio.get_running_loop()
 
         def persist(current: list[dict[str, Any]]) -> None:
@@ -317,6 +369,11 @@ class Executor:
         self.metrics.duration.labels(action).observe(finished - started)
         await self.db(self.store.update, entry_id, state="done", result=result, finished_at=finished,
                       steps=steps.steps)
+        if self.shared is not None:
+            try:
+                await self.shared.record_finish(service, finished)
+            except SharedStateError as err:
+                log.error("could not record the end of the repair of %s in Redis: %s", service, err)
         log.log(logging.INFO if result == "success" else logging.ERROR, "%s of %s: %s in %.1fs (audit #%d)",
                 action, service, result, finished - started, entry_id)
 
@@ -352,6 +409,8 @@ class Executor:
         """Re-enable repairs of ``service``; True if its budget was spent."""
         was = service in self.exhausted
         await self.db(self.store.reset_budget, service, self.clock(), reason)
+        if self.shared is not None:
+            await self.shared.reset(service, self.clock())
         if was:
             await self._post_exhausted(service, firing=False)
             del self.exhausted[service]

@@ -64,7 +64,8 @@ class Notification(_Accepting):
 
 SKIP_REASONS = (
     "duplicate", "resolved", "no_remediation", "no_service_name", "unknown_service", "unknown_action",
-    "action_not_allowed", "cooldown", "budget_exhausted", "dry_run", "receiver_restarted",
+    "action_not_allowed", "cooldown", "budget_exhausted", "dry_run", "receiver_restarted", "in_progress",
+    "shared_state_error",
 )
 """Every reason a decision can give for not repairing; a fixed set (a metric label)."""
 

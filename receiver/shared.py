@@ -1,0 +1,105 @@
+"""State shared by several receivers through Redis (DESIGN.md: "past one machine").
+
+With two Alertmanagers in HA mode each notifying its own receiver, or several hosts,
+each alert must still be acted on once and each service repaired by one receiver at a
+time, within one budget. Redis keys (``PREFIX`` is ``shared_state.key_prefix``):
+
+- ``PREFIX alert:<fingerprint>:<startsAt>:<status>``: ``SET NX EX dedupe_ttl``; the
+  receiver that sets it owns the alert.
+- ``PREFIX lock:<service>``: ``SET NX PX`` with a random token while a repair runs,
+  released only by its owner (compare-and-delete in Lua).
+- ``PREFIX repairs:<service>``: a sorted set of repair start times (the budget).
+- ``PREFIX finished:<service>``: when the last repair ended (the cooldown).
+- ``PREFIX reset:<service>``: when the budget was last reset.
+
+Every method raises :class:`SharedStateError` when Redis cannot be reached; the
+receiver then repairs nothing (answering 503 so Alertmanager retries).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+
+import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
+
+__all__ = ["SharedState", "SharedStateError"]
+
+_RELEASE = """
+if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) else return 0 end
+"""
+
+
+class SharedStateError(Exception):
+    """Redis could not be reached or answered with an error."""
+
+
+class SharedState:
+    def __init__(self, client: aioredis.Redis, prefix: str, dedupe_ttl: float) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.dedupe_ttl = int(dedupe_ttl)
+
+    def _k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    async def claim(self, keys: Sequence[tuple[str, str, str]]) -> list[bool]:
+        """Claim ``(fingerprint, startsAt, status)`` keys; True where this receiver got it."""
+        if not keys:
+            return []
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for fingerprint, starts_at, status in keys:
+                    pipe.set(self._k("alert", fingerprint, starts_at, status), "1", nx=True, ex=self.dedupe_ttl)
+                return [bool(r) for r in await pipe.execute()]
+        except (redis_errors.RedisError, OSError) as err:
+            raise SharedStateError(str(err)) from err
+
+    async def acquire(self, service: str, lease_seconds: float) -> str | None:
+        """A lock token if this receiver may repair ``service`` now, else None."""
+        token = secrets.token_hex(16)
+        try:
+            ok = await self.client.set(self._k("lock", service), token, nx=True, px=int(lease_seconds * 1000))
+        except (redis_errors.RedisError, OSError) as err:
+            raise SharedStateError(str(err)) from err
+        return token if ok else None
+
+    async def release(self, service: str, token: str) -> None:
+        try:
+            await self.client.eval(_RELEASE, 1, self._k("lock", service), token)
+        except (redis_errors.RedisError, OSError) as err:
+            raise SharedStateError(str(err)) from err
+
+    async def record_start(self, service: str, started: float) -> None:
+        try:
+            await self.client.zadd(self._k("repairs", service), {f"{started:.6f}-{secrets.token_hex(4)}": started})
+        except (redis_errors.RedisError, OSError) as err:
+            raise SharedStateError(str(err)) from err
+
+    async def record_finish(self, service: str, finished: float) -> None:
+        try:
+            await self.client.set(self._k("finished", service), repr(finished))
+        except (redis_errors.RedisError, OSError) as err:
+            raise SharedStateError(str(err)) from err
+
+    async def repairs_since(self, service: str, since: float) -> int:
+        try:
+            reset = await self.client.get(self._k("reset", service))
+            low = max(since, float(reset) if reset else 0.0)
+            return int(await self.client.zcount(self._k("repairs", service), low, "+inf"))
+        except (redis_errors.RedisError, OSError) as err:
+            raise SharedStateError(str(err)) from err
+
+    async def last_finished(self, service: str) -> float | None:
+        try:
+            value = await self.client.get(self._k("finished", service))
+        except (redis_errors.RedisError, OSError) as err:
+            raise SharedStateError(str(err)) from err
+        return float(value) if value else None
+
+    async def reset(self, service: str, now: float) -> None:
+        try:
+            await self.client.set(self._k("reset", service), repr(now))
+        except (redis_errors.RedisError, OSError) as err:
+            raise SharedStateError(str(err)) from err

@@ -1,0 +1,113 @@
+"""Two receivers (one per Alertmanager in HA mode) sharing state through a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from exporter.config import parse_config
+from receiver.app import EXECUTOR_KEY, create_app
+
+from .conftest import free_port, stop_config_services
+from .test_receiver import AUTH, TOKEN, alert, notification
+
+Client = TestClient[web.Request, web.Application]
+
+
+def ha_config(tmp_path: Path, name: str, redis_port: int, mark: str, prefix: str, **receiver: Any) -> Any:
+    (tmp_path / "token").write_text(TOKEN)
+    return parse_config({
+        "receiver": {"bearer_token": {"file": "token"}, "state_file": f"{name}.sqlite", "cooldown": 0,
+                     "shared_state": {"port": redis_port, "key_prefix": prefix}, **receiver},
+        "services": {"svc": {
+            "match": {"cmdline": f"{mark}$"},
+            "start": {"argv": [sys.executable, "-c", "import time\nwhile True: time.sleep(1)", mark]},
+            "stop": {"grace_period": 1},
+            "remediation": {"allow": ["restart"], "verify_timeout": 10}}}}, base_dir=tmp_path)
+
+
+@pytest.fixture
+async def pair(redis_server: Any, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    port = free_port()
+    redis_server(port)
+    made: list[tuple[Client, Any]] = []
+
+    async def make(**receiver: Any) -> tuple[Client, Client]:
+        mark, prefix = f"ha-{uuid.uuid4().hex[:10]}", f"test-{uuid.uuid4().hex[:8]}:"
+        clients = []
+        for name in ("a", "b"):
+            config = ha_config(tmp_path, name, port, mark, prefix, **receiver)
+            client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
+            await client.start_server()
+            made.append((client, config))
+            clients.append(client)
+        return clients[0], clients[1]
+
+    yield make
+    for client, config in made:
+        stop_config_services(config)
+        await client.close()
+
+
+async def settle(client: Client) -> list[dict[str, Any]]:
+    executor = client.server.app[EXECUTOR_KEY]
+    deadline = time.monotonic() + 30
+    while executor.pending:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    resp = await client.get("/api/v1/remediations", headers=AUTH)
+    return list((await resp.json())["data"])
+
+
+async def test_the_same_notification_to_two_receivers_repairs_once(pair: Any) -> None:
+    a, b = await pair()
+    payload = notification(alert("ha1", service_name="svc", remediation="restart"))
+    answers = await asyncio.gather(*(c.post("/alerts", json=payload, headers=AUTH) for c in (a, b)))
+    assert [r.status for r in answers] == [200, 200]
+    entries = await settle(a) + await settle(b)
+    assert sorted(e["decision"] for e in entries) == ["acted", "skipped"]
+    (skipped,) = [e for e in entries if e["decision"] == "skipped"]
+    assert skipped["reason"] == "duplicate"
+
+
+async def test_one_receiver_at_a_time_repairs_a_service(pair: Any) -> None:
+    a, b = await pair(cooldown="1h")
+    await asyncio.gather(
+        a.post("/alerts", json=notification(alert("x1", service_name="svc", remediation="restart")), headers=AUTH),
+        b.post("/alerts", json=notification(alert("x2", service_name="svc", remediation="restart")), headers=AUTH))
+    entries = await settle(a) + await settle(b)
+    assert sorted(e["decision"] for e in entries) == ["acted", "skipped"]
+    (skipped,) = [e for e in entries if e["decision"] == "skipped"]
+    assert skipped["reason"] in ("in_progress", "cooldown")
+
+
+async def test_the_budget_is_shared(pair: Any) -> None:
+    a, b = await pair(attempts={"max": 1, "window": "1h"})
+    await a.post("/alerts", json=notification(alert("y1", service_name="svc", remediation="restart")), headers=AUTH)
+    assert (await settle(a))[0]["result"] == "success"
+    await b.post("/alerts", json=notification(alert("y2", service_name="svc", remediation="restart")), headers=AUTH)
+    assert (await settle(b))[0]["reason"] == "budget_exhausted"
+
+
+async def test_without_redis_nothing_is_repaired_and_alertmanager_retries(tmp_path: Path) -> None:
+    config = ha_config(tmp_path, "solo", free_port(), f"ha-{uuid.uuid4().hex[:10]}", "down:")
+    client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
+    await client.start_server()
+    try:
+        resp = await client.post("/alerts", json=notification(alert("z1", service_name="svc", remediation="restart")),
+                                 headers=AUTH)
+        assert resp.status == 503
+        assert "retry" in (await resp.json())["error"]
+        assert await settle(client) == []  # nothing recorded: the retry is acted on normally
+    finally:
+        stop_config_services(config)
+        await client.close()
