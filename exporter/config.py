@@ -14,10 +14,12 @@ or an environment variable named in the config.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -531,6 +533,69 @@ class RedisState(_Model):
     dedupe_ttl: PositiveSeconds = 7 * 86400.0
 
 
+_MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*("(?:[^"\\]|\\.)*"|[^,"{}\s]+)\s*(?:,|$)')
+
+
+@dataclass(frozen=True)
+class Matcher:
+    """One Alertmanager label matcher: ``name op value`` (regexes are fully anchored)."""
+
+    name: str
+    op: str
+    value: str
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        got = labels.get(self.name, "")
+        if self.op in ("=", "!="):
+            return (got == self.value) == (self.op == "=")
+        return (re.fullmatch(self.value, got) is not None) == (self.op == "=~")
+
+
+def parse_matchers(text: str) -> tuple[Matcher, ...]:
+    """Alertmanager's matcher list syntax: ``alertname="X", service_name=~"a|b"``,
+    optionally in braces (https://prometheus.io/docs/alerting/latest/configuration/#matcher).
+    Raises ``ValueError`` naming the part that does not parse."""
+    body = text.strip()
+    if body.startswith("{") and body.endswith("}"):
+        body = body[1:-1]
+    out, pos = [], 0
+    while pos < len(body):
+        m = _MATCHER.match(body, pos)
+        if m is None or m.end() == pos:
+            raise ValueError(f"cannot parse matcher at {body[pos:pos + 30]!r} (expected name=\"value\", "
+                             "name!=..., name=~..., name!~...)")
+        name, op, raw = m.group(1), m.group(2), m.group(3)
+        value = json.loads(raw) if raw.startswith('"') else raw
+        if op in ("=~", "!~"):
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"invalid regular expression in {name}{op}{raw}: {err}") from err
+        out.append(Matcher(name, op, value))
+        pos = m.end()
+    if not out:
+        raise ValueError("no matchers")
+    return tuple(out)
+
+
+class RepairRule(_Model):
+    """Alerts matching ``match`` (Alertmanager matcher syntax) get ``steps``, run in
+    order, stopping at the first failure. The service is the alert's ``service_name``,
+    and it must allow every step."""
+
+    match: str
+    steps: Annotated[tuple[Action, ...], Field(min_length=1)]
+
+    @field_validator("match")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        parse_matchers(value)
+        return value
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(m.matches(labels) for m in parse_matchers(self.match))
+
+
 class ReceiverConfig(ListenConfig):
     port: Port = DEFAULT_RECEIVER_PORT
     bearer_token: Secret | None = None
@@ -543,6 +608,10 @@ class ReceiverConfig(ListenConfig):
     """How often valid declared files are backed up for restore_file."""
     shared_state: RedisState | None = None
     """Set when several receivers serve the same services (e.g. one per Alertmanager)."""
+    rules: tuple[RepairRule, ...] = ()
+    """Checked in order before the alert's ``remediation`` label; the first match wins."""
+    silence_during_repair: bool = False
+    """With ``alertmanager_url``: silence the service's alerts while it is restarted."""
     state_file: str = "caretaker-state.sqlite"
     """SQLite file (relative to the config file's directory) for dedupe, audit, budgets."""
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)

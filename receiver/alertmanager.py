@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import aiohttp
 
-__all__ = ["post_alert"]
+__all__ = ["expire_silence", "post_alert", "silence"]
 
 log = logging.getLogger(__name__)
 
@@ -34,4 +34,34 @@ async def post_alert(session: aiohttp.ClientSession, base_url: str, labels: dict
             return True
     except (aiohttp.ClientError, OSError, TimeoutError) as err:
         log.error("cannot post alert %s to Alertmanager at %s: %s", labels.get("alertname"), base_url, err)
+        return False
+
+
+async def silence(session: aiohttp.ClientSession, base_url: str, labels: dict[str, str], duration: timedelta,
+                  comment: str) -> str | None:
+    """Create a silence for alerts with exactly these labels; its id, or None (logged)."""
+    now = datetime.now(UTC)
+    body = {"matchers": [{"name": k, "value": v, "isRegex": False, "isEqual": True} for k, v in labels.items()],
+            "startsAt": now.isoformat(), "endsAt": (now + duration).isoformat(),
+            "createdBy": "caretaker-receiver", "comment": comment}
+    try:
+        async with session.post(base_url.rstrip("/") + "/api/v2/silences", json=body,
+                                timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            if resp.status != 200:
+                log.error("Alertmanager refused the silence: HTTP %d %s", resp.status, (await resp.text())[:200])
+                return None
+            return str((await resp.json())["silenceID"])
+    except (aiohttp.ClientError, OSError, TimeoutError, KeyError, ValueError) as err:
+        log.error("cannot create a silence in Alertmanager at %s: %s", base_url, err)
+        return None
+
+
+async def expire_silence(session: aiohttp.ClientSession, base_url: str, silence_id: str) -> bool:
+    """Expire a silence now; True when Alertmanager did. Never raises."""
+    try:
+        async with session.delete(f"{base_url.rstrip('/')}/api/v2/silence/{silence_id}",
+                                  timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            return resp.status == 200
+    except (aiohttp.ClientError, OSError, TimeoutError) as err:
+        log.error("cannot expire silence %s: %s", silence_id, err)
         return False

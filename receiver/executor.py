@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from exporter.config import Config
 
 from .actions import ActionContext, RepairFailed, StepLog, verify
-from .alertmanager import post_alert
+from .alertmanager import expire_silence, post_alert, silence
 from .catalogue import run_action
 from .payload import SKIP_REASONS, Alert, Decision, decide
 from .shared import SharedState, SharedStateError
@@ -351,8 +351,12 @@ class Executor:
         log.info("%s of %s: starting (audit #%d)", action, service, entry_id)
         self.metrics.in_progress.inc()
         result = "failure"
+        silence_id = await self._silence(service, action, steps)
         try:
-            await run_action(ctx, action, service, steps)
+            for step in action.split(","):  # several steps from a rule: in order, stop at the first failure
+                if "," in action:
+                    steps(f"step {step}")
+                await run_action(ctx, step, service, steps)
             result = "success"
         except RepairFailed as err:
             steps(f"failed: {err}")
@@ -364,6 +368,9 @@ class Executor:
             steps(f"failed: internal error {type(err).__name__}: {err}")
         finally:
             self.metrics.in_progress.dec()
+            if silence_id is not None and self.config.receiver.alertmanager_url:
+                expired = await expire_silence(self.ctx.session, self.config.receiver.alertmanager_url, silence_id)
+                steps(f"silence {silence_id} {'expired' if expired else 'could not be expired (it ends by itself)'}")
         finished = self.clock()
         self.metrics.remediations.labels(action, service, result).inc()
         self.metrics.duration.labels(action).observe(finished - started)
@@ -376,6 +383,21 @@ class Executor:
                 log.error("could not record the end of the repair of %s in Redis: %s", service, err)
         log.log(logging.INFO if result == "success" else logging.ERROR, "%s of %s: %s in %.1fs (audit #%d)",
                 action, service, result, finished - started, entry_id)
+
+    async def _silence(self, service: str, action: str, steps: StepLog) -> str | None:
+        """Silence the service's alerts while it is stopped and started, if configured."""
+        recv = self.config.receiver
+        if not (recv.silence_during_repair and recv.alertmanager_url):
+            return None
+        if not {"restart", "stop_duplicates", "free_port"} & set(action.split(",")):
+            return None
+        cfg = self.config.services[service]
+        duration = timedelta(seconds=cfg.stop.grace_period + cfg.remediation.verify_timeout + 60)
+        silence_id = await silence(self.ctx.session, recv.alertmanager_url, {"service_name": service}, duration,
+                                   f"caretaker is repairing {service} ({action})")
+        steps(f"silenced alerts of {service} in Alertmanager ({silence_id})" if silence_id
+              else "could not silence the service's alerts; repairing anyway")
+        return silence_id
 
     # --- exhausted budgets ----------------------------------------------------------------------
     async def _exhaust(self, service: str) -> None:

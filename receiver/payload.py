@@ -2,9 +2,10 @@
 
 Format: https://prometheus.io/docs/alerting/latest/configuration/#webhook_config
 (the JSON that ``notify/webhook/webhook.go`` in prometheus/alertmanager sends). We
-accept what Alertmanager sends and may add in later versions (unknown fields are
-ignored), and validate strictly the fields we use: label values must be strings,
-``startsAt`` a timestamp, ``fingerprint`` a short hex-like token.
+accept what Alertmanager sends and may add in later versions, and validate strictly
+only the fields we use: ``version``, ``status``, and per alert ``status``, ``labels``
+(string values), ``startsAt`` (a timestamp) and ``fingerprint`` (a short token).
+Everything else (annotations, endsAt, groupKey, truncatedAlerts...) is ignored.
 """
 
 from __future__ import annotations
@@ -38,9 +39,7 @@ class _Accepting(BaseModel):
 class Alert(_Accepting):
     status: Literal["firing", "resolved"]
     labels: Annotated[dict[LabelName, LabelValue], Field(max_length=MAX_LABELS)]
-    annotations: Annotated[dict[LabelName, LabelValue], Field(max_length=MAX_LABELS)] = {}
     startsAt: Annotated[datetime, AfterValidator(_utc)]
-    endsAt: datetime | None = None
     fingerprint: Annotated[StrictStr, Field(pattern=r"^[0-9A-Za-z]{1,64}$")]
 
     @property
@@ -56,9 +55,6 @@ class Alert(_Accepting):
 class Notification(_Accepting):
     version: Literal["4"]
     status: Literal["firing", "resolved"]
-    receiver: StrictStr = ""
-    groupKey: StrictStr = ""
-    truncatedAlerts: int = Field(default=0, ge=0)
     alerts: Annotated[list[Alert], Field(max_length=MAX_ALERTS)]
 
 
@@ -77,7 +73,7 @@ class Decision:
     service_name: str
     """The configured service, or ``""`` when the alert names none we know (bounded cardinality)."""
     action: str
-    """The requested repair if known, else ``""``."""
+    """The requested repair(s) if known, comma-separated, else ``""``."""
     reason: str
     """``""`` when a repair is queued, else one of :data:`SKIP_REASONS`."""
 
@@ -87,21 +83,31 @@ class Decision:
 
 
 def decide(alert: Alert, config: Config) -> Decision:
-    """Whether ``alert`` asks for a repair this config allows. Pure; no I/O."""
+    """Whether ``alert`` asks for a repair this config allows. Pure; no I/O.
+
+    ``receiver.rules`` are checked first (the first match gives the steps); otherwise
+    the alert's ``remediation`` label names the one step. Several steps are joined
+    with commas in :attr:`Decision.action`.
+    """
     service = alert.labels.get("service_name", "")
     known = service if service in config.services else ""
-    action = alert.labels.get("remediation", "")
-    action = action if action in REMEDIATION_ACTIONS else ""
+    rule = next((r for r in config.receiver.rules if r.matches(alert.labels)), None)
+    if rule is not None:
+        steps: tuple[str, ...] = rule.steps
+    else:
+        label = alert.labels.get("remediation", "")
+        steps = (label,) if label in REMEDIATION_ACTIONS else ()
+    action = ",".join(steps)
     if alert.status == "resolved":
         return Decision(known, action, "resolved")
     if not service:
         return Decision("", action, "no_service_name")
     if not known:
         return Decision("", action, "unknown_service")
-    if "remediation" not in alert.labels:
+    if rule is None and "remediation" not in alert.labels:
         return Decision(known, "", "no_remediation")
-    if not action:
+    if not steps:
         return Decision(known, "", "unknown_action")
-    if action not in config.services[known].remediation.allow:
+    if any(step not in config.services[known].remediation.allow for step in steps):
         return Decision(known, action, "action_not_allowed")
     return Decision(known, action, "")

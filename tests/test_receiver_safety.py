@@ -261,3 +261,59 @@ def test_generated_payloads_never_crash_nor_repair(fuzz_target: tuple[Client, as
     else:
         assert body["queued"] == 0  # the only configured service allows no repair
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+# --- rules in Alertmanager's matcher syntax, and silences ------------------------------------------
+
+def test_rules_use_alertmanager_matcher_syntax() -> None:
+    from exporter.config import ConfigError, parse_matchers
+    ms = parse_matchers('{alertname="Caretaker\\"X", service_name=~"api|worker", severity!="info", job!~"test.*"}')
+    assert [(m.name, m.op, m.value) for m in ms] == [
+        ("alertname", "=", 'Caretaker"X'), ("service_name", "=~", "api|worker"), ("severity", "!=", "info"),
+        ("job", "!~", "test.*")]
+    labels = {"alertname": 'Caretaker"X', "service_name": "api", "severity": "critical", "job": "prod"}
+    assert all(m.matches(labels) for m in ms)
+    assert not parse_matchers('service_name=~"api|worker"')[0].matches({"service_name": "api2"})  # anchored
+    for bad in ('alertname=="x"', "service_name=~\"(\"", "", "a b"):
+        with pytest.raises(ConfigError, match=r"receiver.rules\[0\].match"):
+            parse_config({"receiver": {"rules": [{"match": bad, "steps": ["restart"]}]},
+                          "services": {"a": {"match": {"comm": "x"}}}})
+
+
+async def test_rule_steps_run_in_order_and_stop_at_the_first_failure(receiver_for: Any, tmp_path: Path) -> None:
+    base = service_config(tmp_path)
+    svc = base.services["svc"].model_dump(exclude_defaults=True)
+    (tmp_path / "w.log").write_text("a line\n")
+    svc["logs"] = [{"path": "w.log"}]
+    svc["remediation"] = {"allow": ["rotate_logs", "restart", "http"], "verify_timeout": 10,
+                          "http": {"url": f"http://127.0.0.1:{free_port()}/reset", "timeout": 1}}
+    config = parse_config({"receiver": {"bearer_token": {"file": "token"}, "state_file": "state.sqlite", "cooldown": 0,
+                                        "rules": [{"match": 'alertname="Leak"', "steps": ["rotate_logs", "restart"]},
+                                                  {"match": 'alertname="Stuck"', "steps": ["http", "restart"]}]},
+                           "services": {"svc": svc}}, base_dir=tmp_path)
+    client = await receiver_for(config)
+    await post(client, notification(alert("r1", alertname="Leak", service_name="svc")))
+    (leak,) = await settle(client)
+    assert (leak["action"], leak["result"]) == ("rotate_logs,restart", "success")
+    messages = [s["message"] for s in leak["steps"]]
+    assert messages.index("step rotate_logs") < messages.index("step restart")
+    assert (tmp_path / "w.log.1").read_text() == "a line\n"
+    await post(client, notification(alert("r2", alertname="Stuck", service_name="svc")))
+    stuck = (await settle(client))[0]
+    assert stuck["result"] == "failure"
+    assert "step restart" not in [s["message"] for s in stuck["steps"]]
+
+
+async def test_alerts_are_silenced_while_the_service_is_restarted(receiver_for: Any, tmp_path: Path,
+                                                                  alertmanager: str) -> None:
+    config = service_config(tmp_path, alertmanager_url=alertmanager, silence_during_repair=True)
+    client = await receiver_for(config)
+    await post(client, notification(alert("s1", service_name="svc", remediation="restart")))
+    (entry,) = await settle(client)
+    assert entry["result"] == "success"
+    silence_id = entry["steps"][0]["message"].split("(")[-1].rstrip(")")
+    with urllib.request.urlopen(f"{alertmanager}/api/v2/silence/{silence_id}", timeout=5) as resp:
+        made = json.load(resp)
+    assert made["matchers"] == [{"name": "service_name", "value": "svc", "isRegex": False, "isEqual": True}]
+    assert made["status"]["state"] == "expired"  # lifted once the repair was done
+    assert entry["steps"][-1]["message"] == f"silence {silence_id} expired"
