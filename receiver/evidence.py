@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -34,6 +35,15 @@ __all__ = ["EvidenceKeeper"]
 log = logging.getLogger(__name__)
 
 PY_SPY_TIMEOUT = 10.0
+
+
+def find_py_spy() -> str | None:
+    """py-spy on PATH, or next to the running Python (a virtualenv's bin/ is often not on PATH)."""
+    found = shutil.which("py-spy")
+    if found is None:
+        beside = Path(sys.executable).parent / "py-spy"
+        found = str(beside) if beside.exists() else None
+    return found
 
 
 def tail(path: Path, lines: int) -> list[str]:
@@ -88,12 +98,15 @@ class EvidenceKeeper:
             "logs": {str(p): tail(p, spec.log_lines) for p in dict.fromkeys(logs)} if spec.log_lines else {},
             "py_spy": {},
         }
-        py_spy = shutil.which("py-spy") if spec.py_spy else None
+        py_spy = find_py_spy() if spec.py_spy else None
         if py_spy:
             for p in procs:
                 if p.comm.startswith("python"):
                     try:
-                        status, output = await run_command([py_spy, "dump", "--pid", str(p.pid)], PY_SPY_TIMEOUT)
+                        # --nonblocking reads the stacks without pausing the process (and works on
+                        # one that is already stopped, where a pausing dump fails).
+                        status, output = await run_command([py_spy, "dump", "--nonblocking", "--pid", str(p.pid)],
+                                                           PY_SPY_TIMEOUT)
                         data["py_spy"][str(p.pid)] = output if status == 0 else f"py-spy exit {status}: {output}"
                     except Exception as err:  # a dump is a bonus, never a blocker
                         data["py_spy"][str(p.pid)] = f"py-spy failed: {err}"

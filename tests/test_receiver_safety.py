@@ -317,3 +317,36 @@ async def test_alerts_are_silenced_while_the_service_is_restarted(receiver_for: 
     assert made["matchers"] == [{"name": "service_name", "value": "svc", "isRegex": False, "isEqual": True}]
     assert made["status"]["state"] == "expired"  # lifted once the repair was done
     assert entry["steps"][-1]["message"] == f"silence {silence_id} expired"
+
+
+def test_receiver_serves_https_when_configured(tmp_path: Path) -> None:
+    import ssl
+    import subprocess
+
+    from .conftest import REPO
+    from .test_probes import make_cert
+
+    cert, key = make_cert(tmp_path)
+    port = free_port()
+    (tmp_path / "token").write_text(TOKEN)
+    config = {"receiver": {"port": port, "bearer_token": {"file": "token"}, "state_file": "s.sqlite",
+                           "tls": {"cert_file": str(cert), "key_file": str(key)}},
+              "services": {"a": {"match": {"comm": "^nothing$"}}}}
+    path = tmp_path / "caretaker.yml"
+    path.write_text(json.dumps(config))
+    children = Children()
+    children.start([sys.executable, "-m", "receiver.app", "--config", str(path)], cwd=REPO)
+    try:
+        wait_for(lambda: port_open(port), 15, what="receiver with TLS")
+        context = ssl.create_default_context(cafile=str(cert))
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/-/healthy", context=context, timeout=5) as resp:
+            assert resp.status == 200
+        with pytest.raises(OSError):  # plain HTTP to the TLS port: the connection is dropped
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/-/healthy", timeout=5)
+    finally:
+        children.stop_all()
+    config["receiver"]["tls"]["key_file"] = str(tmp_path / "missing.pem")  # type: ignore[index]
+    path.write_text(json.dumps(config))
+    bad = subprocess.run([sys.executable, "-m", "receiver.app", "--config", str(path)], capture_output=True,
+                         text=True, timeout=30, cwd=REPO)
+    assert bad.returncode == 2 and "receiver.tls" in bad.stderr

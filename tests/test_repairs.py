@@ -189,6 +189,7 @@ async def test_evidence_of_a_frozen_python_process(run: Any, tmp_path: Path, pyt
     from receiver.actions import start_service
     child = start_service(config, "svc")
     wait_for(lambda: procs_of(config), 5)
+    time.sleep(0.5)  # let the interpreter reach the script's loop before freezing it
     os.kill(child.pid, signal.SIGSTOP)
     wait_for(lambda: procs_of(config)[0].state == "T", 5)
     steps = await run(config, "restart")
@@ -199,6 +200,7 @@ async def test_evidence_of_a_frozen_python_process(run: Any, tmp_path: Path, pyt
     assert (proc["pid"], proc["state"]) == (child.pid, "T")
     assert proc["wchan"] and proc["cmdline"].endswith(mark)
     assert evidence["logs"][str(log)] == [f"line {i}" for i in range(95, 100)]
+    assert "<module> (<string>:2)" in evidence["py_spy"][str(child.pid)]  # where the frozen process was
 
 
 def test_evidence_directory_is_bounded(tmp_path: Path) -> None:
