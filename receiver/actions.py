@@ -131,10 +131,14 @@ def _same_process(reader: ProcReader, p: ProcessInfo) -> bool:
     return now is not None and now.start_ticks == p.start_ticks
 
 
-def send_signal(reader: ProcReader, processes: list[ProcessInfo], sig: signal.Signals) -> list[str]:
-    """Signal each process (or the group it leads). Returns what was done, one line each.
+def send_signal(reader: ProcReader, processes: list[ProcessInfo], sig: signal.Signals,
+                whole_groups: bool = True) -> list[str]:
+    """Signal each process, or the whole group it leads when ``whole_groups``.
 
-    Blocking but quick; a process that is already gone is skipped.
+    Each target is opened as a pidfd and checked to be the process that was scanned
+    (same start time) before the signal goes out, so a reused pid is never hit. Our
+    own process group is never signalled as a group. Blocking but quick; a process
+    that is already gone is skipped. Returns what was done, one line each.
     """
     done: list[str] = []
     own_group = os.getpgrp()
@@ -147,7 +151,7 @@ def send_signal(reader: ProcReader, processes: list[ProcessInfo], sig: signal.Si
         try:
             if not _same_process(reader, p):
                 continue  # the pid now belongs to someone else
-            if p.pgid == p.pid and p.pgid != own_group:
+            if whole_groups and p.pgid == p.pid and p.pgid != own_group:
                 if p.pgid in groups:
                     continue
                 groups.add(p.pgid)
@@ -161,6 +165,11 @@ def send_signal(reader: ProcReader, processes: list[ProcessInfo], sig: signal.Si
         finally:
             os.close(pidfd)
     return done
+
+
+def send_signal_each(reader: ProcReader, processes: list[ProcessInfo], sig: signal.Signals) -> list[str]:
+    """Like :func:`send_signal`, but never to a whole process group."""
+    return send_signal(reader, processes, sig, whole_groups=False)
 
 
 async def wait_gone(reader: ProcReader, processes: list[ProcessInfo], timeout: float) -> list[ProcessInfo]:
@@ -254,25 +263,6 @@ async def stop_gracefully(ctx: ActionContext, name: str, procs: list[ProcessInfo
         if left:
             raise RepairFailed(f"processes {[p.pid for p in left]} survived SIGKILL "
                                f"(states {[p.state for p in left]}; uninterruptible sleep?)")
-
-
-def send_signal_each(reader: ProcReader, processes: list[ProcessInfo], sig: signal.Signals) -> list[str]:
-    """Like :func:`send_signal`, but never to a whole process group."""
-    done: list[str] = []
-    for p in processes:
-        try:
-            pidfd = os.pidfd_open(p.pid)
-        except ProcessLookupError:
-            continue
-        try:
-            if _same_process(reader, p):
-                signal.pidfd_send_signal(pidfd, sig)
-                done.append(f"{sig.name} to pid {p.pid} ({p.comm})")
-        except ProcessLookupError:
-            continue
-        finally:
-            os.close(pidfd)
-    return done
 
 
 async def run_command(argv: list[str], timeout: float, cwd: Path | None = None) -> tuple[int, str]:

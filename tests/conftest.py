@@ -233,3 +233,45 @@ def postgres_server() -> Iterator[Postgres]:
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+# --- receiver apps ------------------------------------------------------------------------
+
+AUTH_TOKEN = "test-token-0123456789"
+
+
+@pytest.fixture
+async def receiver_for() -> Any:
+    """receiver_for(config) -> a started test client; at teardown the config's services
+    are stopped first (so closing the app reaps them), then the app."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from receiver.app import create_app
+
+    made: list[tuple[Any, Any]] = []
+
+    async def make(config: Any) -> Any:
+        client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
+        await client.start_server()
+        made.append((client, config))
+        return client
+
+    yield make
+    for client, config in made:
+        stop_config_services(config)
+        await client.close()
+
+
+async def settle(client: Any, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """Wait until the receiver has no repair in flight; its audit trail, newest first."""
+    import asyncio
+
+    from receiver.app import EXECUTOR_KEY
+
+    executor = client.server.app[EXECUTOR_KEY]
+    deadline = time.monotonic() + timeout
+    while executor.pending:
+        assert time.monotonic() < deadline, "repairs did not finish"
+        await asyncio.sleep(0.05)
+    resp = await client.get("/api/v1/remediations", headers={"Authorization": f"Bearer {AUTH_TOKEN}"})
+    return list((await resp.json())["data"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -15,9 +14,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from exporter.config import parse_config
-from receiver.app import EXECUTOR_KEY, create_app
+from receiver.app import create_app
 
-from .conftest import free_port, stop_config_services
+from .conftest import free_port, settle, stop_config_services
 from .test_receiver import AUTH, TOKEN, alert, notification
 
 Client = TestClient[web.Request, web.Application]
@@ -56,16 +55,6 @@ async def pair(redis_server: Any, tmp_path: Path) -> AsyncIterator[Callable[...,
     for client, config in made:
         stop_config_services(config)
         await client.close()
-
-
-async def settle(client: Client) -> list[dict[str, Any]]:
-    executor = client.server.app[EXECUTOR_KEY]
-    deadline = time.monotonic() + 30
-    while executor.pending:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
-    resp = await client.get("/api/v1/remediations", headers=AUTH)
-    return list((await resp.json())["data"])
 
 
 async def test_the_same_notification_to_two_receivers_repairs_once(pair: Any) -> None:

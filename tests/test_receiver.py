@@ -18,9 +18,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from exporter.config import ConfigError, parse_config
 from receiver.app import EXECUTOR_KEY, REGISTRY_KEY, create_app
 
+from .conftest import AUTH_TOKEN as TOKEN
 from .conftest import stop_config_services
 
-TOKEN = "test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 

@@ -10,7 +10,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from exporter.config import parse_config
 from receiver.app import EXECUTOR_KEY, REGISTRY_KEY, create_app
 from receiver.store import NewAlert, Store
 
-from .conftest import Children, free_port, port_open, require_binary, stop_config_services, wait_for
+from .conftest import Children, free_port, port_open, require_binary, settle, wait_for
 from .test_receiver import AUTH, TOKEN, alert, notification
 
 Client = TestClient[web.Request, web.Application]
@@ -42,35 +42,9 @@ def service_config(tmp_path: Path, **receiver: Any) -> Any:
             "remediation": {"allow": ["restart"], "verify_timeout": 10}}}}, base_dir=tmp_path)
 
 
-@pytest.fixture
-async def receiver_for() -> AsyncIterator[Callable[..., Any]]:
-    made: list[tuple[Client, Any]] = []
-
-    async def make(config: Any) -> Client:
-        client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
-        await client.start_server()
-        made.append((client, config))
-        return client
-
-    yield make
-    for client, config in made:
-        stop_config_services(config)
-        await client.close()
-
-
 async def post(client: Client, payload: Any, path: str = "/alerts", headers: dict[str, str] | None = None) -> Any:
     resp = await client.post(path, json=payload, headers=headers or AUTH)
     return resp.status, await resp.json()
-
-
-async def settle(client: Client) -> list[dict[str, Any]]:
-    executor = client.server.app[EXECUTOR_KEY]
-    deadline = time.monotonic() + 30
-    while executor.pending:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
-    resp = await client.get("/api/v1/remediations", headers=AUTH)
-    return list((await resp.json())["data"])
 
 
 # --- a real Alertmanager -------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -15,15 +14,15 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from exporter.config import parse_config
 from exporter.procfs import ProcReader, scan_services
 from receiver.actions import ActionContext, RepairFailed, StepLog, restart, start_service
-from receiver.app import EXECUTOR_KEY, REGISTRY_KEY, create_app
+from receiver.app import REGISTRY_KEY
 from receiver.store import NewAlert, Store
 
-from .conftest import free_port, stop_config_services, wait_for
+from .conftest import free_port, settle, stop_config_services, wait_for
 from .test_receiver import AUTH, TOKEN, alert, notification
 
 SLEEPER = "import time\nwhile True: time.sleep(1)\n"
@@ -160,36 +159,10 @@ async def test_a_service_whose_probe_never_passes_fails_after_verify_timeout(ctx
 Client = TestClient[Any, Any]
 
 
-@pytest.fixture
-async def receiver_for() -> AsyncIterator[Callable[..., Any]]:
-    made: list[tuple[Client, Any]] = []
-
-    async def make(config: Any) -> Client:
-        client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
-        await client.start_server()
-        made.append((client, config))
-        return client
-
-    yield make
-    for client, config in made:
-        stop_config_services(config)  # first, so that closing the app reaps them
-        await client.close()
-
-
 async def post(client: Client, payload: dict[str, Any]) -> dict[str, Any]:
     resp = await client.post("/alerts", json=payload, headers=AUTH)
     assert resp.status == 200
     return dict(await resp.json())
-
-
-async def settle(client: Client) -> list[dict[str, Any]]:
-    executor = client.server.app[EXECUTOR_KEY]
-    deadline = time.monotonic() + 30
-    while executor.pending:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
-    resp = await client.get("/api/v1/remediations", headers=AUTH)
-    return list((await resp.json())["data"])
 
 
 async def test_one_repair_at_a_time_per_service(receiver_for: Any, tmp_path: Path) -> None:
