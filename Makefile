@@ -8,7 +8,8 @@ PY := $(VENV)/bin/python
 STACK_PACKAGES := venv:python3-venv prometheus:prometheus prometheus-alertmanager:prometheus-alertmanager \
 	redis-server:redis-server
 TEST_PACKAGES := $(STACK_PACKAGES) promtool:prometheus amtool:prometheus-alertmanager logrotate:logrotate \
-	postgres:postgresql openssl:openssl prometheus-process-exporter:prometheus-process-exporter
+	postgres:postgresql openssl:openssl supervisord:supervisor supervisorctl:supervisor \
+	prometheus-process-exporter:prometheus-process-exporter
 
 .PHONY: run demo test lint bench check-config packages-stack packages-test clean
 
