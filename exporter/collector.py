@@ -102,6 +102,10 @@ class Scraper:
                                              config.exporter.log_read_limit_bytes, from_start=logs_from_start)
                                  for w in cfg.logs] for name, cfg in config.services.items()}
         self.log_totals: dict[str, Counter[str]] = {name: Counter() for name in config.services}
+        self.log_patterns: dict[str, list[tuple[str, str]]] = {
+            name: list({p.name: (p.name, p.severity) for f in self.followers[name] for p in f.patterns}.values())
+            for name in config.services}
+        """Per service, every (pattern, severity) its logs are searched for: computed once."""
         self.file_checkers = {name: {f.path: FileChecker(f, config.resolve(f.path)) for f in cfg.files}
                               for name, cfg in config.services.items()}
         self.snapshot: Snapshot | None = None
@@ -306,12 +310,8 @@ class ServiceCollector(Collector):
                 hb_pid.add_metric([name, hb.name], hb_state.pid)
                 hb_alive.add_metric([name, hb.name], 1.0 if scraper.heartbeats.process_alive(hb.name) else 0.0)
             totals = scraper.log_totals[name]
-            seen_patterns: set[str] = set()
-            for watch in cfg.logs:
-                for pattern in patterns_for(watch):
-                    if pattern.name not in seen_patterns:
-                        seen_patterns.add(pattern.name)
-                        logs.add_metric([name, pattern.name, pattern.severity], totals[pattern.name])
+            for pattern, severity in scraper.log_patterns[name]:
+                logs.add_metric([name, pattern, severity], totals[pattern])
             for f in cfg.files:
                 fs = state.observed.files.get(f.path) or FileStatus(False, False)
                 f_exists.add_metric([name, f.path], fs.exists)

@@ -29,6 +29,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -585,6 +586,7 @@ class RepairRule(_Model):
 
     match: str
     steps: Annotated[tuple[Action, ...], Field(min_length=1)]
+    _matchers: tuple[Matcher, ...] = PrivateAttr(default=())
 
     @field_validator("match")
     @classmethod
@@ -592,8 +594,11 @@ class RepairRule(_Model):
         parse_matchers(value)
         return value
 
+    def model_post_init(self, context: Any, /) -> None:
+        self._matchers = parse_matchers(self.match)  # parsed once: rules are checked for every alert
+
     def matches(self, labels: Mapping[str, str]) -> bool:
-        return all(m.matches(labels) for m in parse_matchers(self.match))
+        return all(m.matches(labels) for m in self._matchers)
 
 
 class ReceiverConfig(ListenConfig):

@@ -235,20 +235,21 @@ class BackupKeeper:
         except OSError:
             return 0
         key = (st.st_size, st.st_mtime_ns)
-        if self._seen.get(path) == key or parses(path, spec.format or "json"):
-            return 0
+        if self._seen.get(path) == key:
+            return 0  # unchanged since we last looked (valid and backed up, or invalid)
+        self._seen[path] = key
+        if parses(path, spec.format or "json"):
+            return 0  # never back up a file that does not parse
         folder = self.folder(service, spec)
         folder.mkdir(parents=True, exist_ok=True)
         newest = sorted(folder.iterdir())
         if newest and newest[-1].read_bytes() == path.read_bytes():
-            self._seen[path] = key
             return 0
         target = folder / f"{time.time_ns()}"
         shutil.copy2(path, target.with_suffix(".tmp"))
         target.with_suffix(".tmp").replace(target)
         for old in sorted(p for p in folder.iterdir() if p.suffix != ".tmp")[:-spec.backups]:
             old.unlink()
-        self._seen[path] = key
         return 1
 
     def newest_valid(self, service: str, spec: FileCheck) -> Path | None:
