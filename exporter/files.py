@@ -17,7 +17,7 @@ import yaml
 
 from .config import DirectoryCheck, FileCheck
 
-__all__ = ["DirStatus", "FileStatus", "PortStatus", "check_directory", "check_file", "check_port", "filesystem",
+__all__ = ["DirStatus", "FileChecker", "FileStatus", "PortStatus", "check_directory", "check_port", "filesystem",
            "parses"]
 
 PARSE_LIMIT = 64 * 1024 * 1024
@@ -115,10 +115,6 @@ class FileChecker:
         fresh = self.spec.max_age is None or now - st.st_mtime <= self.spec.max_age
         return FileStatus(True, not problem, st.st_mtime, st.st_size, not attrs, fresh,
                           "; ".join(p for p in (problem, attrs, "" if fresh else "stale") if p))
-
-
-def check_file(spec: FileCheck, path: Path, now: float) -> FileStatus:
-    return FileChecker(spec, path).check(now)
 
 
 def check_directory(spec: DirectoryCheck, path: Path) -> DirStatus:
