@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from demo.incidents import run_incidents
-from exporter.config import Config, ConfigError, load_config
+from exporter.config import Config, ConfigError, ExecProbe, HttpProbe, Probe, load_config
 from exporter.procfs import ProcReader, scan_services
 from receiver.actions import send_signal, start_service
 
@@ -79,6 +79,14 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
             return bool(resp.status == 200)
     except OSError:
         return False
+
+
+def _describe_probe(probe: Probe) -> str:
+    if isinstance(probe, HttpProbe):
+        return probe.url
+    if isinstance(probe, ExecProbe):
+        return f"exec {' '.join(probe.argv)}"
+    return f"{probe.type} {probe.host}:{probe.port}"
 
 
 @dataclass
@@ -264,8 +272,7 @@ class Stack:
     def describe(self) -> str:
         lines = ["caretaker local stack is up:"]
         for name, cfg in self.config.services.items():
-            probes = ", ".join(getattr(p, "url", None) or f"tcp {getattr(p, 'host', '')}:{getattr(p, 'port', '')}"
-                               for p in cfg.probes)
+            probes = ", ".join(_describe_probe(p) for p in cfg.probes)
             lines.append(f"  service {name:<14} {probes}")
         lines += [
             f"  exporter               http://127.0.0.1:{self.config.exporter.port}/metrics",

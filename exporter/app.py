@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from .cli import base_parser, load_or_exit, setup_logging
 from .collector import Scraper, ServiceCollector, Snapshot
 from .config import Config
+from .heartbeats import SAVE_INTERVAL
 from .procfs import ProcReader
 
 __all__ = ["REGISTRY_KEY", "SCRAPER_KEY", "create_app", "main"]
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 SCRAPER_KEY = web.AppKey("scraper", Scraper)
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 RENDER_MARGIN_SECONDS = 0.25
-SAVE_INTERVAL_SECONDS = 1.0
 
 
 def scrape_deadline(request: web.Request, cap: float) -> float:
@@ -88,7 +88,7 @@ async def index(request: web.Request) -> web.Response:
 
 async def _save_heartbeats(scraper: Scraper) -> None:
     while True:
-        await asyncio.sleep(SAVE_INTERVAL_SECONDS)
+        await asyncio.sleep(SAVE_INTERVAL)
         if scraper.heartbeats.dirty:
             try:
                 await asyncio.to_thread(scraper.heartbeats.save)

@@ -2,8 +2,7 @@
 
 :class:`Scraper` gathers a :class:`Snapshot` within a deadline; :class:`ServiceCollector`
 is a prometheus-client custom collector that renders the latest snapshot. It yields
-fresh metric families on every ``collect()`` and does no I/O except asking the
-heartbeat store whether a reporting pid still runs. Lines it emits, per configured
+fresh metric families on every ``collect()`` and does no I/O. Lines it emits, per configured
 service (``service_name`` label), e.g.::
 
     caretaker_service_processes{service_name="redis"} 1.0
@@ -42,7 +41,16 @@ from prometheus_client.registry import Collector
 
 from . import health
 from .config import Config
-from .files import DirStatus, FileChecker, FileStatus, PortStatus, check_directory, check_port, filesystem
+from .files import (
+    DirStatus,
+    FileChecker,
+    FileStatus,
+    PortStatus,
+    check_directory,
+    check_ports,
+    filesystem,
+    listening_table,
+)
 from .heartbeats import HeartbeatStore
 from .logtail import LogFollower, patterns_for
 from .probes import REASONS, ProbeContext, ProbeResult, run_probes
@@ -65,6 +73,8 @@ class Observed:
     directories: dict[str, DirStatus] = field(default_factory=dict)
     filesystems: dict[str, tuple[int, int] | None] = field(default_factory=dict)
     ports: dict[int, PortStatus] = field(default_factory=dict)
+    heartbeats_alive: dict[str, bool] = field(default_factory=dict)
+    """Per heartbeat: whether the process that fed it still runs (read from /proc)."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +139,7 @@ class Scraper:
     def _observe_blocking(self) -> tuple[dict[str, list[ProcessInfo]], dict[str, Observed]]:
         scanned = self.table.scan()
         now = time.time()
+        ports = listening_table(self.reader.root) if any(c.ports for c in self.config.services.values()) else {}
         observed = {}
         for name, cfg in self.config.services.items():
             for follower in self.followers[name]:
@@ -142,7 +153,8 @@ class Scraper:
                 files={path: checker.check(now) for path, checker in self.file_checkers[name].items()},
                 directories={d.path: check_directory(d, self.config.resolve(d.path)) for d in cfg.directories},
                 filesystems={p: filesystem(self.config.resolve(p)) for p in cfg.data_paths},
-                ports={port: check_port(port, pids, self.reader.root) for port in cfg.ports},
+                ports=check_ports(cfg.ports, pids, self.reader.root, ports) if cfg.ports else {},
+                heartbeats_alive={hb.name: self.heartbeats.process_alive(hb.name) for hb in cfg.heartbeats},
             )
         return scanned, observed
 
@@ -194,7 +206,8 @@ class Scraper:
                 procs, observed, cpu_total = before.processes, before.observed, self.cpu.total(name)
             integrity = ([f.ok for f in observed.files.values()] + [d.ok for d in observed.directories.values()]
                          + [not p.conflict for p in observed.ports.values()])
-            beats = [self.heartbeats.healthy(hb.name, hb.timeout, now) for hb in cfg.heartbeats]
+            beats = [self.heartbeats.healthy(hb.name, hb.timeout, now, observed.heartbeats_alive.get(hb.name, False))
+                     for hb in cfg.heartbeats]
             parts = health.components(cfg, procs, probes, integrity, beats)
             services[name] = ServiceState(procs, cpu_total, probes, observed, parts,
                                           health.score(parts, self.config.weights_for(name)))
@@ -308,7 +321,7 @@ class ServiceCollector(Collector):
                 hb_timeout.add_metric([name, hb.name], hb.timeout)
                 hb_fail.add_metric([name, hb.name], hb_state.last_failure)
                 hb_pid.add_metric([name, hb.name], hb_state.pid)
-                hb_alive.add_metric([name, hb.name], 1.0 if scraper.heartbeats.process_alive(hb.name) else 0.0)
+                hb_alive.add_metric([name, hb.name], 1.0 if state.observed.heartbeats_alive.get(hb.name) else 0.0)
             totals = scraper.log_totals[name]
             for pattern, severity in scraper.log_patterns[name]:
                 logs.add_metric([name, pattern, severity], totals[pattern])

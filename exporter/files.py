@@ -10,6 +10,7 @@ import json
 import os
 import pwd
 import stat
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +18,8 @@ import yaml
 
 from .config import DirectoryCheck, FileCheck
 
-__all__ = ["DirStatus", "FileChecker", "FileStatus", "PortStatus", "check_directory", "check_port", "filesystem",
-           "parses"]
+__all__ = ["DirStatus", "FileChecker", "FileStatus", "PortStatus", "check_directory", "check_port", "check_ports",
+           "filesystem", "listening_table", "parses"]
 
 PARSE_LIMIT = 64 * 1024 * 1024
 
@@ -150,20 +151,20 @@ class PortStatus:
     holder_comm: str = ""
 
 
-def listening_inodes(port: int, proc_root: str = "/proc") -> set[int]:
-    """Socket inodes listening on TCP ``port`` (IPv4 and IPv6), from ``/proc/net/tcp{,6}``."""
-    inodes = set()
+def listening_table(proc_root: str = "/proc") -> dict[int, set[int]]:
+    """``{port: socket inodes listening on it}`` for TCP (IPv4 and IPv6), from ``/proc/net/tcp{,6}``."""
+    table: dict[int, set[int]] = {}
     for name in ("tcp", "tcp6"):
         try:
             with open(f"{proc_root}/net/{name}", encoding="ascii") as f:
                 next(f, None)
                 for line in f:
                     fields = line.split()
-                    if len(fields) > 9 and fields[3] == TCP_LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                        inodes.add(int(fields[9]))
+                    if len(fields) > 9 and fields[3] == TCP_LISTEN:
+                        table.setdefault(int(fields[1].rsplit(":", 1)[1], 16), set()).add(int(fields[9]))
         except OSError:
             continue
-    return inodes
+    return table
 
 
 def socket_inodes(pid: int, proc_root: str = "/proc") -> set[int]:
@@ -193,15 +194,31 @@ def _holder(inodes: set[int], proc_root: str) -> tuple[int, str]:
     return 0, ""
 
 
-def check_port(port: int, service_pids: list[int], proc_root: str = "/proc") -> PortStatus:
-    """Who listens on ``port``: the service (fine), nobody, or someone else (a conflict)."""
-    inodes = listening_inodes(port, proc_root)
-    if not inodes:
-        return PortStatus(False, False)
-    owned: set[int] = set()
-    for pid in service_pids:
-        owned |= socket_inodes(pid, proc_root)
-    if inodes & owned:
-        return PortStatus(True, False)
-    pid, comm = _holder(inodes, proc_root)
-    return PortStatus(True, True, pid, comm)
+def check_ports(ports: Sequence[int], service_pids: Sequence[int], proc_root: str = "/proc",
+                table: Mapping[int, set[int]] | None = None) -> dict[int, PortStatus]:
+    """Who listens on each port: the service (fine), nobody, or someone else (a conflict).
+
+    ``table`` is :func:`listening_table`, when the caller checks several services.
+    The service's sockets are read only when something listens on one of its ports.
+    """
+    table = listening_table(proc_root) if table is None else table
+    out: dict[int, PortStatus] = {}
+    owned: set[int] | None = None
+    for port in ports:
+        inodes = table.get(port, set())
+        if not inodes:
+            out[port] = PortStatus(False, False)
+            continue
+        if owned is None:
+            owned = set().union(*(socket_inodes(pid, proc_root) for pid in service_pids))
+        if inodes & owned:
+            out[port] = PortStatus(True, False)
+        else:
+            pid, comm = _holder(inodes, proc_root)
+            out[port] = PortStatus(True, True, pid, comm)
+    return out
+
+
+def check_port(port: int, service_pids: Sequence[int], proc_root: str = "/proc") -> PortStatus:
+    """:func:`check_ports` for one port."""
+    return check_ports([port], service_pids, proc_root)[port]

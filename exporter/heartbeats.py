@@ -108,10 +108,13 @@ class HeartbeatStore:
         info = self.reader.stat(state.pid)
         return info is not None and info.start_ticks == state.pid_start_ticks
 
-    def healthy(self, name: str, timeout: float, now: float | None = None) -> bool:
-        """Fed within ``timeout`` seconds, not failed since, and its process (if any) alive."""
+    def healthy(self, name: str, timeout: float, now: float | None = None, alive: bool | None = None) -> bool:
+        """Fed within ``timeout`` seconds, not failed since, and its process (if any) alive.
+
+        ``alive`` is :meth:`process_alive` when the caller already knows it (it reads /proc).
+        """
         state = self.states[name]
         now = self.clock() if now is None else now
         if not state.last_seen or now - state.last_seen > timeout or state.last_failure > state.last_seen:
             return False
-        return not state.pid or self.process_alive(name)
+        return not state.pid or (self.process_alive(name) if alive is None else alive)

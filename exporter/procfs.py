@@ -5,11 +5,12 @@ Formats are those of proc(5): ``/proc/PID/stat`` (fields after the parenthesised
 ``/proc/PID/fd/`` (one entry per open descriptor) and ``btime`` in ``/proc/stat``.
 
 A process is identified by ``(pid, start_ticks)``: a pid can be reused, its start
-time cannot. What can change while a process lives (comm and cmdline at exec or
-``prctl``/setproctitle, CPU, RSS, fds) is re-read every scan; processes that vanish
-between listing and reading are skipped silently: that is normal, not an error.
-Kernel threads, zombies and the caller's excluded pids never match a service.
-:class:`ProcessTable` keeps what a scan may skip next time; see its docstring.
+time cannot. Every fact reported about a service's process (comm, cmdline, CPU, RSS,
+fds) is read in the scan that reports it. Which *other* processes a scan may skip
+reading, and when they are read again, is :class:`ProcessTable`'s business (see its
+docstring); :func:`scan_services` reads everything. Processes that vanish between
+listing and reading are skipped silently: that is normal, not an error. Kernel threads,
+zombies and the caller's excluded pids never match a service.
 """
 
 from __future__ import annotations

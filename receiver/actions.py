@@ -33,7 +33,7 @@ from typing import Any
 import aiohttp
 
 from exporter.config import Config, ServiceConfig
-from exporter.files import check_port, listening_inodes, socket_inodes
+from exporter.files import check_port, listening_table, socket_inodes
 from exporter.probes import ProbeContext, run_probes
 from exporter.procfs import ProcessInfo, ProcReader, scan_services
 
@@ -356,12 +356,7 @@ async def stop_duplicates(ctx: ActionContext, name: str, step: StepLog) -> None:
     if len(procs) <= cfg.processes.max:
         step(f"{len(procs)} processes, max {cfg.processes.max}: nothing to stop")
         return
-    holders: set[int] = set()
-    for port in cfg.ports:
-        inodes = await asyncio.to_thread(listening_inodes, port, ctx.reader.root)
-        for p in procs:
-            if inodes & await asyncio.to_thread(socket_inodes, p.pid, ctx.reader.root):
-                holders.add(p.pid)
+    holders = await asyncio.to_thread(_port_holders, ctx.reader.root, cfg.ports, procs) if cfg.ports else set()
     ranked = sorted(procs, key=lambda p: (p.pid not in holders, p.start_ticks, p.pid))
     keep, extra = ranked[:cfg.processes.max], ranked[cfg.processes.max:]
     step(f"keeping {[p.pid for p in keep]}, stopping {[p.pid for p in extra]}",
@@ -395,6 +390,13 @@ async def free_port(ctx: ActionContext, name: str, step: StepLog) -> None:
         freed = True
     if freed or not own:
         await start_if_needed(ctx, name, step)
+
+
+def _port_holders(proc_root: str, ports: tuple[int, ...], procs: list[ProcessInfo]) -> set[int]:
+    """Pids among ``procs`` listening on any of ``ports`` (blocking: one read of each file)."""
+    table = listening_table(proc_root)
+    listening = set().union(*(table.get(port, set()) for port in ports))
+    return {p.pid for p in procs if listening & socket_inodes(p.pid, proc_root)} if listening else set()
 
 
 def _top_level(procs: list[ProcessInfo]) -> list[ProcessInfo]:

@@ -273,3 +273,25 @@ async def settle(client: Any, timeout: float = 30.0) -> list[dict[str, Any]]:
         await asyncio.sleep(0.05)
     resp = await client.get("/api/v1/remediations", headers={"Authorization": f"Bearer {AUTH_TOKEN}"})
     return list((await resp.json())["data"])
+
+
+# --- exporter apps ------------------------------------------------------------------------
+
+@pytest.fixture
+async def exporter_for() -> Any:
+    """exporter_for(config, reader=None) -> a started test client (real /proc unless given)."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from exporter.app import create_app
+
+    clients: list[Any] = []
+
+    async def make(config: Any, reader: ProcReader | None = None) -> Any:
+        client = TestClient(TestServer(create_app(config, reader), host="127.0.0.1"))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield make
+    for c in clients:
+        await c.close()

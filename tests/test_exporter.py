@@ -6,16 +6,16 @@ import asyncio
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.app import REGISTRY_KEY, SCRAPER_KEY, create_app
+from exporter.app import REGISTRY_KEY, SCRAPER_KEY
 from exporter.config import parse_config
 from exporter.procfs import ProcReader
 
@@ -41,19 +41,11 @@ def make_config(services: dict[str, Any], tmp_path: Path) -> Any:
 
 
 @pytest.fixture
-async def client_for(fake_proc: FakeProc) -> AsyncIterator[Callable[..., Any]]:
-    clients: list[TestClient[web.Request, web.Application]] = []
-
-    async def make(config: Any, reader: ProcReader | None = None) -> TestClient[web.Request, web.Application]:
-        app = create_app(config, reader or ProcReader(fake_proc.root, CLK_TCK, PAGE))
-        client = TestClient(TestServer(app, host="127.0.0.1"))
-        await client.start_server()
-        clients.append(client)
-        return client
-
-    yield make
-    for c in clients:
-        await c.close()
+def client_for(exporter_for: Any, fake_proc: FakeProc) -> Callable[..., Any]:
+    """An exporter client reading the fake /proc tree unless another reader is given."""
+    def make(config: Any, reader: ProcReader | None = None) -> Any:
+        return exporter_for(config, reader or ProcReader(fake_proc.root, CLK_TCK, PAGE))
+    return make
 
 
 async def scrape(client: TestClient[web.Request, web.Application], timeout: str | None = None) -> str:

@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 
 from exporter.config import parse_config
 from receiver.app import EXECUTOR_KEY, REGISTRY_KEY, create_app
-from receiver.store import NewAlert, Store
 
 from .conftest import Children, free_port, port_open, require_binary, settle, wait_for
 from .test_receiver import AUTH, TOKEN, alert, notification
@@ -160,28 +159,6 @@ async def test_basic_auth(receiver_for: Any, tmp_path: Path) -> None:
     assert resp.status == 401 and resp.headers["WWW-Authenticate"].startswith("Basic")
     assert (await client.post("/alerts", json=notification(), headers={"Authorization": f"Bearer {good}"})).status \
         == 401
-
-
-async def test_repair_cut_short_by_a_crash_is_verified_again(receiver_for: Any, tmp_path: Path) -> None:
-    config = service_config(tmp_path)
-    store = Store(config.resolve(config.receiver.state_file))
-    (entry_id,) = store.admit([NewAlert("c1", "2026-01-01T00:00:00+00:00", "firing", "CaretakerServiceDown", "svc",
-                                        "restart", "queued", "")], time.time())
-    assert entry_id is not None
-    store.update(entry_id, decision="acted", state="running", started_at=time.time(),
-                 steps=[{"at": time.time(), "message": "SIGTERM to pid 1"}])
-    store.close()
-    client = await receiver_for(config)
-    deadline = time.monotonic() + 20
-    while True:
-        (entry,) = await settle(client)
-        if len(entry["steps"]) >= 3:
-            break
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.2)
-    assert entry["state"] == "interrupted"
-    assert entry["steps"][1]["message"].startswith("receiver restarted during this repair")
-    assert entry["steps"][2]["message"].startswith("still not healthy")  # nothing runs, and nothing was started
 
 
 # --- generated hostile payloads ---------------------------------------------------------------

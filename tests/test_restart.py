@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -211,7 +212,8 @@ async def test_dedupe_and_cooldown_survive_a_receiver_restart(receiver_for: Any,
     assert [(e["fingerprint"], e["reason"]) for e in entries] == [("f2", "cooldown"), ("f1", "")]
 
 
-async def test_repair_interrupted_by_a_crash_is_marked_not_repeated(receiver_for: Any, tmp_path: Path) -> None:
+async def test_repair_interrupted_by_a_crash_is_marked_not_repeated_and_verified_again(
+        receiver_for: Any, tmp_path: Path) -> None:
     config = service_config(tmp_path)
     store = Store(config.resolve(config.receiver.state_file))
     (entry_id,) = store.admit([NewAlert("f1", "2026-01-01T00:00:00+00:00", "firing", "CaretakerServiceDown", "svc",
@@ -221,9 +223,17 @@ async def test_repair_interrupted_by_a_crash_is_marked_not_repeated(receiver_for
                  steps=[{"at": time.time(), "message": "SIGTERM to pid 1"}])
     store.close()
     client = await receiver_for(config)
-    (entry,) = await settle(client)
+    deadline = time.monotonic() + 20
+    while True:  # the re-verification runs in the background after start-up
+        (entry,) = await settle(client)
+        if len(entry["steps"]) >= 3:
+            break
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.2)
     assert (entry["state"], entry["result"]) == ("interrupted", "failure")
     assert processes(config) == []  # not repeated blindly
+    assert entry["steps"][1]["message"].startswith("receiver restarted during this repair")
+    assert entry["steps"][2]["message"].startswith("still not healthy")  # nothing runs, and nothing was started
     registry = client.server.app[REGISTRY_KEY]
     assert registry.get_sample_value("caretaker_remediations_total",
                                      {"action": "restart", "service_name": "svc", "result": "failure"}) == 1

@@ -8,13 +8,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from exporter.app import SCRAPER_KEY, create_app
 from exporter.client import Feeder, send
@@ -31,21 +31,6 @@ Client = TestClient[web.Request, web.Application]
 def config_with(service: dict[str, Any], tmp_path: Path, **exporter: Any) -> Any:
     return parse_config({"exporter": {"state_file": "state.json", **exporter},
                          "services": {"svc": {"match": {"comm": "^nothing-matches$"}, **service}}}, base_dir=tmp_path)
-
-
-@pytest.fixture
-async def exporter_for() -> AsyncIterator[Callable[..., Any]]:
-    clients: list[Client] = []
-
-    async def make(config: Any) -> Client:
-        client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
-        await client.start_server()
-        clients.append(client)
-        return client
-
-    yield make
-    for c in clients:
-        await c.close()
 
 
 async def scrape(client: Client) -> Any:
