@@ -4,37 +4,35 @@ One connection, used from one thread (:class:`Store` methods are blocking; the a
 calls them through a single-thread executor). WAL mode, so a crash loses at most
 the transaction in flight. Times are Unix seconds (float).
 
-Tables:
+Tables (schema version 2, ``PRAGMA user_version``):
 
-- ``alerts``: one row per ``(fingerprint, starts_at, status)`` ever received; the
-  primary key is the dedupe rule (DESIGN.md: idempotent per fingerprint+startsAt).
-- ``remediations``: the audit trail, one row per decision about a new alert.
+- ``remediations``: the audit trail, one row per ``(fingerprint, starts_at, status)``
+  ever received (a unique index: the dedupe rule, DESIGN.md: idempotent per
+  fingerprint+startsAt), with the decision about it and, for a repair, its steps.
+  Resends only raise ``times_seen`` and ``last_seen``.
+- ``resets``: when each service's attempt budget was last reset, and why.
+
+A state file of version 1 (a separate ``alerts`` table for dedupe) is migrated in
+place, in one transaction, when it is opened.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["AuditEntry", "NewAlert", "Store"]
 
+SCHEMA_VERSION = 2
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS alerts (
-    fingerprint TEXT NOT NULL,
-    starts_at   TEXT NOT NULL,
-    status      TEXT NOT NULL,
-    first_seen  REAL NOT NULL,
-    last_seen   REAL NOT NULL,
-    times_seen  INTEGER NOT NULL DEFAULT 1,
-    PRIMARY KEY (fingerprint, starts_at, status)
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS remediations (
-    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    id           INTEGER PRIMARY KEY,
     received_at  REAL NOT NULL,
     fingerprint  TEXT NOT NULL,
     starts_at    TEXT NOT NULL,
@@ -48,9 +46,13 @@ CREATE TABLE IF NOT EXISTS remediations (
     result       TEXT,            -- success | failure | NULL
     started_at   REAL,
     finished_at  REAL,
-    steps        TEXT NOT NULL DEFAULT '[]'
+    steps        TEXT NOT NULL DEFAULT '[]',
+    times_seen   INTEGER NOT NULL DEFAULT 1,
+    last_seen    REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS remediations_service ON remediations (service_name, decision, started_at);
+CREATE UNIQUE INDEX IF NOT EXISTS remediations_alert ON remediations (fingerprint, starts_at, status);
+CREATE INDEX IF NOT EXISTS remediations_repairs ON remediations (service_name, started_at)
+    WHERE decision = 'acted';
 CREATE TABLE IF NOT EXISTS resets (
     service_name TEXT PRIMARY KEY,
     at           REAL NOT NULL,
@@ -58,10 +60,25 @@ CREATE TABLE IF NOT EXISTS resets (
 ) WITHOUT ROWID;
 """
 
+MIGRATE_FROM_1 = """
+ALTER TABLE remediations RENAME TO remediations_v1;
+DROP INDEX IF EXISTS remediations_service;
+""" + SCHEMA + """
+INSERT INTO remediations (id, received_at, fingerprint, starts_at, status, alertname, service_name, action,
+                          decision, reason, state, result, started_at, finished_at, steps, times_seen, last_seen)
+SELECT r.id, r.received_at, r.fingerprint, r.starts_at, r.status, r.alertname, r.service_name, r.action,
+       r.decision, r.reason, r.state, r.result, r.started_at, r.finished_at, r.steps,
+       COALESCE(a.times_seen, 1), COALESCE(a.last_seen, r.received_at)
+FROM remediations_v1 r LEFT JOIN alerts a
+  ON a.fingerprint = r.fingerprint AND a.starts_at = r.starts_at AND a.status = r.status;
+DROP TABLE remediations_v1;
+DROP TABLE alerts;
+"""
 
-@dataclass(frozen=True)
-class NewAlert:
-    """An alert as the store needs it, with the decision already taken."""
+
+class NewAlert(NamedTuple):
+    """An alert as the store needs it, with the decision already taken (a named tuple:
+    one is made per alert on the webhook's hot path)."""
 
     fingerprint: str
     starts_at: str
@@ -74,7 +91,7 @@ class NewAlert:
 
 
 _AUDIT_COLUMNS = ("id", "received_at", "fingerprint", "starts_at", "status", "alertname", "service_name", "action",
-                  "decision", "reason", "state", "result", "started_at", "finished_at", "steps")
+                  "decision", "reason", "state", "result", "started_at", "finished_at", "steps", "times_seen")
 """Columns of ``remediations`` (fixed names, the only text interpolated into SQL here)."""
 
 
@@ -110,6 +127,27 @@ class AuditEntry:
 
 
 class Store:
+    """The state file: one writer connection and one reader connection.
+
+    Writes (:meth:`admit_many`, :meth:`update`, :meth:`reset_budget`,
+    :meth:`mark_interrupted`) are short transactions that end in a commit without an
+    fsync (WAL, ``synchronous=NORMAL``): durable against a crash of the receiver, not of
+    the machine. They are cheap enough to run on the event loop, which the webhook
+    does, so a notification is committed before it is answered without a thread
+    hand-off per request. Reads (:meth:`list`, :meth:`seen`, :meth:`repairs_since`,
+    :meth:`last_repair_finished`) and :meth:`checkpoint` (the one step that fsyncs) use
+    the second connection and may run on another thread; in WAL mode they neither
+    block nor wait for the writer.
+
+    Raises ``sqlite3.Error`` (for instance "database or disk is full") from any method.
+    """
+
+    WRITER_BUSY_TIMEOUT_MS = 200
+    """How long a write waits for a lock held by another process (say an operator's
+    sqlite3 shell) before failing, short because writes run on the event loop."""
+    WAL_AUTOCHECKPOINT_PAGES = 10_000
+    """Bound on the WAL (about 40 MiB) should :meth:`checkpoint` not keep up."""
+
     def __init__(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
@@ -117,11 +155,58 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(SCHEMA)
+        self._migrate()
+        self._db.execute(f"PRAGMA busy_timeout={self.WRITER_BUSY_TIMEOUT_MS}")
+        self._db.execute(f"PRAGMA wal_autocheckpoint={self.WAL_AUTOCHECKPOINT_PAGES}")
+        self._db.execute("PRAGMA journal_size_limit=67108864")
+        self._reader = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._reader.execute("PRAGMA busy_timeout=5000")
+        self._read_lock = threading.Lock()
+        self._written = False
+
+    def _migrate(self) -> None:
+        """Create the schema, or bring a version 1 state file to version 2 (one transaction)."""
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version == SCHEMA_VERSION:
+            return
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(f"state file has schema version {version}, newer than this receiver's "
+                                        f"{SCHEMA_VERSION}: upgrade the receiver or move the file aside")
+        old = self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alerts'").fetchone()
+        script = MIGRATE_FROM_1 if old else SCHEMA
+        # executescript() would commit on its own; run it inside an explicit transaction.
+        self._db.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
 
     def close(self) -> None:
+        with self._read_lock:
+            self._reader.close()
         with self._lock:
             self._db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Cursor]:
+        """A write transaction on the writer connection: committed at the end, rolled back
+        whole on any error (SQLite may have rolled it back already, as on SQLITE_FULL)."""
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield cur
+                cur.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    cur.execute("ROLLBACK")
+                raise
+            self._written = True
+
+    def checkpoint(self) -> None:
+        """Copy committed pages from the WAL into the database file (PASSIVE: never waits
+        for, nor blocks, the writer). Blocking (it fsyncs); call it from a thread."""
+        if not self._written:
+            return
+        self._written = False
+        with self._read_lock:
+            self._reader.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def admit(self, alerts: Sequence[NewAlert], now: float) -> list[int | None]:
         """Record a notification's alerts in one transaction.
@@ -133,41 +218,27 @@ class Store:
 
     def admit_many(self, notifications: Sequence[Sequence[NewAlert]], now: float) -> list[list[int | None]]:
         """:meth:`admit` for several notifications in one transaction (group commit),
-        in order, so a duplicate within the batch is seen as one."""
-        out: list[list[int | None]] = []
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                for alerts in notifications:
-                    out.append(self._admit(cur, alerts, now))
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-        return out
+        in order, so a duplicate within the batch is seen as one.
 
-    @staticmethod
-    def _admit(cur: sqlite3.Cursor, alerts: Sequence[NewAlert], now: float) -> list[int | None]:
-        ids: list[int | None] = []
-        for a in alerts:
-            cur.execute(
-                "INSERT INTO alerts (fingerprint, starts_at, status, first_seen, last_seen) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
-                "times_seen = times_seen + 1, last_seen = excluded.last_seen "
-                "RETURNING times_seen",
-                (a.fingerprint, a.starts_at, a.status, now, now))
-            (times_seen,) = cur.fetchone()
-            if times_seen > 1:
-                ids.append(None)
-                continue
-            cur.execute(
-                "INSERT INTO remediations (received_at, fingerprint, starts_at, status, alertname, "
-                "service_name, action, decision, reason, state) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (now, a.fingerprint, a.starts_at, a.status, a.alertname, a.service_name, a.action,
-                 a.decision, a.reason, "queued" if a.decision == "queued" else "done"))
-            ids.append(cur.lastrowid)
-        return ids
+        One ``executemany`` upsert for the whole batch; the new rows are then the ones
+        with an id above the largest before it (a rowid table without AUTOINCREMENT
+        gives a new row the largest id plus one, and no other writer can interleave in
+        an IMMEDIATE transaction).
+        """
+        rows = [(now, a.fingerprint, a.starts_at, a.status, a.alertname, a.service_name, a.action, a.decision,
+                 a.reason, "queued" if a.decision == "queued" else "done", now)
+                for alerts in notifications for a in alerts]
+        with self._transaction() as cur:
+            (last,) = cur.execute("SELECT COALESCE(MAX(id), 0) FROM remediations").fetchone()
+            cur.executemany(
+                "INSERT INTO remediations (received_at, fingerprint, starts_at, status, alertname, service_name, "
+                "action, decision, reason, state, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (fingerprint, starts_at, status) DO UPDATE SET "
+                "times_seen = times_seen + 1, last_seen = excluded.last_seen", rows)
+            new = {(fingerprint, starts_at, status): entry_id for entry_id, fingerprint, starts_at, status in
+                   cur.execute("SELECT id, fingerprint, starts_at, status FROM remediations WHERE id > ?", (last,))}
+        # pop: the first of two equal alerts in one batch is the new one, the second a duplicate
+        return [[new.pop((a.fingerprint, a.starts_at, a.status), None) for a in alerts] for alerts in notifications]
 
     def update(self, entry_id: int, **fields: Any) -> None:
         """Set columns of one audit entry (``steps`` may be given as a list)."""
@@ -180,11 +251,12 @@ class Store:
         with self._lock:
             self._db.execute(f"UPDATE remediations SET {assignments} WHERE id = ?",  # noqa: S608 - names checked
                              (*fields.values(), entry_id))
+            self._written = True
 
     def last_repair_finished(self, service_name: str) -> float | None:
         """When the newest finished repair of the service ended (for the cooldown)."""
-        with self._lock:
-            row = self._db.execute(
+        with self._read_lock:
+            row = self._reader.execute(
                 "SELECT MAX(finished_at) FROM remediations WHERE service_name = ? AND decision = 'acted'",
                 (service_name,)).fetchone()
         return row[0] if row else None
@@ -192,8 +264,8 @@ class Store:
     def repairs_since(self, service_name: str, since: float) -> int:
         """Repairs of the service started at or after ``since`` and after its last budget
         reset (for the attempt budget)."""
-        with self._lock:
-            (n,) = self._db.execute(
+        with self._read_lock:
+            (n,) = self._reader.execute(
                 "SELECT COUNT(*) FROM remediations WHERE service_name = ? AND decision = 'acted' AND started_at >= "
                 "MAX(?, COALESCE((SELECT at FROM resets WHERE service_name = ?), 0))",
                 (service_name, since, service_name)).fetchone()
@@ -205,20 +277,20 @@ class Store:
             self._db.execute("INSERT INTO resets (service_name, at, reason) VALUES (?, ?, ?) "
                              "ON CONFLICT DO UPDATE SET at = excluded.at, reason = excluded.reason",
                              (service_name, now, reason))
+            self._written = True
 
     def seen(self, fingerprint: str, starts_at: str, status: str) -> bool:
         """Whether this alert was admitted before (read-only, for plans)."""
-        with self._lock:
-            row = self._db.execute("SELECT 1 FROM alerts WHERE fingerprint = ? AND starts_at = ? AND status = ?",
-                                   (fingerprint, starts_at, status)).fetchone()
+        with self._read_lock:
+            row = self._reader.execute(
+                "SELECT 1 FROM remediations WHERE fingerprint = ? AND starts_at = ? AND status = ?",
+                (fingerprint, starts_at, status)).fetchone()
         return row is not None
 
     def mark_interrupted(self, now: float) -> list[AuditEntry]:
         """After a restart of the receiver: repairs left running become ``interrupted``,
         repairs left queued are skipped (``receiver_restarted``). Returns those entries."""
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
+        with self._transaction() as cur:
             rows = cur.execute("SELECT id, state FROM remediations WHERE state IN ('queued', 'running')").fetchall()
             for entry_id, state in rows:
                 if state == "running":
@@ -227,7 +299,6 @@ class Store:
                 else:
                     cur.execute("UPDATE remediations SET state = 'done', decision = 'skipped', "
                                 "reason = 'receiver_restarted' WHERE id = ?", (entry_id,))
-            cur.execute("COMMIT")
         return [e for e in (self.get(entry_id) for entry_id, _ in rows) if e is not None]
 
     def get(self, entry_id: int) -> AuditEntry | None:
@@ -238,20 +309,18 @@ class Store:
         """Audit entries, newest first."""
         where, args = [], []
         if service_name is not None:
-            where.append("r.service_name = ?")
+            where.append("service_name = ?")
             args.append(service_name)
         if entry_id is not None:
-            where.append("r.id = ?")
+            where.append("id = ?")
             args.append(str(entry_id))
-        columns = ", ".join(f"r.{c}" for c in _AUDIT_COLUMNS)
-        sql = (f"SELECT {columns}, COALESCE(a.times_seen, 1) FROM remediations r LEFT JOIN alerts a ON "  # noqa: S608
-               "a.fingerprint = r.fingerprint AND a.starts_at = r.starts_at AND a.status = r.status"
-               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY r.id DESC LIMIT ?")
-        with self._lock:
-            rows = self._db.execute(sql, (*args, limit)).fetchall()
+        sql = (f"SELECT {', '.join(_AUDIT_COLUMNS)} FROM remediations"  # noqa: S608 - fixed names
+               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?")
+        with self._read_lock:
+            rows = self._reader.execute(sql, (*args, limit)).fetchall()
         entries = []
         for row in rows:
-            fields = dict(zip(_AUDIT_COLUMNS, row, strict=False))
+            fields = dict(zip(_AUDIT_COLUMNS, row, strict=True))
             fields["steps"] = json.loads(fields["steps"])
-            entries.append(AuditEntry(**fields, times_seen=row[-1]))
+            entries.append(AuditEntry(**fields))
         return entries
