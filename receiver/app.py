@@ -3,8 +3,9 @@
 - ``POST /alerts``: Alertmanager's webhook (payload version 4). Answers at once, after
   validating, deduplicating and queueing: 200 with counts; 400 bad JSON or shape (with
   the reason); 401 missing/wrong bearer token; 413 body over ``receiver.max_body_bytes``;
-  415 not ``application/json``; 503 when too many repairs are pending (Alertmanager
-  retries on 5xx, never on 4xx).
+  415 not ``application/json``; 503 when too many repairs are pending, when the
+  shared state (Redis) is down, or when the state file cannot be written (a full
+  disk, say): Alertmanager retries on 5xx, never on 4xx.
 - ``GET /api/v1/remediations?limit=N&service_name=S``: the audit trail, newest first.
 - ``POST /api/v1/plan``: for a webhook payload, what would be done now and why (or why
   not); nothing is recorded or run.
@@ -24,6 +25,7 @@ import base64
 import hmac
 import ipaddress
 import logging
+import sqlite3
 import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -91,6 +93,11 @@ async def guard(request: web.Request, handler: Callable[[web.Request], Awaitable
             if request.path == "/alerts":
                 request.app[METRICS_KEY].request_count(exc.status)
             raise
+        except sqlite3.Error as err:
+            # Nothing of the request was recorded (its transaction rolled back);
+            # Alertmanager retries on 5xx.
+            log.error("state file unavailable, answering 503: %s", err)
+            response = _error(503, f"state file unavailable, retry later: {err}")
     if request.path == "/alerts":
         request.app[METRICS_KEY].request_count(response.status)
     return response
@@ -132,7 +139,7 @@ async def post_alerts(request: web.Request) -> web.Response:
     except SharedStateError as err:
         log.error("shared state (Redis) unavailable; answering 503 so Alertmanager retries: %s", err)
         return _error(503, "shared state unavailable, retry later")
-    return web.json_response({"status": "success", **admission.as_json()})
+    return web.Response(body=admission.as_json_bytes(), content_type="application/json")
 
 
 async def post_plan(request: web.Request) -> web.Response:
@@ -238,7 +245,8 @@ def create_app(config: Config, reader: ProcReader | None = None, dry_run: bool =
             await executor.start()
             background = [asyncio.create_task(reap_forever(reaper)),
                           asyncio.create_task(backup_forever(backups, recv.backup_interval)),
-                          asyncio.create_task(executor.watch_exhausted())]
+                          asyncio.create_task(executor.watch_exhausted()),
+                          asyncio.create_task(executor.checkpoint_forever())]
             yield
             for task in background:
                 task.cancel()

@@ -10,11 +10,10 @@ Everything else (annotations, endsAt, groupKey, truncatedAlerts...) is ignored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Annotated, Literal
+from datetime import UTC
+from typing import Annotated, Literal, NamedTuple
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictStr
 
 from exporter.config import REMEDIATION_ACTIONS, Config
 
@@ -26,12 +25,6 @@ LabelName = Annotated[StrictStr, Field(min_length=1, max_length=256)]
 LabelValue = Annotated[StrictStr, Field(max_length=4096)]
 
 
-def _utc(value: datetime) -> datetime:
-    if value.tzinfo is None:
-        raise ValueError("timestamp has no time zone")
-    return value.astimezone(UTC)
-
-
 class _Accepting(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -39,13 +32,16 @@ class _Accepting(BaseModel):
 class Alert(_Accepting):
     status: Literal["firing", "resolved"]
     labels: Annotated[dict[LabelName, LabelValue], Field(max_length=MAX_LABELS)]
-    startsAt: Annotated[datetime, AfterValidator(_utc)]
+    startsAt: AwareDatetime
     fingerprint: Annotated[StrictStr, Field(pattern=r"^[0-9A-Za-z]{1,64}$")]
 
     @property
     def starts_at_key(self) -> str:
-        """``startsAt`` in one canonical text form, for the dedupe key."""
-        return self.startsAt.isoformat(timespec="microseconds")
+        """``startsAt`` in one canonical text form (UTC, microseconds), for the dedupe key."""
+        starts = self.startsAt
+        if starts.utcoffset():
+            starts = starts.astimezone(UTC)
+        return starts.isoformat(timespec="microseconds")
 
     @property
     def alertname(self) -> str:
@@ -66,9 +62,11 @@ SKIP_REASONS = (
 """Every reason a decision can give for not repairing; a fixed set (a metric label)."""
 
 
-@dataclass(frozen=True)
-class Decision:
-    """What to do about one alert: ``action`` set means queue a repair."""
+class Decision(NamedTuple):
+    """What to do about one alert: ``reason`` empty means queue a repair.
+
+    A named tuple, not a dataclass: one is made per alert on the webhook's hot path.
+    """
 
     service_name: str
     """The configured service, or ``""`` when the alert names none we know (bounded cardinality)."""
@@ -91,7 +89,8 @@ def decide(alert: Alert, config: Config) -> Decision:
     """
     service = alert.labels.get("service_name", "")
     known = service if service in config.services else ""
-    rule = next((r for r in config.receiver.rules if r.matches(alert.labels)), None)
+    rules = config.receiver.rules
+    rule = next((r for r in rules if r.matches(alert.labels)), None) if rules else None
     if rule is not None:
         steps: tuple[str, ...] = rule.steps
     else:

@@ -133,6 +133,7 @@ async def test_oversized_body_is_413(receiver: Any, tmp_path: Path) -> None:
     ("[]", "not an Alertmanager webhook payload"),
     (json.dumps({"version": "3", "status": "firing", "alerts": []}), "version"),
     (json.dumps(notification(alert(starts_at="yesterday"))), "alerts.0.startsAt"),
+    (json.dumps(notification(alert(starts_at="2026-11-22T03:00:00"))), "alerts.0.startsAt: Input should have timezone"),
     (json.dumps(notification({**alert(), "labels": {"service_name": 5}})), "alerts.0.labels.service_name"),
     (json.dumps(notification({**alert(), "fingerprint": "../../etc/passwd"})), "alerts.0.fingerprint"),
     (json.dumps(notification({**alert(), "status": "exploded"})), "alerts.0.status"),
@@ -156,6 +157,20 @@ async def test_unknown_fields_are_accepted(receiver: Any) -> None:
     status, answer = await post(client, payload)
     assert status == 200
     assert answer == {"status": "success", "received": 1, "duplicates": 0, "queued": 0, "skipped": 1}
+
+
+async def test_the_same_start_in_another_time_zone_is_a_duplicate(receiver: Any) -> None:
+    client = await receiver()
+    _, first = await post(client, notification(alert("f00d", starts_at="2026-11-22T03:00:00Z",
+                                                     service_name="watched_only")))
+    _, again = await post(client, notification(alert("f00d", starts_at="2026-11-22T04:00:00.000000+01:00",
+                                                     service_name="watched_only")))
+    _, later = await post(client, notification(alert("f00d", starts_at="2026-11-22T03:00:00.000001Z",
+                                                     service_name="watched_only")))
+    assert (first["skipped"], again["duplicates"], later["skipped"]) == (1, 1, 1)
+    entries = await audit(client)
+    # the dedupe key's text form, unchanged since the first state files: UTC, microseconds
+    assert [e["starts_at"] for e in entries] == ["2026-11-22T03:00:00.000001+00:00", "2026-11-22T03:00:00.000000+00:00"]
 
 
 # --- decisions ------------------------------------------------------------------------
@@ -211,6 +226,23 @@ async def test_hostile_label_values_are_never_executed(receiver: Any, tmp_path: 
     reasons = sorted(e["reason"] for e in await audit(client))
     assert reasons == ["unknown_action", "unknown_service", "unknown_service"]
     assert all(e["service_name"] == "" for e in await audit(client) if e["reason"] == "unknown_service")
+
+
+async def test_a_full_state_file_is_503_and_loses_nothing(receiver: Any) -> None:
+    client = await receiver()
+    store = client.server.app[EXECUTOR_KEY].store
+    # SQLite's own limit on the file's size gives the error a full disk gives.
+    (pages,) = store._db.execute("PRAGMA page_count").fetchone()
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    body = notification(*(alert(f"f{i}", service_name="watched_only", filler="x" * 2000) for i in range(50)))
+    status, answer = await post(client, body)
+    assert status == 503 and "database or disk is full" in answer["error"]
+    assert await audit(client) == []  # the batch rolled back whole
+    assert metric(client, "caretaker_webhook_requests_total", code="503") == 1
+    store._db.execute("PRAGMA max_page_count = 1073741823")
+    status, answer = await post(client, body)  # Alertmanager's retry
+    assert (status, answer["received"], answer["duplicates"], answer["skipped"]) == (200, 50, 0, 50)
+    assert len(await audit(client, limit="1000")) == 50
 
 
 async def test_dry_run_decides_but_does_not_repair(receiver: Any) -> None:
