@@ -227,11 +227,11 @@ async def test_rotate_logs_renames_reopens_and_compresses(run: Any, children: Ch
                                                    "rotate_logs": {"keep": 2, "reopen_signal": "SIGHUP"}}})
     wait_for(lambda: log.exists() and log.stat().st_size > 100, 5)
     for _ in range(3):
-        await run(config, "rotate_logs")
-        time.sleep(0.3)
+        steps = messages(await run(config, "rotate_logs"))
+        assert "renamed to w.log.1" in steps and "SIGHUP" in steps, steps
+        wait_for(lambda: log.stat().st_size > 0, 5)  # the writer reopened the new file
     names = sorted(p.name for p in tmp_path.glob("w.log*"))
     assert names == ["w.log", "w.log.1", "w.log.2.gz"]
-    assert log.stat().st_size > 0  # the writer reopened the new file
     lines = [int(x.split()[1]) for x in gzip.open(tmp_path / "w.log.2.gz", "rt").read().split("\n") if x]
     assert lines == sorted(lines)
 
