@@ -143,12 +143,21 @@ class Match(_Model):
     """Regex on the executable path (``/proc/PID/exe``)."""
     cmdline: Regex | None = None
     """Regex on the command line, arguments joined by single spaces."""
+    pidfile: str | None = None
+    """File whose first line is the pid of the service's main process (relative to the
+    config file's directory). Alone, it finds that one process (if it runs). With
+    regexes, the regexes find the processes and the pidfile only names the one that
+    ``stop_duplicates`` keeps first, so a second copy started by hand is still seen."""
 
     @model_validator(mode="after")
     def _one_at_least(self) -> Match:
-        if self.comm is None and self.exe is None and self.cmdline is None:
-            raise ValueError("give at least one of comm, exe, cmdline")
+        if self.comm is None and self.exe is None and self.cmdline is None and self.pidfile is None:
+            raise ValueError("give at least one of comm, exe, cmdline, pidfile")
         return self
+
+    @property
+    def by_regex(self) -> bool:
+        return self.comm is not None or self.exe is not None or self.cmdline is not None
 
 
 class Processes(_Model):
@@ -634,6 +643,16 @@ class Config(_Model):
     services: dict[Name, ServiceConfig] = Field(min_length=1)
     base_dir: Path = Path(".")
     """Directory of the config file; relative paths in it are resolved against it."""
+
+    @model_validator(mode="after")
+    def _absolute_pidfiles(self) -> Config:
+        # Process discovery gets services without the config's directory; a pidfile
+        # path is made absolute here, once, so every reader finds the same file.
+        for name, cfg in self.services.items():
+            if cfg.match.pidfile is not None:
+                match = cfg.match.model_copy(update={"pidfile": str(self.resolve(cfg.match.pidfile))})
+                self.services[name] = cfg.model_copy(update={"match": match})
+        return self
 
     @model_validator(mode="after")
     def _unique_heartbeats(self) -> Config:

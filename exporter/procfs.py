@@ -170,19 +170,42 @@ class ProcReader:
             return None
 
 
+PIDFILE_SLACK_SECONDS = 1.0
+"""A process named by a pidfile must have started at most this long after the file was
+last written (start times are known to about a second: the boot time is whole seconds)."""
+
+
+def read_pidfile(path: str) -> tuple[int, float] | None:
+    """``(pid, mtime)`` from a pidfile whose first line is the pid (as nginx, Redis,
+    PostgreSQL's ``postmaster.pid`` and ``start-stop-daemon`` write them), or ``None``
+    when the file is missing, unreadable, or does not start with a pid above 1 (init is
+    never a service's process)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.read(64).split(b"\n", 1)[0].strip()
+            mtime = os.fstat(f.fileno()).st_mtime
+    except OSError:
+        return None
+    return (int(first), mtime) if first.isdigit() and int(first) > 1 else None
+
+
 @dataclass(frozen=True)
 class ServiceMatcher:
-    """Compiled ``match`` of one service; every given regex must ``search`` its field."""
+    """Compiled ``match`` of one service; every given regex must ``search`` its field.
+    With a pidfile and no regex, the process must be the one the pidfile names."""
 
     comm: re.Pattern[str] | None
     exe: re.Pattern[str] | None
     cmdline: re.Pattern[str] | None
+    pidfile: str | None = None
+    by_pidfile_only: bool = False
 
     @classmethod
     def from_config(cls, match: Match) -> ServiceMatcher:
         def compile_(p: str | None) -> re.Pattern[str] | None:
             return re.compile(p) if p is not None else None
-        return cls(compile_(match.comm), compile_(match.exe), compile_(match.cmdline))
+        return cls(compile_(match.comm), compile_(match.exe), compile_(match.cmdline), match.pidfile,
+                   match.pidfile is not None and not match.by_regex)
 
 
 _Entry = tuple[int, int]
@@ -214,18 +237,29 @@ class ProcessTable:
         self.with_fds = with_fds
         self.young_ticks = young_seconds * reader.clock_ticks
         self.recheck_scans = max(1, recheck_scans)
+        self._pidfiles = {name: m.pidfile for name, m in self.matchers.items()
+                          if m.by_pidfile_only and m.pidfile is not None}
         self._cache: dict[str, _Entry] = {}
         self._scans = 0
         self.reads = 0
         """Processes read in the last scan (for benchmarks and tests)."""
 
-    def _match(self, info: ProcessInfo) -> tuple[tuple[str, ...], str | None]:
+    def _match(self, info: ProcessInfo, pinned: Mapping[str, tuple[int, float]]
+               ) -> tuple[tuple[str, ...], str | None]:
         pid = info.pid
         cmdline: str | None = None
         exe: str | None = None
         exe_read = False
         names = []
         for name, m in self.matchers.items():
+            if m.by_pidfile_only:
+                named = pinned.get(name)
+                # A process that started after the pidfile was written is not the one
+                # that wrote it: the pid was reused after the service died.
+                if named is not None and named[0] == pid and \
+                        info.start_time_seconds <= named[1] + PIDFILE_SLACK_SECONDS:
+                    names.append(name)
+                continue
             if m.comm is not None and not m.comm.search(info.comm):
                 continue
             if m.cmdline is not None:
@@ -252,10 +286,14 @@ class ProcessTable:
         cache: dict[str, _Entry] = {}
         result: dict[str, list[ProcessInfo]] = {name: [] for name in self.services}
         young_since = reader.uptime_ticks() - self.young_ticks
+        # Pidfiles are read every scan, and the processes they name are read even when
+        # remembered: a pidfile may come to name an old process (a restart by hand).
+        pinned = {name: found for name, path in self._pidfiles.items() if (found := read_pidfile(path)) is not None}
+        named = {str(pid) for pid, _ in pinned.values()}
         reads = 0
         for name, inode in reader.listing():
             entry = old.get(name)
-            if entry is not None and scan_no < entry[1] and entry[0] == inode and inode:
+            if entry is not None and scan_no < entry[1] and entry[0] == inode and inode and name not in named:
                 cache[name] = entry  # same process, nothing of it can have changed that we use
                 continue
             if not name.isdigit():
@@ -270,7 +308,7 @@ class ProcessTable:
             services: tuple[str, ...] = ()
             cmdline = None
             if info.state not in _NOT_RUNNING:
-                services, cmdline = self._match(info)
+                services, cmdline = self._match(info, pinned)
             if services or info.start_ticks > young_since:
                 recheck = scan_no + 1
             else:

@@ -35,7 +35,7 @@ import aiohttp
 from exporter.config import Config, ServiceConfig
 from exporter.files import check_port, listening_table, socket_inodes
 from exporter.probes import ProbeContext, run_probes
-from exporter.procfs import ProcessInfo, ProcReader, scan_services
+from exporter.procfs import ProcessInfo, ProcReader, read_pidfile, scan_services
 
 __all__ = ["ACTIONS", "ActionContext", "ChildReaper", "RepairFailed", "StepLog", "restart", "run_command"]
 
@@ -349,15 +349,18 @@ async def restart_managed(ctx: ActionContext, name: str, step: StepLog) -> None:
 
 
 async def stop_duplicates(ctx: ActionContext, name: str, step: StepLog) -> None:
-    """Keep ``processes.max`` processes (those holding the service's ports first, then
-    the oldest), stop the others, each alone, gracefully; then verify."""
+    """Keep ``processes.max`` processes (the one its pidfile names first, then those
+    holding the service's ports, then the oldest), stop the others, each alone,
+    gracefully; then verify."""
     cfg = ctx.config.services[name]
     procs = await find_processes(ctx, name)
     if len(procs) <= cfg.processes.max:
         step(f"{len(procs)} processes, max {cfg.processes.max}: nothing to stop")
         return
     holders = await asyncio.to_thread(_port_holders, ctx.reader.root, cfg.ports, procs) if cfg.ports else set()
-    ranked = sorted(procs, key=lambda p: (p.pid not in holders, p.start_ticks, p.pid))
+    named = read_pidfile(cfg.match.pidfile) if cfg.match.pidfile else None
+    main_pid = named[0] if named else 0
+    ranked = sorted(procs, key=lambda p: (p.pid != main_pid, p.pid not in holders, p.start_ticks, p.pid))
     keep, extra = ranked[:cfg.processes.max], ranked[cfg.processes.max:]
     step(f"keeping {[p.pid for p in keep]}, stopping {[p.pid for p in extra]}",
          processes=[_describe(p) for p in procs])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from exporter.config import parse_config
 from exporter.procfs import CpuAccountant, ProcessTable, ProcReader, scan_services
@@ -205,3 +206,49 @@ def test_child_between_fork_and_exec_with_a_persistent_table(children: Children,
     wait_for(lambda: len(t.scan()["child"]) == 1, 5, what="child counted as its own service after exec")
     found = t.scan()
     assert [p.pid for p in found["parent"]] == [parent.pid]
+
+
+# --- pidfiles ---------------------------------------------------------------------------
+
+def test_a_pidfile_alone_finds_the_process_it_names(children: Children, python: str, tmp_path: Path) -> None:
+    sleeper = [python, "-c", "import time; time.sleep(60)", "pidfile-marker"]
+    first, second = children.start(sleeper), children.start(sleeper)
+    pidfile = tmp_path / "run" / "svc.pid"
+    pidfile.parent.mkdir()
+    config = parse_config({"services": {"svc": {"match": {"pidfile": "run/svc.pid"}}}}, base_dir=tmp_path)
+    assert config.services["svc"].match.pidfile == str(pidfile)  # made absolute against the config's directory
+    # A table that remembers old processes: the pidfile must still be followed at once.
+    processes = ProcessTable(ProcReader(), config.services, young_seconds=0, recheck_scans=1000)
+
+    def pids() -> list[int]:
+        return [p.pid for p in processes.scan()["svc"]]
+
+    assert pids() == []  # no pidfile yet
+    pidfile.write_text(f"{first.pid}\n")
+    assert pids() == [first.pid]
+    pidfile.write_text(f"{second.pid}\n/var/lib/extra/lines/ignored\n")  # postmaster.pid has more lines
+    assert pids() == [second.pid]
+    for garbage in ("", "abc\n", "-5\n", "1\n"):  # nothing, not a pid, init
+        pidfile.write_text(garbage)
+        assert pids() == [], garbage
+    # A pid reused after the service died belongs to a process younger than the file.
+    pidfile.write_text(f"{second.pid}\n")
+    old = time.time() - 3600
+    os.utime(pidfile, (old, old))
+    assert pids() == []
+    second.kill()
+    second.wait(5)
+    pidfile.write_text(f"{second.pid}\n")
+    assert pids() == []  # gone
+
+
+def test_with_regexes_a_pidfile_does_not_hide_a_second_copy(children: Children, python: str,
+                                                             tmp_path: Path) -> None:
+    sleeper = [python, "-c", "import time; time.sleep(60)", "both-marker"]
+    first, second = children.start(sleeper), children.start(sleeper)
+    (tmp_path / "svc.pid").write_text(f"{first.pid}\n")
+    config = parse_config({"services": {"svc": {"match": {"cmdline": "both-marker$", "pidfile": "svc.pid"}}}},
+                          base_dir=tmp_path)
+    wait_for(lambda: len(scan_services(ProcReader(), config.services)["svc"]) == 2, 5, what="both copies")
+    assert sorted(p.pid for p in scan_services(ProcReader(), config.services)["svc"]) == \
+        sorted([first.pid, second.pid])

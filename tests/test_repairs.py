@@ -89,6 +89,23 @@ async def test_stop_duplicates_keeps_the_oldest(run: Any, children: Children, py
     assert "evidence kept" in messages(steps)
 
 
+async def test_stop_duplicates_keeps_the_process_its_pidfile_names(run: Any, children: Children, python: str,
+                                                                  tmp_path: Path) -> None:
+    mark = marker()
+    first = children.start([python, "-c", SLEEPER, mark])
+    time.sleep(0.2)
+    main = children.start([python, "-c", SLEEPER, mark])  # younger, but the one the pidfile names
+    (tmp_path / "svc.pid").write_text(f"{main.pid}\n")
+    config = config_for(tmp_path, {"match": {"cmdline": f"{mark}$", "pidfile": "svc.pid"},
+                                   "processes": {"min": 1, "max": 1}, "stop": {"grace_period": 1},
+                                   "remediation": {"allow": ["stop_duplicates"]}})
+    wait_for(lambda: len(procs_of(config)) == 2, 5)
+    steps = await run(config, "stop_duplicates")
+    assert f"keeping [{main.pid}], stopping [{first.pid}]" in messages(steps)
+    assert first.wait(5) == -signal.SIGTERM
+    assert [p.pid for p in procs_of(config)] == [main.pid]
+
+
 async def test_free_port_stops_the_squatter_and_starts_the_service(run: Any, children: Children, python: str,
                                                                    tmp_path: Path) -> None:
     port, mark = free_port(), marker()
