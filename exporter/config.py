@@ -145,14 +145,18 @@ class Match(_Model):
     """Regex on the command line, arguments joined by single spaces."""
     pidfile: str | None = None
     """File whose first line is the pid of the service's main process (relative to the
-    config file's directory). Alone, it finds that one process (if it runs). With
-    regexes, the regexes find the processes and the pidfile only names the one that
-    ``stop_duplicates`` keeps first, so a second copy started by hand is still seen."""
+    config file's directory). Without regexes, it finds that one process (if it runs).
+    With regexes, the regexes find the processes and the pidfile only names the one
+    that ``stop_duplicates`` keeps first, so a second copy started by hand is still seen."""
+    port: Port | None = None
+    """TCP port the service listens on (IPv4 or IPv6). Without regexes, the service's
+    processes are those holding that listening socket (a server and the workers that
+    share its socket). With regexes, the holders are only kept first by ``stop_duplicates``."""
 
     @model_validator(mode="after")
     def _one_at_least(self) -> Match:
-        if self.comm is None and self.exe is None and self.cmdline is None and self.pidfile is None:
-            raise ValueError("give at least one of comm, exe, cmdline, pidfile")
+        if not self.by_regex and self.pidfile is None and self.port is None:
+            raise ValueError("give at least one of comm, exe, cmdline, pidfile, port")
         return self
 
     @property

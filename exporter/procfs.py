@@ -11,6 +11,10 @@ reading, and when they are read again, is :class:`ProcessTable`'s business (see 
 docstring); :func:`scan_services` reads everything. Processes that vanish between
 listing and reading are skipped silently: that is normal, not an error. Kernel threads,
 zombies and the caller's excluded pids never match a service.
+
+A service is found by regexes on comm / exe / cmdline, or, without regexes, by its
+pidfile and/or the TCP port it listens on (``/proc/net/tcp{,6}`` gives the listening
+socket's inode; ``/proc/PID/fd`` links show who holds it).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .config import Match, ServiceConfig
+from .files import listening_table, socket_inodes
 
 __all__ = ["CpuAccountant", "ProcReader", "ProcessInfo", "ProcessTable", "ServiceMatcher", "scan_services"]
 
@@ -192,20 +197,22 @@ def read_pidfile(path: str) -> tuple[int, float] | None:
 @dataclass(frozen=True)
 class ServiceMatcher:
     """Compiled ``match`` of one service; every given regex must ``search`` its field.
-    With a pidfile and no regex, the process must be the one the pidfile names."""
+    Without regexes, the process must be the one the pidfile names and/or hold the
+    listening socket of the port (both, when both are given)."""
 
     comm: re.Pattern[str] | None
     exe: re.Pattern[str] | None
     cmdline: re.Pattern[str] | None
     pidfile: str | None = None
-    by_pidfile_only: bool = False
+    port: int | None = None
+    by_regex: bool = True
 
     @classmethod
     def from_config(cls, match: Match) -> ServiceMatcher:
         def compile_(p: str | None) -> re.Pattern[str] | None:
             return re.compile(p) if p is not None else None
-        return cls(compile_(match.comm), compile_(match.exe), compile_(match.cmdline), match.pidfile,
-                   match.pidfile is not None and not match.by_regex)
+        return cls(compile_(match.comm), compile_(match.exe), compile_(match.cmdline), match.pidfile, match.port,
+                   match.by_regex)
 
 
 _Entry = tuple[int, int]
@@ -238,27 +245,42 @@ class ProcessTable:
         self.young_ticks = young_seconds * reader.clock_ticks
         self.recheck_scans = max(1, recheck_scans)
         self._pidfiles = {name: m.pidfile for name, m in self.matchers.items()
-                          if m.by_pidfile_only and m.pidfile is not None}
+                          if not m.by_regex and m.pidfile is not None}
+        self._ports = {name: m.port for name, m in self.matchers.items() if not m.by_regex and m.port is not None}
+        self._unresolved: frozenset[int] = frozenset()
+        """Listening sockets a full search found no (readable) holder of; not searched again."""
         self._cache: dict[str, _Entry] = {}
         self._scans = 0
         self.reads = 0
         """Processes read in the last scan (for benchmarks and tests)."""
 
-    def _match(self, info: ProcessInfo, pinned: Mapping[str, tuple[int, float]]
-               ) -> tuple[tuple[str, ...], str | None]:
+    def _match(self, info: ProcessInfo, pinned: Mapping[str, tuple[int, float]],
+               listening: Mapping[str, set[int]], found: set[int]) -> tuple[tuple[str, ...], str | None]:
         pid = info.pid
         cmdline: str | None = None
         exe: str | None = None
         exe_read = False
+        sockets: set[int] | None = None
         names = []
         for name, m in self.matchers.items():
-            if m.by_pidfile_only:
-                named = pinned.get(name)
-                # A process that started after the pidfile was written is not the one
-                # that wrote it: the pid was reused after the service died.
-                if named is not None and named[0] == pid and \
-                        info.start_time_seconds <= named[1] + PIDFILE_SLACK_SECONDS:
-                    names.append(name)
+            if not m.by_regex:
+                if m.pidfile is not None:
+                    named = pinned.get(name)
+                    # A process that started after the pidfile was written is not the
+                    # one that wrote it: the pid was reused after the service died.
+                    if named is None or named[0] != pid or \
+                            info.start_time_seconds > named[1] + PIDFILE_SLACK_SECONDS:
+                        continue
+                if m.port is not None:
+                    inodes = listening.get(name)
+                    if not inodes:
+                        continue
+                    if sockets is None:
+                        sockets = socket_inodes(pid, self.reader.root)
+                    if not sockets & inodes:
+                        continue
+                    found.update(sockets & inodes)
+                names.append(name)
                 continue
             if m.comm is not None and not m.comm.search(info.comm):
                 continue
@@ -290,11 +312,22 @@ class ProcessTable:
         # remembered: a pidfile may come to name an old process (a restart by hand).
         pinned = {name: found for name, path in self._pidfiles.items() if (found := read_pidfile(path)) is not None}
         named = {str(pid) for pid, _ in pinned.values()}
+        # Port-selected services: the sockets listening on their ports now. Their holders
+        # are matched (so read) every scan; new processes are read anyway; a socket no
+        # process read in this scan holds sends one search through the others, below.
+        listening: dict[str, set[int]] = {}
+        if self._ports:
+            table = listening_table(reader.root)
+            listening = {name: table.get(port, set()) for name, port in self._ports.items()}
+        held: set[int] = set()
+        skipped: list[str] = []
         reads = 0
         for name, inode in reader.listing():
             entry = old.get(name)
             if entry is not None and scan_no < entry[1] and entry[0] == inode and inode and name not in named:
                 cache[name] = entry  # same process, nothing of it can have changed that we use
+                if listening:
+                    skipped.append(name)
                 continue
             if not name.isdigit():
                 continue
@@ -308,7 +341,7 @@ class ProcessTable:
             services: tuple[str, ...] = ()
             cmdline = None
             if info.state not in _NOT_RUNNING:
-                services, cmdline = self._match(info, pinned)
+                services, cmdline = self._match(info, pinned, listening, held)
             if services or info.start_ticks > young_since:
                 recheck = scan_no + 1
             else:
@@ -320,11 +353,43 @@ class ProcessTable:
                     open_fds=reader.open_fds(pid) if self.with_fds else None)
                 for service in services:
                     result[service].append(full)
+        wanted = set().union(*listening.values()) - held if listening else set()
+        if wanted and not wanted <= self._unresolved:
+            reads += self._search_holders(skipped, wanted, pinned, listening, cache, scan_no, result)
         self._cache = cache
         self.reads = reads
         for procs in result.values():
             procs.sort(key=lambda p: (p.start_ticks, p.pid))
         return result
+
+
+    def _search_holders(self, names: list[str], wanted: set[int], pinned: Mapping[str, tuple[int, float]],
+                        listening: Mapping[str, set[int]], cache: dict[str, _Entry], scan_no: int,
+                        result: dict[str, list[ProcessInfo]]) -> int:
+        """Look through the fds of the processes this scan skipped for the holders of
+        listening sockets no read process held (an old process that bound the port late).
+        Returns how many processes were read."""
+        reads = 0
+        found: set[int] = set()
+        for name in names:
+            pid = int(name)
+            if pid in self.excluded or not socket_inodes(pid, self.reader.root) & wanted:
+                continue
+            reads += 1
+            info = self.reader.stat_any(pid)
+            if info is None or info.state in _NOT_RUNNING:
+                continue
+            services, cmdline = self._match(info, pinned, listening, found)
+            if not services:
+                continue
+            cache[name] = (cache[name][0], scan_no + 1)
+            full = dataclasses.replace(info, cmdline=cmdline if cmdline is not None else
+                                       (self.reader.cmdline(pid) or ""),
+                                       open_fds=self.reader.open_fds(pid) if self.with_fds else None)
+            for service in services:
+                result[service].append(full)
+        self._unresolved = frozenset(wanted - found)
+        return reads
 
 
 def scan_services(reader: ProcReader, services: Mapping[str, ServiceConfig],

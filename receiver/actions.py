@@ -350,14 +350,15 @@ async def restart_managed(ctx: ActionContext, name: str, step: StepLog) -> None:
 
 async def stop_duplicates(ctx: ActionContext, name: str, step: StepLog) -> None:
     """Keep ``processes.max`` processes (the one its pidfile names first, then those
-    holding the service's ports, then the oldest), stop the others, each alone,
-    gracefully; then verify."""
+    holding the service's ports or ``match.port``, then the oldest), stop the others,
+    each alone, gracefully; then verify."""
     cfg = ctx.config.services[name]
     procs = await find_processes(ctx, name)
     if len(procs) <= cfg.processes.max:
         step(f"{len(procs)} processes, max {cfg.processes.max}: nothing to stop")
         return
-    holders = await asyncio.to_thread(_port_holders, ctx.reader.root, cfg.ports, procs) if cfg.ports else set()
+    ports = (*cfg.ports, cfg.match.port) if cfg.match.port else cfg.ports
+    holders = await asyncio.to_thread(_port_holders, ctx.reader.root, ports, procs) if ports else set()
     named = read_pidfile(cfg.match.pidfile) if cfg.match.pidfile else None
     main_pid = named[0] if named else 0
     ranked = sorted(procs, key=lambda p: (p.pid != main_pid, p.pid not in holders, p.start_ticks, p.pid))

@@ -74,7 +74,7 @@ INVALID = [
     ("bad signal", VALID.replace("signal: INT", "signal: SIGFOO"),
      "services.redis.stop.signal (line 10): 'SIGFOO' is not a signal name"),
     ("empty match", VALID.replace("match: {comm: '^redis-server$', cmdline: ':6379'}", "match: {}"),
-     "services.redis.match (line 4): give at least one of comm, exe, cmdline, pidfile"),
+     "services.redis.match (line 4): give at least one of comm, exe, cmdline, pidfile, port"),
     ("duplicate probe names", VALID.replace("name: web", "name: ping"),
      "services.redis.probes (line 6): probe name 'ping' is used twice"),
     ("duplicate file path",

@@ -9,7 +9,7 @@ from pathlib import Path
 from exporter.config import parse_config
 from exporter.procfs import CpuAccountant, ProcessTable, ProcReader, scan_services
 
-from .conftest import BTIME, CLK_TCK, PAGE, Children, FakeProc, wait_for
+from .conftest import BTIME, CLK_TCK, PAGE, Children, FakeProc, free_port, wait_for
 
 
 def services(**matches: dict[str, str]) -> dict:  # type: ignore[type-arg]
@@ -252,3 +252,53 @@ def test_with_regexes_a_pidfile_does_not_hide_a_second_copy(children: Children, 
     wait_for(lambda: len(scan_services(ProcReader(), config.services)["svc"]) == 2, 5, what="both copies")
     assert sorted(p.pid for p in scan_services(ProcReader(), config.services)["svc"]) == \
         sorted([first.pid, second.pid])
+
+
+# --- listening ports ----------------------------------------------------------------------
+
+SERVER = ("import os, socket, sys, time\n"
+          "time.sleep(float(sys.argv[2]))\n"
+          "s = socket.socket(socket.AF_INET6 if sys.argv[3] == '6' else socket.AF_INET)\n"
+          "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+          "s.bind(('::1' if sys.argv[3] == '6' else '127.0.0.1', int(sys.argv[1])))\n"
+          "s.listen()\n"
+          "if sys.argv[4] == 'fork':\n"
+          "    os.fork()  # a worker sharing the listening socket\n"
+          "time.sleep(60)\n")
+
+
+def test_a_port_alone_finds_the_server_and_its_workers(children: Children, python: str) -> None:
+    port = free_port()
+    server = children.start([python, "-c", SERVER, str(port), "0", "4", "fork", "port-marker"])
+    bystander = children.start([python, "-c", "import time; time.sleep(60)", "port-marker"])
+    svc = services(web={"port": port})  # type: ignore[dict-item]
+    wait_for(lambda: len(scan_services(ProcReader(), svc)["web"]) == 2, 5, what="server and worker")
+    found = scan_services(ProcReader(), svc)["web"]
+    assert found[0].pid == server.pid and found[1].ppid == server.pid
+    assert bystander.pid not in [p.pid for p in found]
+
+
+def test_an_old_process_that_binds_late_is_found(children: Children, python: str) -> None:
+    port = free_port()
+    late = children.start([python, "-c", SERVER, str(port), "1.0", "6", "nofork", "late-marker"])
+    svc = services(web={"port": port})  # type: ignore[dict-item]
+    # young_seconds=0: the table treats every process as old and would not read it again
+    # for a long while; only the search for an unaccounted socket can find it.
+    processes = ProcessTable(ProcReader(), svc, young_seconds=0, recheck_scans=1000)
+    assert processes.scan()["web"] == []
+    wait_for(lambda: [p.pid for p in processes.scan()["web"]] == [late.pid], 5, what="the late listener")
+    assert [p.pid for p in processes.scan()["web"]] == [late.pid]  # matched: read every scan now
+    late.kill()
+    late.wait(5)
+    assert processes.scan()["web"] == []
+
+
+def test_port_and_pidfile_together_select_the_named_holder(children: Children, python: str,
+                                                           tmp_path: Path) -> None:
+    port = free_port()
+    server = children.start([python, "-c", SERVER, str(port), "0", "4", "fork", "both-sel-marker"])
+    (tmp_path / "web.pid").write_text(f"{server.pid}\n")
+    config = parse_config({"services": {"web": {"match": {"port": port, "pidfile": "web.pid"}}}},
+                          base_dir=tmp_path)
+    wait_for(lambda: [p.pid for p in scan_services(ProcReader(), config.services)["web"]] == [server.pid], 5,
+             what="only the holder the pidfile names")
