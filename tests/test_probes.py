@@ -55,6 +55,23 @@ async def test_redis_ping_with_password(redis_server: Any, children: Any, ctx: P
     assert (none.success, none.reason) == (False, "auth")
 
 
+async def test_redis_over_tls(children: Any, ctx: ProbeContext, tmp_path: Path) -> None:
+    binary = require_binary("redis-server")
+    cert, key = make_cert(tmp_path)
+    port = free_port()
+    children.start([binary, "--bind", "127.0.0.1", "--port", "0", "--tls-port", str(port), "--tls-cert-file",
+                    str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients",
+                    "no", "--save", "", "--dir", str(tmp_path)])
+    from .conftest import port_open, wait_for
+    wait_for(lambda: port_open(port), 10, what="redis with TLS")
+    ok = await check({"type": "redis", "port": port, "tls": True, "ca_file": str(cert)}, ctx)
+    assert (ok.success, ok.detail) == (True, "PONG")
+    untrusted = await check({"type": "redis", "port": port, "tls": True}, ctx)
+    assert (untrusted.success, untrusted.reason) == (False, "tls"), untrusted.detail
+    plain = await check({"type": "redis", "port": port, "timeout": 1}, ctx)
+    assert not plain.success
+
+
 async def test_redis_down_is_refused(ctx: ProbeContext) -> None:
     result = await check({"type": "redis", "port": free_port()}, ctx)
     assert (result.success, result.reason) == (False, "refused")
