@@ -37,6 +37,7 @@ test: packages-test $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check exporter receiver demo tests bench grafana
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy bench/*.py demo/*.py grafana/*.py
 
 bench: $(VENV)/.installed
 	@scripts/ensure-packages.sh wrk:wrk prometheus-process-exporter:prometheus-process-exporter redis-server:redis-server

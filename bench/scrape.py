@@ -72,8 +72,8 @@ class Group:
 
     def start(self, argv: list[str], **kw: object) -> subprocess.Popen[bytes]:
         kw.setdefault("stdout", subprocess.DEVNULL)
-        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True, **kw)  # type: ignore[call-overload]
+        p: subprocess.Popen[bytes] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                                      start_new_session=True, **kw)  # type: ignore[call-overload]
         self.procs.append(p)
         return p
 
