@@ -632,6 +632,9 @@ class ReceiverConfig(ListenConfig):
     """With ``alertmanager_url``: silence the service's alerts while it is restarted."""
     state_file: str = "caretaker-state.sqlite"
     """SQLite file (relative to the config file's directory) for dedupe, audit, budgets."""
+    state_reserve_bytes: int = Field(default=4 * 1024 * 1024, ge=0)
+    """Disk space held in ``<state_file>.reserve`` and given up when that disk is full,
+    so the receiver can still record the alert that asks to clean it (0: none)."""
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     cooldown: Seconds = 60.0
     """Seconds after a repair of a service before another repair of it may start."""

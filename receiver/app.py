@@ -225,7 +225,7 @@ def create_app(config: Config, reader: ProcReader | None = None, dry_run: bool =
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         state_file = config.resolve(recv.state_file)
-        store = Store(state_file)
+        store = Store(state_file, recv.state_reserve_bytes)
         proc_reader = reader or ProcReader()
         async with aiohttp.ClientSession(headers={"User-Agent": "caretaker-receiver"}) as session:
             reaper = ChildReaper()

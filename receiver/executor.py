@@ -168,6 +168,9 @@ class Executor:
     async def start(self) -> None:
         """Mark what a previous run left half-done, verify those services again, and
         restore which budgets are spent."""
+        if self.store.reserve_bytes and not await self.db(self.store.hold_reserve):
+            log.warning("not enough free disk beside %s to hold its %d-byte reserve; trying again later",
+                        self.store.path, self.store.reserve_bytes)
         for entry in self.store.mark_interrupted(self.clock()):
             if entry.state == "interrupted":
                 log.error("repair #%d (%s of %s) was interrupted by a receiver restart; not repeating it, "
@@ -487,11 +490,16 @@ class Executor:
     async def history(self, limit: int, service_name: str | None) -> list[AuditEntry]:
         return await self.db(self.store.list, limit, service_name)
 
-    async def checkpoint_forever(self, interval: float = 1.0) -> None:
-        """Fold the store's WAL into the database file now and then, off the loop."""
+    async def checkpoint_forever(self, interval: float = 1.0, reserve_every: int = 60) -> None:
+        """Fold the store's WAL into the database file now and then, and make its disk
+        reserve again once there is room (every ``reserve_every`` intervals), off the loop."""
+        turns = 0
         while True:
             await asyncio.sleep(interval)
+            turns += 1
             try:
                 await self.db(self.store.checkpoint)
-            except sqlite3.Error as err:
-                log.error("checkpoint of the state file: %s", err)
+                if turns % reserve_every == 0:
+                    await self.db(self.store.hold_reserve)
+            except (sqlite3.Error, OSError) as err:
+                log.error("maintenance of the state file: %s", err)

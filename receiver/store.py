@@ -20,14 +20,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 __all__ = ["AuditEntry", "NewAlert", "Store"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SCHEMA_VERSION = 2
 SCHEMA = """
@@ -139,6 +144,10 @@ class Store:
     the second connection and may run on another thread; in WAL mode they neither
     block nor wait for the writer.
 
+    With ``reserve_bytes``, the store holds that much disk in ``<state file>.reserve``
+    (:meth:`hold_reserve`). A write that finds the disk full gives it up and is tried
+    once more: the alert that asks to clean a full disk is still recorded and repaired.
+
     Raises ``sqlite3.Error`` (for instance "database or disk is full") from any method.
     """
 
@@ -148,8 +157,13 @@ class Store:
     WAL_AUTOCHECKPOINT_PAGES = 10_000
     """Bound on the WAL (about 40 MiB) should :meth:`checkpoint` not keep up."""
 
-    def __init__(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: str | Path, reserve_bytes: int = 0) -> None:
+        self.path = Path(path)
+        self.reserve_path = self.path.with_name(self.path.name + ".reserve")
+        self.reserve_bytes = reserve_bytes
+        """Disk space held back in :attr:`reserve_path` for when the disk fills (0: none);
+        see :meth:`hold_reserve`."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._lock = threading.Lock()
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -183,21 +197,65 @@ class Store:
         with self._lock:
             self._db.close()
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Cursor]:
-        """A write transaction on the writer connection: committed at the end, rolled back
-        whole on any error (SQLite may have rolled it back already, as on SQLITE_FULL)."""
+    def _transaction(self, body: Callable[[sqlite3.Cursor], T]) -> T:
         with self._lock:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
-                yield cur
+                result = body(cur)
                 cur.execute("COMMIT")
             except BaseException:
-                if self._db.in_transaction:
+                if self._db.in_transaction:  # SQLite may have rolled it back already (SQLITE_FULL)
                     cur.execute("ROLLBACK")
                 raise
             self._written = True
+        return result
+
+    def _write(self, body: Callable[[sqlite3.Cursor], T]) -> T:
+        """Run ``body`` in one write transaction on the writer connection: committed at
+        the end, rolled back whole on any error. When the disk is full and the reserve
+        is held, the reserve is released and the transaction tried once more, so the
+        receiver can still record the alert that asks to clean that disk."""
+        try:
+            return self._transaction(body)
+        except sqlite3.OperationalError as err:
+            if err.sqlite_errorcode != sqlite3.SQLITE_FULL or not self.release_reserve():
+                raise
+            log.error("the disk holding %s is full: released the %d-byte reserve %s so that alerts and repairs "
+                      "can still be recorded; it is made again once there is room", self.path,
+                      self.reserve_bytes, self.reserve_path)
+            return self._transaction(body)
+
+    # --- the reserve: disk space held back for a full disk ---------------------------------------
+    def hold_reserve(self) -> bool:
+        """Make sure the reserve file holds ``reserve_bytes`` of disk (allocated, not
+        sparse), unless that would leave less than as much again free. Blocking: call
+        it from a thread. Returns whether the reserve is held."""
+        if self.reserve_bytes <= 0:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            if self.reserve_path.stat().st_blocks * 512 >= self.reserve_bytes:
+                return True
+        fs = os.statvfs(self.reserve_path.parent)
+        if fs.f_bavail * fs.f_frsize < 2 * self.reserve_bytes:
+            return False
+        fd = os.open(self.reserve_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, self.reserve_bytes)
+        except OSError:
+            self.release_reserve()
+            return False
+        finally:
+            os.close(fd)
+        return True
+
+    def release_reserve(self) -> bool:
+        """Delete the reserve file; whether there was one."""
+        try:
+            self.reserve_path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     def checkpoint(self) -> None:
         """Copy committed pages from the WAL into the database file (PASSIVE: never waits
@@ -228,15 +286,18 @@ class Store:
         rows = [(now, a.fingerprint, a.starts_at, a.status, a.alertname, a.service_name, a.action, a.decision,
                  a.reason, "queued" if a.decision == "queued" else "done", now)
                 for alerts in notifications for a in alerts]
-        with self._transaction() as cur:
+
+        def upsert(cur: sqlite3.Cursor) -> dict[tuple[str, str, str], int]:
             (last,) = cur.execute("SELECT COALESCE(MAX(id), 0) FROM remediations").fetchone()
             cur.executemany(
                 "INSERT INTO remediations (received_at, fingerprint, starts_at, status, alertname, service_name, "
                 "action, decision, reason, state, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT (fingerprint, starts_at, status) DO UPDATE SET "
                 "times_seen = times_seen + 1, last_seen = excluded.last_seen", rows)
-            new = {(fingerprint, starts_at, status): entry_id for entry_id, fingerprint, starts_at, status in
-                   cur.execute("SELECT id, fingerprint, starts_at, status FROM remediations WHERE id > ?", (last,))}
+            return {(fingerprint, starts_at, status): entry_id for entry_id, fingerprint, starts_at, status in
+                    cur.execute("SELECT id, fingerprint, starts_at, status FROM remediations WHERE id > ?", (last,))}
+
+        new = self._write(upsert)
         # pop: the first of two equal alerts in one batch is the new one, the second a duplicate
         return [[new.pop((a.fingerprint, a.starts_at, a.status), None) for a in alerts] for alerts in notifications]
 
@@ -248,10 +309,8 @@ class Store:
         if not fields.keys() <= allowed:
             raise ValueError(f"cannot update {sorted(fields.keys() - allowed)}")
         assignments = ", ".join(f"{name} = ?" for name in fields)
-        with self._lock:
-            self._db.execute(f"UPDATE remediations SET {assignments} WHERE id = ?",  # noqa: S608 - names checked
-                             (*fields.values(), entry_id))
-            self._written = True
+        self._write(lambda cur: cur.execute(f"UPDATE remediations SET {assignments} WHERE id = ?",  # noqa: S608
+                                            (*fields.values(), entry_id)))
 
     def last_repair_finished(self, service_name: str) -> float | None:
         """When the newest finished repair of the service ended (for the cooldown)."""
@@ -273,11 +332,9 @@ class Store:
 
     def reset_budget(self, service_name: str, now: float, reason: str) -> None:
         """Forget the service's past repairs for its attempt budget (an operator, or health)."""
-        with self._lock:
-            self._db.execute("INSERT INTO resets (service_name, at, reason) VALUES (?, ?, ?) "
-                             "ON CONFLICT DO UPDATE SET at = excluded.at, reason = excluded.reason",
-                             (service_name, now, reason))
-            self._written = True
+        self._write(lambda cur: cur.execute("INSERT INTO resets (service_name, at, reason) VALUES (?, ?, ?) "
+                                            "ON CONFLICT DO UPDATE SET at = excluded.at, reason = excluded.reason",
+                                            (service_name, now, reason)))
 
     def seen(self, fingerprint: str, starts_at: str, status: str) -> bool:
         """Whether this alert was admitted before (read-only, for plans)."""
@@ -290,7 +347,8 @@ class Store:
     def mark_interrupted(self, now: float) -> list[AuditEntry]:
         """After a restart of the receiver: repairs left running become ``interrupted``,
         repairs left queued are skipped (``receiver_restarted``). Returns those entries."""
-        with self._transaction() as cur:
+
+        def mark(cur: sqlite3.Cursor) -> list[tuple[int, str]]:
             rows = cur.execute("SELECT id, state FROM remediations WHERE state IN ('queued', 'running')").fetchall()
             for entry_id, state in rows:
                 if state == "running":
@@ -299,6 +357,9 @@ class Store:
                 else:
                     cur.execute("UPDATE remediations SET state = 'done', decision = 'skipped', "
                                 "reason = 'receiver_restarted' WHERE id = ?", (entry_id,))
+            return rows
+
+        rows = self._write(mark)
         return [e for e in (self.get(entry_id) for entry_id, _ in rows) if e is not None]
 
     def get(self, entry_id: int) -> AuditEntry | None:

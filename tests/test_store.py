@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import shutil
 import sqlite3
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -139,5 +142,62 @@ def test_checkpoint_folds_the_wal_into_the_database_file(tmp_path: Path) -> None
         store.admit([new("late")], 2.0)
         store.checkpoint()
         assert rows_in_database_file(path, tmp_path) == 501
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs of the test's own, to fill; unmounted afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "caretaker-test", str(mount)],
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"this platform does not let tests mount a tmpfs (root with CAP_SYS_ADMIN): {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        # --lazy: after a failed test its traceback may still hold an SQLite statement
+        # (so a file) open; the mount then goes as soon as that is collected.
+        subprocess.run(["umount", "--lazy", str(mount)], check=True, timeout=30)
+
+
+def fill(filler: Path) -> Path:
+    """Write ``filler`` until the disk says ENOSPC."""
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"x" * 65536)
+                f.flush()
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+    return filler
+
+
+def test_a_full_disk_gives_up_the_reserve_to_record_alerts(small_disk: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    store = Store(small_disk / "s.sqlite", reserve_bytes=512 * 1024)
+    try:
+        assert store.hold_reserve()
+        assert store.reserve_path.stat().st_blocks * 512 >= 512 * 1024  # allocated, not sparse
+        filler = fill(small_disk / "filler")
+        with pytest.raises(OSError, match="No space left"):
+            (small_disk / "one-more").write_bytes(b"x" * 4096)
+        # A batch that needs new pages in the WAL: written thanks to the reserve.
+        ids = store.admit_many([[new(f"full{i}")] for i in range(200)], 1.0)
+        assert all(entry_id is not None for (entry_id,) in ids)
+        assert not store.reserve_path.exists()
+        assert "released the 524288-byte reserve" in caplog.text
+        assert store.update(ids[0][0], state="running") is None  # the repair can record its steps
+        # With the reserve gone and the freed space filled again, the disk's answer shows.
+        more = fill(small_disk / "filler2")
+        with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+            store.admit_many([[new(f"more{i}")] for i in range(200)], 2.0)
+        assert len(store.list(limit=1000)) == 200  # the failed batch left nothing behind
+        assert not store.hold_reserve()  # not taken while the disk is full
+        filler.unlink()
+        more.unlink()
+        assert store.hold_reserve()  # taken again once there is room
     finally:
         store.close()
