@@ -310,7 +310,8 @@ class ProcessTable:
         young_since = reader.uptime_ticks() - self.young_ticks
         # Pidfiles are read every scan, and the processes they name are read even when
         # remembered: a pidfile may come to name an old process (a restart by hand).
-        pinned = {name: found for name, path in self._pidfiles.items() if (found := read_pidfile(path)) is not None}
+        pinned = {name: named_pid for name, path in self._pidfiles.items()
+                  if (named_pid := read_pidfile(path)) is not None}
         named = {str(pid) for pid, _ in pinned.values()}
         # Port-selected services: the sockets listening on their ports now. Their holders
         # are matched (so read) every scan; new processes are read anyway; a socket no
