@@ -151,7 +151,9 @@ class Match(_Model):
     port: Port | None = None
     """TCP port the service listens on (IPv4 or IPv6). Without regexes, the service's
     processes are those holding that listening socket (a server and the workers that
-    share its socket). With regexes, the holders are only kept first by ``stop_duplicates``."""
+    share its socket), whoever they are: a squatter on the port counts as the service,
+    so add a regex where that matters. With regexes, the holders are only kept first by
+    ``stop_duplicates``."""
 
     @model_validator(mode="after")
     def _one_at_least(self) -> Match:
