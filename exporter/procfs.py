@@ -205,14 +205,16 @@ class ServiceMatcher:
     cmdline: re.Pattern[str] | None
     pidfile: str | None = None
     port: int | None = None
-    by_regex: bool = True
+
+    @property
+    def by_regex(self) -> bool:
+        return self.comm is not None or self.exe is not None or self.cmdline is not None
 
     @classmethod
     def from_config(cls, match: Match) -> ServiceMatcher:
         def compile_(p: str | None) -> re.Pattern[str] | None:
             return re.compile(p) if p is not None else None
-        return cls(compile_(match.comm), compile_(match.exe), compile_(match.cmdline), match.pidfile, match.port,
-                   match.by_regex)
+        return cls(compile_(match.comm), compile_(match.exe), compile_(match.cmdline), match.pidfile, match.port)
 
 
 _Entry = tuple[int, int]
@@ -349,11 +351,7 @@ class ProcessTable:
                 recheck = scan_no + self.recheck_scans + zlib.crc32(name.encode()) % self.recheck_scans
             cache[name] = (inode, recheck)
             if services:
-                full = dataclasses.replace(
-                    info, cmdline=cmdline if cmdline is not None else (reader.cmdline(pid) or ""),
-                    open_fds=reader.open_fds(pid) if self.with_fds else None)
-                for service in services:
-                    result[service].append(full)
+                self._report(info, cmdline, services, result)
         wanted = set().union(*listening.values()) - held if listening else set()
         if wanted and not wanted <= self._unresolved:
             reads += self._search_holders(skipped, wanted, pinned, listening, cache, scan_no, result)
@@ -363,6 +361,15 @@ class ProcessTable:
             procs.sort(key=lambda p: (p.start_ticks, p.pid))
         return result
 
+
+    def _report(self, info: ProcessInfo, cmdline: str | None, services: tuple[str, ...],
+                result: dict[str, list[ProcessInfo]]) -> None:
+        """Add a matched process, with its cmdline and fds read now, to its services."""
+        full = dataclasses.replace(
+            info, cmdline=cmdline if cmdline is not None else (self.reader.cmdline(info.pid) or ""),
+            open_fds=self.reader.open_fds(info.pid) if self.with_fds else None)
+        for service in services:
+            result[service].append(full)
 
     def _search_holders(self, names: list[str], wanted: set[int], pinned: Mapping[str, tuple[int, float]],
                         listening: Mapping[str, set[int]], cache: dict[str, _Entry], scan_no: int,
@@ -384,11 +391,7 @@ class ProcessTable:
             if not services:
                 continue
             cache[name] = (cache[name][0], scan_no + 1)
-            full = dataclasses.replace(info, cmdline=cmdline if cmdline is not None else
-                                       (self.reader.cmdline(pid) or ""),
-                                       open_fds=self.reader.open_fds(pid) if self.with_fds else None)
-            for service in services:
-                result[service].append(full)
+            self._report(info, cmdline, services, result)
         self._unresolved = frozenset(wanted - found)
         return reads
 

@@ -87,10 +87,10 @@ class ReceiverMetrics:
                 for result in ("success", "failure"):
                     self.remediations.labels(action, name, result)
 
-    def skip(self, service: str, reason: str, n: int = 1) -> None:
-        """Count alerts not acted on (``service`` "" when unknown: bounded cardinality)."""
+    def skip(self, service: str, reason: str) -> None:
+        """Count an alert not acted on (``service`` "" when unknown: bounded cardinality)."""
         key = (service, reason)
-        self.skipped[key] = self.skipped.get(key, 0) + n
+        self.skipped[key] = self.skipped.get(key, 0) + 1
 
     def request_count(self, code: int) -> None:
         """Count one webhook answer."""

@@ -140,9 +140,10 @@ class Store:
     the machine. They are cheap enough to run on the event loop, which the webhook
     does, so a notification is committed before it is answered without a thread
     hand-off per request. Reads (:meth:`list`, :meth:`seen`, :meth:`repairs_since`,
-    :meth:`last_repair_finished`) and :meth:`checkpoint` (the one step that fsyncs) use
-    the second connection and may run on another thread; in WAL mode they neither
-    block nor wait for the writer.
+    :meth:`last_repair_finished`) and :meth:`checkpoint` (which fsyncs) use the second
+    connection and may run on another thread; in WAL mode they neither block nor wait
+    for the writer. Only if :meth:`checkpoint` falls far behind (the WAL reaches
+    ``WAL_AUTOCHECKPOINT_PAGES``) does a commit checkpoint, and fsync, by itself.
 
     With ``reserve_bytes``, the store holds that much disk in ``<state file>.reserve``
     (:meth:`hold_reserve`). A write that finds the disk full gives it up and is tried
