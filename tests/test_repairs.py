@@ -234,10 +234,15 @@ def test_evidence_directory_is_bounded(tmp_path: Path) -> None:
 async def test_rotate_logs_renames_reopens_and_compresses(run: Any, children: Children, python: str,
                                                           tmp_path: Path) -> None:
     mark, log = marker(), tmp_path / "w.log"
+    # As a daemon does it: the handler only sets a flag, the loop reopens. (Closing the
+    # file in the handler could land between `f.write` being looked up and called,
+    # and the writer died writing to a closed file: this test failed now and then.)
     writer = (f"import signal, time\npath = {str(log)!r}\nf = open(path, 'a', buffering=1)\n"
-              "def reopen(*a):\n    global f\n    f.close()\n    f = open(path, 'a', buffering=1)\n"
-              "signal.signal(signal.SIGHUP, reopen)\ni = 0\n"
-              "while True:\n    f.write(f'line {i}\\n'); i += 1; time.sleep(0.02)\n")
+              "hup = False\ndef on_hup(*a):\n    global hup\n    hup = True\n"
+              "signal.signal(signal.SIGHUP, on_hup)\ni = 0\n"
+              "while True:\n    if hup:\n        hup = False\n        f.close()\n"
+              "        f = open(path, 'a', buffering=1)\n"
+              "    f.write(f'line {i}\\n'); i += 1; time.sleep(0.02)\n")
     children.start([python, "-c", writer, mark])
     config = config_for(tmp_path, {"match": {"cmdline": f"{mark}$"}, "logs": [{"path": "w.log"}],
                                    "remediation": {"allow": ["rotate_logs"],
