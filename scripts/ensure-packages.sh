@@ -40,15 +40,26 @@ else
 fi
 
 echo "caretaker: installing missing Debian packages:$missing"
+# Debian's invoke-rc.d asks this file whether a package may start its service; exit 101
+# means no. Docker-based images ship one already: then it is left as it is.
+policy=${CARETAKER_POLICY_RC_D:-/usr/sbin/policy-rc.d}   # the variable is for the script's own tests
 created_policy=""
-if [ ! -e /usr/sbin/policy-rc.d ]; then
+# The script's exit status is the one it had before cleanup, never cleanup's own: an
+# EXIT trap whose last command is false would otherwise turn success into failure.
+cleanup() {
+    status=$?
+    if [ -n "$created_policy" ]; then $SUDO rm -f "$policy"; fi
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+if [ ! -e "$policy" ]; then
     printf '#!/bin/sh\n# added by caretaker scripts/ensure-packages.sh while installing\nexit 101\n' \
-        | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
-    $SUDO chmod 755 /usr/sbin/policy-rc.d
+        | $SUDO tee "$policy" >/dev/null
     created_policy=1
+    $SUDO chmod 755 "$policy"
 fi
-cleanup() { [ -n "$created_policy" ] && $SUDO rm -f /usr/sbin/policy-rc.d; }
-trap cleanup EXIT INT TERM
 $SUDO apt-get update -qq
 # shellcheck disable=SC2086 # word splitting of the package list is intended
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing
