@@ -78,7 +78,7 @@ class ConfigError(Exception):
         super().__init__("\n".join(f"{source}: {p}" for p in problems))
 
 
-def _parse_duration(value: Any) -> Any:
+def parse_duration(value: Any) -> Any:
     """Turn ``"1m30s"``, ``"250ms"`` or a number into seconds (float).
 
     Negative values are left for the ``ge=0`` constraint to reject with a clear
@@ -91,7 +91,7 @@ def _parse_duration(value: Any) -> Any:
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("-"):
-            return -1.0 * float(_parse_duration(text[1:]))
+            return -1.0 * float(parse_duration(text[1:]))
         if _DURATION_RE.fullmatch(text):
             return sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART_RE.findall(text))
     raise ValueError(f"{value!r} is not a duration (use e.g. 10s, 500ms, 1m30s, or seconds)")
@@ -122,8 +122,8 @@ def _parse_signal(value: Any) -> Any:
     raise ValueError(f"{value!r} is not a signal name (e.g. SIGTERM, SIGINT, SIGHUP)")
 
 
-Seconds = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
-PositiveSeconds = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
+Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+PositiveSeconds = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
 Regex = Annotated[str, BeforeValidator(_check_regex)]
 SignalName = Annotated[str, BeforeValidator(_parse_signal)]
 Name = Annotated[str, Field(pattern=_NAME_RE, max_length=100)]
@@ -459,6 +459,10 @@ class ServiceConfig(_Model):
     remediation: Remediation = Remediation()
     limits: Limits = Limits()
     health_weights: HealthWeights | None = None
+    depends_on: tuple[Name, ...] = ()
+    """Services this one needs (names of other services). While one of them is unhealthy,
+    this service is not repaired: its problems wait (``dependency_unhealthy``) without
+    spending its budget, and the dependency is repaired first. No cycles."""
 
     @field_validator("probes")
     @classmethod
@@ -516,6 +520,32 @@ class Attempts(_Model):
     window: PositiveSeconds = 900.0
     healthy_for: PositiveSeconds = 600.0
     """An exhausted service is repaired again once it has been healthy this long."""
+
+
+class Confirm(_Model):
+    """How the receiver confirms, before it acts, that a problem is still there."""
+
+    probe_failures: int = Field(default=3, ge=1, le=20)
+    """A failing probe must fail this many times in a row before a service whose
+    processes run (frozen-looking) is stopped."""
+    interval: PositiveSeconds = 0.25
+    """Seconds between the starts of those probes (each has its own timeout, so they
+    overlap: 3 probes with a 1 s timeout take about 1.5 s)."""
+
+
+class Backoff(_Model):
+    """Repairs after the attempt budget is spent: not given up, but spaced out."""
+
+    initial: PositiveSeconds = 300.0
+    """Seconds from the end of the repair that spent the budget to the next try."""
+    max: PositiveSeconds = 3600.0
+    """The delay doubles after each further failed try, up to this."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Backoff:
+        if self.max < self.initial:
+            raise ValueError(f"max ({self.max:g}s) is less than initial ({self.initial:g}s)")
+        return self
 
 
 class BasicAuth(_Model):
@@ -641,6 +671,17 @@ class ReceiverConfig(ListenConfig):
     cooldown: Seconds = 60.0
     """Seconds after a repair of a service before another repair of it may start."""
     attempts: Attempts = Attempts()
+    backoff: Backoff = Backoff()
+    confirm: Confirm = Confirm()
+    problem_ttl: PositiveSeconds = 1800.0
+    """An open problem that no notification has refreshed for this long expires (a few
+    of Alertmanager's ``repeat_interval`` for the receiver's route)."""
+    recheck_interval: PositiveSeconds = 1.0
+    """Seconds between observations of a service whose problem waits (a dependency, a
+    cleared condition); doubles while nothing changes, up to 30 s."""
+    track_interval: PositiveSeconds = 1.0
+    """Seconds between the receiver's own scans of the services' processes and their
+    children, kept so that leftovers of a dead incarnation can be stopped."""
     workers: int = Field(default=4, ge=1, le=64)
     """Repairs of different services that may run at the same time."""
 
@@ -769,7 +810,64 @@ def parse_config(data: Any, source: str = "config", lines: Mapping[tuple[Any, ..
                 message = "required key is missing"
             problems.append(f"{place}{f' (line {line})' if line else ''}: {message}")
         raise ConfigError(source, problems) from err
+    problems = []
+    for loc, message in dependency_problems(config):
+        place, path = _format_loc(loc)
+        line = lines.get(path)
+        problems.append(f"{place}{f' (line {line})' if line else ''}: {message}")
+    if problems:
+        raise ConfigError(source, problems)
     return config
+
+
+def dependency_problems(config: Config) -> list[tuple[tuple[Any, ...], str]]:
+    """``depends_on`` cross-checks: every name is a service, none is the service itself,
+    and there is no cycle. Returns ``(location, message)`` for each problem."""
+    out: list[tuple[tuple[Any, ...], str]] = []
+    for name, cfg in config.services.items():
+        for i, dep in enumerate(cfg.depends_on):
+            if dep == name:
+                out.append((("services", name, "depends_on", i), "a service cannot depend on itself"))
+            elif dep not in config.services:
+                out.append((("services", name, "depends_on", i), f"no service named {dep!r}"))
+    reported: set[frozenset[str]] = set()
+    for start in config.services:
+        # depth-first search for a path back to ``start``
+        stack: list[tuple[str, tuple[str, ...]]] = [(start, (start,))]
+        while stack:
+            node, path = stack.pop()
+            for dep in config.services[node].depends_on:
+                if dep not in config.services or dep == node:
+                    continue
+                if dep == start:
+                    cycle = frozenset(path)
+                    if cycle not in reported:
+                        reported.add(cycle)
+                        first = path[1] if len(path) > 1 else dep
+                        index = config.services[start].depends_on.index(first)
+                        out.append((("services", start, "depends_on", index),
+                                    f"dependency cycle: {' -> '.join((*path, start))}"))
+                    continue
+                if dep not in path:
+                    stack.append((dep, (*path, dep)))
+    return out
+
+
+def dependency_order(config: Config) -> list[str]:
+    """Service names with every service after the services it depends on (stable)."""
+    done: list[str] = []
+
+    def visit(name: str, seen: tuple[str, ...]) -> None:
+        if name in done or name in seen:
+            return
+        for dep in config.services[name].depends_on:
+            if dep in config.services:
+                visit(dep, (*seen, name))
+        done.append(name)
+
+    for name in config.services:
+        visit(name, ())
+    return done
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

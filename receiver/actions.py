@@ -2,11 +2,15 @@
 
 The restart state machine, as a careful operator would do it::
 
-    find processes -> send stop signal (default SIGTERM) -> wait grace_period
+    find processes -> send stop signal (default SIGTERM), then SIGCONT (a stopped,
+      frozen process can then act on it, as systemd does) -> wait grace_period
       -> SIGKILL whatever is left -> wait until gone
+      -> stop the leftovers of that incarnation (children and session members that
+         outlived it, e.g. PostgreSQL backends of a SIGKILLed postmaster), gracefully
       -> if the service already runs its min processes: do not start a second copy
       -> start argv detached (own session; stdout/stderr to log_file)
       -> verify: processes within [min, max] and every probe passes, within verify_timeout
+         (a start that exits at once fails at once, with the tail of its log)
 
 Signals go to a process's whole group only when the process leads its group (as a
 service that caretaker started does, or a daemon); otherwise to the process alone,
@@ -37,13 +41,17 @@ from exporter.files import check_port, listening_table, socket_inodes
 from exporter.probes import ProbeContext, run_probes
 from exporter.procfs import ProcessInfo, ProcReader, read_pidfile, scan_services
 
+from .family import FamilyTracker
+
 __all__ = ["ACTIONS", "ActionContext", "ChildReaper", "RepairFailed", "StepLog", "restart", "run_command"]
 
 log = logging.getLogger(__name__)
 
 KILL_WAIT_SECONDS = 5.0
-POLL_SECONDS = 0.1
+POLL_SECONDS = 0.05
+VERIFY_POLL_SECONDS = 0.1
 OUTPUT_TAIL = 4096
+LOG_TAIL = 2048
 
 
 class RepairFailed(Exception):
@@ -69,13 +77,32 @@ class ChildReaper:
 
     Without it a service the receiver started and later killed would linger as a
     zombie of the receiver. Only these Popen objects are waited for (never ``-1``).
+    When added from a running event loop, each child is watched through a pidfd, so
+    its exit is known (and reaped) at once and ``on_exit(name, child)`` is called: the
+    receiver never has to rediscover a process it started.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_exit: Callable[[str, subprocess.Popen[bytes]], None] | None = None) -> None:
         self.children: list[subprocess.Popen[bytes]] = []
+        self.on_exit = on_exit
 
-    def add(self, child: subprocess.Popen[bytes]) -> None:
+    def add(self, child: subprocess.Popen[bytes], name: str = "") -> None:
         self.children.append(child)
+        try:
+            loop = asyncio.get_running_loop()
+            pidfd = os.pidfd_open(child.pid)
+        except (RuntimeError, OSError):
+            return  # no loop, or already gone: reap() collects it
+
+        def exited() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            child.poll()
+            self.reap()
+            if self.on_exit is not None:
+                self.on_exit(name, child)
+
+        loop.add_reader(pidfd, exited)
 
     def reap(self) -> None:
         self.children = [c for c in self.children if c.poll() is None]
@@ -100,6 +127,8 @@ class ActionContext:
     labels: Mapping[str, str] = field(default_factory=dict)
     backups: object | None = None
     """The receiver's :class:`receiver.repairs.BackupKeeper`, for ``restore_file``."""
+    family: FamilyTracker | None = None
+    """Processes of each service's last incarnation, for stopping its leftovers."""
 
     async def keep_evidence(self, name: str, procs: list[ProcessInfo], step: StepLog) -> None:
         """Record what a person would want to see, before something is stopped."""
@@ -227,7 +256,9 @@ async def verify(ctx: ActionContext, name: str, timeout: float, step: StepLog,
         if not cfg.processes.min <= n <= cfg.processes.max:
             problem = f"{n} processes, expected {cfg.processes.min}..{cfg.processes.max}"
             if child is not None and n == 0 and child.poll() not in (None, 0):
-                raise RepairFailed(f"started process exited with status {child.returncode}; {problem}")
+                tail = await asyncio.to_thread(log_tail, ctx.config, name)
+                raise RepairFailed(f"started process exited with status {child.returncode}; {problem}"
+                                   + (f"; its log ends: {tail}" if tail else ""))
         else:
             remaining = max(0.1, deadline - time.monotonic())
             results = await run_probes(cfg.probes, ctx.probes, remaining)
@@ -237,8 +268,24 @@ async def verify(ctx: ActionContext, name: str, timeout: float, step: StepLog,
                 return
             problem = "; ".join(f"probe {k}: {r.reason} ({r.detail})" for k, r in failing.items())
         if time.monotonic() >= deadline:
-            raise RepairFailed(f"not healthy within {timeout:g}s: {problem}")
-        await asyncio.sleep(0.25)
+            tail = await asyncio.to_thread(log_tail, ctx.config, name) if child is not None else ""
+            raise RepairFailed(f"not healthy within {timeout:g}s: {problem}"
+                               + (f"; its log ends: {tail}" if tail else ""))
+        await asyncio.sleep(VERIFY_POLL_SECONDS)
+
+
+def log_tail(config: Config, name: str, limit: int = LOG_TAIL) -> str:
+    """The last ``limit`` bytes of the service's ``start.log_file`` (blocking), or ""."""
+    cfg = config.services[name]
+    if cfg.start is None or not cfg.start.log_file:
+        return ""
+    try:
+        with open(config.resolve(cfg.start.log_file), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
 
 
 async def stop_gracefully(ctx: ActionContext, name: str, procs: list[ProcessInfo], step: StepLog,
@@ -253,6 +300,10 @@ async def stop_gracefully(ctx: ActionContext, name: str, procs: list[ProcessInfo
     send = send_signal if whole_groups else send_signal_each
     for line in await asyncio.to_thread(send, ctx.reader, procs, stop_signal):
         step(line)
+    if stop_signal != signal.SIGKILL and any(p.state in "Tt" for p in procs):
+        # A stopped (frozen) process acts on its stop signal only once continued.
+        for line in await asyncio.to_thread(send, ctx.reader, procs, signal.SIGCONT):
+            step(line)
     left = await wait_gone(ctx.reader, procs, cfg.stop.grace_period)
     if left:
         step(f"{len(left)} processes still there after {cfg.stop.grace_period:g}s grace period",
@@ -304,7 +355,25 @@ async def restart(ctx: ActionContext, name: str, step: StepLog) -> None:
         step("all processes stopped")
     else:
         step("no processes running")
+    await stop_leftovers(ctx, name, step)
     await start_if_needed(ctx, name, step)
+
+
+async def stop_leftovers(ctx: ActionContext, name: str, step: StepLog) -> None:
+    """Stop what is left of the service's previous incarnation: its children and session
+    members that outlived its main process (as systemd's control-group kill does), each
+    alone, gracefully. PostgreSQL backends start sessions of their own, so the process
+    group alone would not find them: the receiver keeps each service's family (see
+    :class:`FamilyTracker`)."""
+    if ctx.family is None:
+        return
+    left = await asyncio.to_thread(ctx.family.leftovers, name)
+    if not left:
+        return
+    step(f"stopping {len(left)} leftover processes of the previous incarnation",
+         processes=[_describe(p) for p in left])
+    await stop_gracefully(ctx, name, left, step, whole_groups=False)
+    ctx.family.forget(name)
 
 
 async def start_if_needed(ctx: ActionContext, name: str, step: StepLog) -> None:
@@ -322,7 +391,7 @@ async def start_if_needed(ctx: ActionContext, name: str, step: StepLog) -> None:
         return
     else:
         child = await asyncio.to_thread(start_service, ctx.config, name)
-        ctx.reaper.add(child)
+        ctx.reaper.add(child, name)
         step(f"started {' '.join(cfg.start.argv)} as pid {child.pid}")
     await verify(ctx, name, cfg.remediation.verify_timeout, step, child)
 

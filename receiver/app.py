@@ -9,8 +9,13 @@
 - ``GET /api/v1/remediations?limit=N&service_name=S``: the audit trail, newest first.
 - ``POST /api/v1/plan``: for a webhook payload, what would be done now and why (or why
   not); nothing is recorded or run.
+- ``GET /api/v1/problems?state=open&service_name=S``: the problems the receiver works
+  on (open first, then recently closed), with their next attempt time.
 - ``POST /api/v1/services/{name}/reset``: re-enable repairs of a service whose attempt
-  budget is spent (404 for a service not in the config).
+  budget is spent; its next attempt is due at once (404 for a service not in the config).
+- ``POST /api/v1/services/{name}/pause`` (JSON body, optional: ``{"duration": "10m",
+  "reason": "..."}``) and ``POST /api/v1/services/{name}/resume``: an operator who stops a
+  service on purpose pauses it first; its problems are recorded as ``paused``.
 - ``GET /metrics``: the receiver's own metrics. ``GET /-/healthy``.
 
 Auth (``/alerts`` and ``/api/``): a bearer token or basic auth, what Alertmanager's
@@ -37,12 +42,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import ValidationError
 
 from exporter.cli import base_parser, load_or_exit, setup_logging
-from exporter.config import Config, ConfigError, read_secret
+from exporter.config import Config, ConfigError, parse_duration, read_secret
 from exporter.procfs import ProcReader
 
 from .actions import ActionContext, ChildReaper
 from .evidence import EvidenceKeeper
 from .executor import Executor, QueueFull, ReceiverMetrics
+from .family import FamilyTracker
 from .payload import Notification
 from .repairs import BackupKeeper
 from .shared import SharedState, SharedStateError
@@ -159,6 +165,58 @@ async def post_reset(request: web.Request) -> web.Response:
     return web.json_response({"status": "success", "service_name": name, "was_exhausted": was})
 
 
+def _service(request: web.Request) -> str | web.Response:
+    name = request.match_info["name"]
+    if name not in request.app[EXECUTOR_KEY].config.services:
+        return _error(404, f"no service named {name[:100]!r} in the config")
+    return name
+
+
+async def post_pause(request: web.Request) -> web.Response:
+    name = _service(request)
+    if isinstance(name, web.Response):
+        return name
+    body: object = {}
+    if request.can_read_body:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "body must be JSON: {\"duration\": \"10m\", \"reason\": \"...\"} (both optional)")
+    if not isinstance(body, dict) or not body.keys() <= {"duration", "reason"}:
+        return _error(400, "body must be a JSON object with optional keys duration and reason")
+    duration = None
+    if body.get("duration") not in (None, "", 0):
+        try:
+            duration = float(parse_duration(body["duration"]))
+        except ValueError as err:
+            return _error(400, f"duration: {err}")
+        if duration <= 0:
+            return _error(400, "duration must be positive")
+    reason = str(body.get("reason") or "paused by an operator")
+    until = await request.app[EXECUTOR_KEY].pause(name, duration, reason)
+    return web.json_response({"status": "success", "service_name": name, "paused_until": until})
+
+
+async def post_resume(request: web.Request) -> web.Response:
+    name = _service(request)
+    if isinstance(name, web.Response):
+        return name
+    was = await request.app[EXECUTOR_KEY].resume(name)
+    return web.json_response({"status": "success", "service_name": name, "was_paused": was})
+
+
+async def get_problems(request: web.Request) -> web.Response:
+    state = request.query.get("state", "")
+    if state not in ("", "open"):
+        return _error(400, "state must be 'open' or absent")
+    try:
+        limit = min(1000, max(1, int(request.query.get("limit", "100"))))
+    except ValueError:
+        return _error(400, "limit must be a whole number")
+    data = await request.app[EXECUTOR_KEY].problems(request.query.get("service_name"), state == "open", limit)
+    return web.json_response({"status": "success", "data": data})
+
+
 async def get_remediations(request: web.Request) -> web.Response:
     try:
         limit = min(1000, max(1, int(request.query.get("limit", "100"))))
@@ -228,10 +286,19 @@ def create_app(config: Config, reader: ProcReader | None = None, dry_run: bool =
         store = Store(state_file, recv.state_reserve_bytes)
         proc_reader = reader or ProcReader()
         async with aiohttp.ClientSession(headers={"User-Agent": "caretaker-receiver"}) as session:
-            reaper = ChildReaper()
+            executors: list[Executor] = []
+
+            def child_exited(name: str, child: object) -> None:
+                # A service the receiver started has exited: look at its problems now.
+                if executors and name in config.services:
+                    executors[0].wake(name)
+
+            reaper = ChildReaper(on_exit=child_exited)
             backups = BackupKeeper(config, state_file.parent / "backups")
             evidence = EvidenceKeeper(config, state_file.parent / "evidence", proc_reader)
-            ctx = ActionContext(config, session, proc_reader, reaper, evidence=evidence, backups=backups)
+            family = FamilyTracker(proc_reader, config.services)
+            ctx = ActionContext(config, session, proc_reader, reaper, evidence=evidence, backups=backups,
+                                family=family)
             shared = None
             redis_client = None
             if recv.shared_state is not None:
@@ -241,9 +308,11 @@ def create_app(config: Config, reader: ProcReader | None = None, dry_run: bool =
                                               if spec.password else None, socket_timeout=5, socket_connect_timeout=5)
                 shared = SharedState(redis_client, spec.key_prefix, spec.dedupe_ttl)
             executor = Executor(config, store, ctx, receiver_metrics, dry_run=dry_run, shared=shared)
+            executors.append(executor)
             app[EXECUTOR_KEY] = executor
             await executor.start()
             background = [asyncio.create_task(reap_forever(reaper)),
+                          asyncio.create_task(executor.track_forever()),
                           asyncio.create_task(backup_forever(backups, recv.backup_interval)),
                           asyncio.create_task(executor.watch_exhausted()),
                           asyncio.create_task(executor.checkpoint_forever())]
@@ -262,6 +331,9 @@ def create_app(config: Config, reader: ProcReader | None = None, dry_run: bool =
     app.router.add_get("/api/v1/remediations", get_remediations)
     app.router.add_post("/api/v1/plan", post_plan)
     app.router.add_post("/api/v1/services/{name}/reset", post_reset)
+    app.router.add_post("/api/v1/services/{name}/pause", post_pause)
+    app.router.add_post("/api/v1/services/{name}/resume", post_resume)
+    app.router.add_get("/api/v1/problems", get_problems)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/-/healthy", healthy)
     return app

@@ -1,28 +1,41 @@
-"""The executor: from a validated notification to repairs, safely.
+"""The executor: from alerts to problems, and from problems to repairs, safely.
 
-- **Dedupe.** Each alert is admitted once per ``(fingerprint, startsAt, status)``, in
-  SQLite, before the webhook answers; resends and retries are counted, not re-run.
-- **One repair at a time per service** (a lock per service) and at most
-  ``receiver.workers`` repairs at once overall (a semaphore).
-- **Cooldown.** No repair of a service starts within ``receiver.cooldown`` seconds of
-  the end of the previous one.
-- **Attempt budget.** At most ``receiver.attempts.max`` repairs of a service within
-  ``receiver.attempts.window`` seconds. Past that: no more repairs, an ERROR log,
-  ``caretaker_remediation_attempts_exhausted{service_name}`` 1, and (when
-  ``receiver.alertmanager_url`` is set) the alert ``CaretakerRepairsExhausted`` posted
-  to Alertmanager and kept firing. Repairs resume when the service has been healthy for
-  ``attempts.healthy_for`` seconds, or when an operator resets the budget.
-- **Audit.** Every decision is a row in the audit trail; the steps of a repair are
-  written as it goes. A repair cut short by a receiver crash is marked ``interrupted``
-  at the next start, not repeated, and its service is verified again.
+The receiver reconciles, level-triggered (DESIGN.md, "the repair model"): an alert
+is not an order to act once but says "this service has a problem".
 
-Cooldown, budget and resets are read from the store, so they survive a restart.
+- **Problems.** Each alert is admitted once per ``(fingerprint, startsAt, status)``
+  (the audit row, before the webhook answers). A firing alert that asks for a repair
+  the service allows opens a problem, persisted; resends refresh it; a resolved
+  notification closes it; one not refreshed for ``receiver.problem_ttl`` expires.
+- **One worker per service** works on its open problems, so a service never has two
+  repairs at once; at most ``receiver.workers`` repairs run at once overall. Before
+  every action it checks, in order: paused (``paused``); a dependency unhealthy now
+  (``dependency_unhealthy``: the dependency goes first, nothing is spent); the
+  problem's condition, observed now (``condition_cleared``: nothing is stopped); what
+  the observation says can help (``escalated``: a probe failing for auth or tls is not
+  fixed by a restart); the schedule (``cooldown``, ``backoff``); the budget
+  (``budget_exhausted``). Several problems are taken in an order that can succeed
+  (files and paths before a restart).
+- **Keep trying.** After an attempt, the next one is due ``receiver.cooldown`` after
+  its end, while the problem is open and its condition holds. At most
+  ``receiver.attempts.max`` attempts within ``attempts.window``; past that the service
+  is *exhausted*: ERROR log, ``caretaker_remediation_attempts_exhausted`` 1, the alert
+  ``CaretakerRepairsExhausted`` posted to Alertmanager (with ``alertmanager_url``), and
+  attempts go on with capped exponential backoff (``receiver.backoff``). An operator
+  reset, or ``attempts.healthy_for`` seconds of health, ends it; a reset makes the
+  next attempt due at once. All of this is in the store and survives a restart.
+- **Audit.** Every decision that changes is one audit entry with what was observed;
+  the steps of a repair are written as it goes. A repair cut short by a receiver
+  crash is marked ``interrupted``; its problem is still open, so it is observed and
+  repaired again after the restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import json
 import logging
 import sqlite3
 import time
@@ -37,12 +50,14 @@ from prometheus_client.core import CounterMetricFamily, Metric
 
 from exporter.config import Config
 
-from .actions import ActionContext, RepairFailed, StepLog, verify
+from .actions import ActionContext, RepairFailed, StepLog
 from .alertmanager import expire_silence, post_alert, silence
 from .catalogue import run_action
+from .observe import observe
 from .payload import SKIP_REASONS, Alert, Decision, decide
+from .repairs import exec_argv
 from .shared import SharedState, SharedStateError
-from .store import AuditEntry, NewAlert, Store
+from .store import AuditEntry, NewAlert, Problem, ServiceState, Store
 
 __all__ = ["Admission", "Executor", "QueueFull", "ReceiverMetrics"]
 
@@ -50,6 +65,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_PENDING = 1000
+MAX_RECHECK_SECONDS = 30.0
+ACTION_ORDER = ("ensure_paths", "restore_file", "clean", "rotate_logs", "free_port", "vacuum", "http", "exec",
+                "signal", "stop_duplicates", "restart")
+"""Several open problems of one service are worked on in this order of their first step:
+what the service needs to start (paths, a valid state file, disk space, its port) first."""
 _RECORDED_AS = {"": "queued", "resolved": "recorded", "no_remediation": "recorded"}
 """The audit decision of a new alert by its decision's reason; any other reason is "skipped"."""
 EXHAUSTED_REPOST_SECONDS = 60.0
@@ -78,10 +98,20 @@ class ReceiverMetrics:
                                   buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300), registry=registry)
         self.in_progress = Gauge("caretaker_remediations_in_progress", "Repairs running now.", registry=registry)
         self.exhausted = Gauge("caretaker_remediation_attempts_exhausted",
-                               "1 while the service's attempt budget is spent and repairs are refused.",
+                               "1 while the service's attempt budget is spent and repairs back off.",
                                ["service_name"], registry=registry)
+        self.paused = Gauge("caretaker_service_paused", "1 while an operator has paused the service's repairs.",
+                            ["service_name"], registry=registry)
+        self.problems = Gauge("caretaker_problems_open", "Open problems of the service (firing repair alerts).",
+                              ["service_name"], registry=registry)
+        self.next_attempt = Gauge("caretaker_repair_next_attempt_timestamp_seconds",
+                                  "When the next repair attempt of the service may start (0: at once).",
+                                  ["service_name"], registry=registry)
         for name, svc in config.services.items():
             self.exhausted.labels(name)
+            self.paused.labels(name)
+            self.problems.labels(name)
+            self.next_attempt.labels(name)
             for action in svc.remediation.allow:
                 self.duration.labels(action)
                 for result in ("success", "failure"):
@@ -133,6 +163,22 @@ class QueueFull(Exception):
     """Too many repairs are pending; the webhook answers 503 so Alertmanager retries."""
 
 
+@dataclass(frozen=True)
+class Assessment:
+    """What the worker would do about one problem now, and what it saw."""
+
+    reason: str
+    """"" to act now, else why not (one of :data:`SKIP_REASONS`)."""
+    observation: dict[str, Any] | None
+    wait: float = 0.0
+    """Seconds until it is worth looking again."""
+
+
+def _order(problem: Problem) -> tuple[int, int]:
+    first = problem.action.split(",")[0]
+    return (ACTION_ORDER.index(first) if first in ACTION_ORDER else len(ACTION_ORDER), problem.id)
+
+
 class Executor:
     def __init__(self, config: Config, store: Store, ctx: ActionContext, metrics: ReceiverMetrics,
                  clock: Callable[[], float] = time.time, dry_run: bool = False,
@@ -145,13 +191,22 @@ class Executor:
         self.clock = clock
         self.dry_run = dry_run
         self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="caretaker-store")
-        self._locks: dict[str, asyncio.Lock] = {name: asyncio.Lock() for name in config.services}
         self._slots = asyncio.Semaphore(config.receiver.workers)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._wake: dict[str, asyncio.Event] = {name: asyncio.Event() for name in config.services}
+        self._recheck: dict[str, float] = {}
+        self._stopped = False
+        self._busy: set[str] = set()
+        """Services whose worker is looking or acting now (not waiting)."""
         self._waiting: list[tuple[list[NewAlert], asyncio.Future[list[int | None]]]] = []
         self.exhausted: dict[str, datetime] = {}
         """Services whose budget is spent, and since when."""
         self._healthy_since: dict[str, float] = {}
+        self.dependents: dict[str, list[str]] = {name: [] for name in config.services}
+        for name, cfg in config.services.items():
+            for dep in cfg.depends_on:
+                self.dependents[dep].append(name)
 
     async def db(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking store call (a read, or the checkpoint) on the store's own thread.
@@ -166,54 +221,57 @@ class Executor:
 
     # --- life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        """Mark what a previous run left half-done, verify those services again, and
-        restore which budgets are spent."""
+        """Mark what a previous run left half-done, restore which budgets are spent and
+        which services are paused, and go back to work on the problems still open."""
         if self.store.reserve_bytes and not await self.db(self.store.hold_reserve):
             log.warning("not enough free disk beside %s to hold its %d-byte reserve; trying again later",
                         self.store.path, self.store.reserve_bytes)
         for entry in self.store.mark_interrupted(self.clock()):
             if entry.state == "interrupted":
-                log.error("repair #%d (%s of %s) was interrupted by a receiver restart; not repeating it, "
-                          "verifying the service again", entry.id, entry.action, entry.service_name)
-                self.metrics.remediations.labels(entry.action, entry.service_name, "failure").inc()
+                log.error("repair #%d (%s of %s) was interrupted by a receiver restart; its problem is worked on "
+                          "again if it is still open", entry.id, entry.action, entry.service_name)
                 if entry.service_name in self.config.services:
-                    self._spawn(self._reverify(entry))
-        now = self.clock()
+                    self.metrics.remediations.labels(entry.action, entry.service_name, "failure").inc()
         for name in self.config.services:
-            try:
-                spent = await self._budget_spent(name, now)
-            except SharedStateError as err:
-                log.warning("shared state (Redis) unavailable at start: budget of %s unknown until it is: %s",
-                            name, err)
-                continue
-            if spent:
-                self.exhausted[name] = datetime.now(UTC)
+            state = await self.db(self.store.service_state, name)
+            if state.exhausted_since is not None:
+                self.exhausted[name] = datetime.fromtimestamp(state.exhausted_since, UTC)
                 self.metrics.exhausted.labels(name).set(1)
-
-    async def _reverify(self, entry: AuditEntry) -> None:
-        steps = StepLog(list(entry.steps))
-        steps("receiver restarted during this repair: verifying the service again")
-        cfg = self.config.services[entry.service_name]
-        try:
-            await verify(self.ctx, entry.service_name, cfg.remediation.verify_timeout, steps)
-        except RepairFailed as err:
-            steps(f"still not healthy: {err}; its alerts will ask for a repair again")
-        self.store.update(entry.id, steps=steps.steps)
+            self.metrics.paused.labels(name).set(1 if state.paused_at(self.clock()) else 0)
+            self.metrics.next_attempt.labels(name).set(state.next_attempt_at)
+        for problem in await self.db(self.store.open_problems):
+            if problem.service_name in self.config.services:
+                self.wake(problem.service_name)
 
     async def stop(self) -> None:
         """Cancel repairs in flight (they will be marked interrupted on the next start)."""
-        for task in list(self._tasks):
+        self._stopped = True
+        for task in [*self._tasks, *self._workers.values()]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._workers.values(), return_exceptions=True)
         self._db_thread.shutdown(wait=True)
 
     @property
     def pending(self) -> int:
-        return len(self._tasks)
+        """Workers with something to do now (a repair running, or a problem about to be
+        looked at); a worker that only waits for its next look does not count."""
+        return len(self._tasks) + sum(1 for name in self._workers if self._wake[name].is_set()
+                                      or name in self._busy)
+
+    def wake(self, service: str) -> None:
+        """Have the service's worker look at its problems now (starting it if needed)."""
+        if self._stopped:
+            return
+        self._recheck.pop(service, None)
+        self._wake[service].set()
+        worker = self._workers.get(service)
+        if worker is None or worker.done():
+            self._workers[service] = asyncio.create_task(self._work(service), name=f"caretaker-{service}")
 
     # --- admission ----------------------------------------------------------------------------
     async def admit(self, alerts: Sequence[Alert]) -> Admission:
-        """Dedupe, decide and record every alert; queue the repairs. Raises ``QueueFull``."""
+        """Dedupe, decide and record every alert; open, refresh or close problems and wake
+        their services' workers. Raises ``QueueFull``."""
         if self.pending >= MAX_PENDING:
             raise QueueFull(f"{self.pending} repairs pending")
         decisions = [decide(a, self.config) for a in alerts]
@@ -226,13 +284,16 @@ class Executor:
                 if not mine:  # another receiver owns this alert
                     decisions[i] = decisions[i]._replace(reason="duplicate")
         rows = [NewAlert(a.fingerprint, a.starts_at_key, a.status, a.alertname[:200], d.service_name, d.action,
-                         _RECORDED_AS.get(d.reason, "skipped"), d.reason)
+                         _RECORDED_AS.get(d.reason, "skipped"), d.reason,
+                         json.dumps(a.labels) if d.acts else "")
                 for a, d in zip(alerts, decisions, strict=True)]
         ids = await self._admit_rows(rows)
         duplicates = queued = 0
         metrics = self.metrics
         for alert, decision, entry_id in zip(alerts, decisions, ids, strict=True):
             metrics.received[alert.status] += 1
+            if decision.acts or (decision.reason == "resolved" and decision.service_name):
+                self.wake(decision.service_name)
             if entry_id is None:
                 duplicates += 1
                 metrics.skip(decision.service_name, "duplicate")
@@ -242,7 +303,6 @@ class Executor:
                     log.info("alert %s (%s): not acting: %s", alert.alertname, alert.fingerprint, decision.reason)
             else:
                 queued += 1
-                self._spawn(self._repair(entry_id, decision.service_name, decision.action, alert.labels))
         skipped = len(alerts) - duplicates - queued
         return Admission(len(alerts), duplicates, queued, skipped)
 
@@ -272,9 +332,140 @@ class Executor:
             if not future.done():  # a request whose client went away is cancelled; its rows stay
                 future.set_result(ids)
 
-    async def _skip(self, entry_id: int, service: str, reason: str) -> None:
-        self.metrics.skip(service, reason)
-        self.store.update(entry_id, decision="skipped", reason=reason, state="done")
+    # --- the worker: one per service with open problems ----------------------------------------
+    async def _work(self, service: str) -> None:
+        wake = self._wake[service]
+        try:
+            while True:
+                wake.clear()
+                self._busy.add(service)
+                problems = await self._open_problems(service)
+                if not problems:
+                    if wake.is_set():  # a problem was opened while we looked
+                        continue
+                    return
+                wait = await self._reconcile(service, problems)
+                self._busy.discard(service)
+                if wait > 0 and not wake.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            await wake.wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug must not end the care of a service silently
+            log.exception("the worker of %s failed; it starts again in %gs", service, MAX_RECHECK_SECONDS)
+            self._spawn(self._restart_worker(service, MAX_RECHECK_SECONDS))
+        finally:
+            self._busy.discard(service)
+            if self._workers.get(service) is asyncio.current_task():
+                del self._workers[service]
+
+    async def _restart_worker(self, service: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self.wake(service)
+
+    async def _open_problems(self, service: str) -> list[Problem]:
+        """The service's open problems, oldest first; expires those not refreshed."""
+        now = self.clock()
+        ttl = self.config.receiver.problem_ttl
+        problems = []
+        for problem in await self.db(self.store.open_problems, service):
+            if now - problem.last_seen > ttl:
+                log.warning("problem #%d of %s (%s) expired: no notification for %.0fs", problem.id, service,
+                            problem.alertname, now - problem.last_seen)
+                self.store.close_problem(problem.id, "expired", now)
+                continue
+            problems.append(problem)
+        self.metrics.problems.labels(service).set(len(problems))
+        return problems
+
+    def _next_look(self, service: str) -> float:
+        """Seconds to the next look at a waiting problem: doubles while nothing changes."""
+        wait = self._recheck.get(service, self.config.receiver.recheck_interval)
+        self._recheck[service] = min(MAX_RECHECK_SECONDS, wait * 2)
+        return wait
+
+    async def _reconcile(self, service: str, problems: list[Problem]) -> float:
+        """One look at the service: act on the first problem that needs it, or record why
+        not. Returns the seconds to wait before the next look (0: at once)."""
+        waits = []
+        for problem in sorted(problems, key=_order):
+            assessment = await self.assess(service, problem.alertname, problem.labels, problem.action,
+                                           problem.attempts)
+            if assessment.reason == "condition_cleared":
+                if problem.attempts == 0:  # a stale alert: say so, once; after a repair it is expected
+                    self._record(problem, "skipped", "condition_cleared", assessment.observation)
+                waits.append(assessment.wait)
+                continue
+            if assessment.reason == "budget_exhausted":
+                return await self._enter_backoff(service, problem, assessment.observation)
+            if assessment.reason:
+                self._record(problem, "skipped", assessment.reason, assessment.observation)
+                return assessment.wait
+            await self._attempt(service, problem, assessment.observation)
+            return 0.0
+        return min(waits, default=self._next_look(service))
+
+    def _record(self, problem: Problem, decision: str, reason: str, observation: Any) -> None:
+        """A decision not to act, written once while it stays the same."""
+        if problem.last_decision == reason or (problem.last_decision, reason) == ("budget_exhausted", "backoff"):
+            return
+        self.metrics.skip(problem.service_name, reason)
+        log.info("%s of %s (problem #%d, %s): not now: %s", problem.action, problem.service_name, problem.id,
+                 problem.alertname, reason)
+        self.store.record(problem, self.clock(), decision, reason, observation)
+
+    async def assess(self, service: str, alertname: str, labels: Mapping[str, str], action: str,
+                     attempts: int) -> Assessment:
+        """Whether a repair of ``service`` for this alert may run now, and what was seen.
+        Observes the service (and its dependencies); changes nothing."""
+        now = self.clock()
+        cfg = self.config.services[service]
+        state = await self.db(self.store.service_state, service)
+        if state.paused_at(now):
+            until = state.paused_until
+            return Assessment("paused", {"paused_until": until, "reason": state.paused_reason},
+                              min(MAX_RECHECK_SECONDS, until - now) if until else MAX_RECHECK_SECONDS)
+        for dep in cfg.depends_on:
+            seen = await observe(self.ctx, dep)
+            if not seen.healthy:
+                return Assessment("dependency_unhealthy", {"dependency": dep, **seen.as_json()},
+                                  self._next_look(service))
+        seen = await observe(self.ctx, service, alertname, labels, self.clock)
+        holds = seen.holds if seen.holds is not None else (attempts == 0 or not seen.healthy)
+        observation = seen.as_json()
+        if not holds:
+            return Assessment("condition_cleared", observation, self._next_look(service))
+        if seen.escalate and any(step in ("restart", "signal") for step in action.split(",")):
+            log.error("%s: %s; a restart cannot fix that: a person must look", service, seen.condition)
+            return Assessment("escalated", observation, MAX_RECHECK_SECONDS)
+        if "exec" in action.split(",") and cfg.remediation.exec is not None:
+            try:
+                exec_argv(cfg.remediation.exec.argv, dict(cfg.remediation.exec.labels), dict(labels))
+            except RepairFailed as err:
+                return Assessment("invalid_label", {**observation, "error": str(err)}, MAX_RECHECK_SECONDS)
+        try:
+            wait = await self._schedule(service, state, now)
+        except SharedStateError as err:
+            log.error("shared state (Redis) unavailable, not repairing %s: %s", service, err)
+            return Assessment("shared_state_error", observation, self._next_look(service))
+        if wait:
+            reason = "backoff" if state.exhausted_since is not None else "cooldown"
+            return Assessment(reason, {**observation, "next_attempt_at": now + wait}, wait)
+        if state.exhausted_since is None and await self._budget_spent(service, now):
+            return Assessment("budget_exhausted", observation, 0.0)
+        if self.dry_run:
+            return Assessment("dry_run", observation, MAX_RECHECK_SECONDS)
+        return Assessment("", observation)
+
+    async def _schedule(self, service: str, state: ServiceState, now: float) -> float:
+        """Seconds until the next attempt of ``service`` is due (0: now)."""
+        due = state.next_attempt_at
+        if self.shared is not None and state.exhausted_since is None:
+            last = await self.shared.last_finished(service)
+            if last is not None:
+                due = max(due, last + self.config.receiver.cooldown)
+        return max(0.0, due - now)
 
     async def _budget_spent(self, service: str, now: float) -> bool:
         attempts = self.config.receiver.attempts
@@ -283,30 +474,13 @@ class Executor:
             return await self.shared.repairs_since(service, since) >= attempts.max
         return await self.db(self.store.repairs_since, service, since) >= attempts.max
 
-    async def _hold_back(self, service: str, now: float) -> str:
-        """Why a repair of ``service`` may not start now ("" when it may)."""
-        try:
-            return await self._hold_back_reason(service, now)
-        except SharedStateError as err:
-            log.error("shared state (Redis) unavailable, not repairing %s: %s", service, err)
-            return "shared_state_error"
-
-    async def _hold_back_reason(self, service: str, now: float) -> str:
-        recv = self.config.receiver
-        if self.shared is not None:
-            last = await self.shared.last_finished(service)
-        else:
-            last = await self.db(self.store.last_repair_finished, service)
-        if last is not None and now - last < recv.cooldown:
-            return "cooldown"
-        if service in self.exhausted or await self._budget_spent(service, now):
-            return "budget_exhausted"
-        return "dry_run" if self.dry_run else ""
-
-    async def _repair(self, entry_id: int, service: str, action: str, labels: Mapping[str, str]) -> None:
-        async with self._locks[service], self._slots:
+    # --- an attempt ------------------------------------------------------------------------------
+    async def _attempt(self, service: str, problem: Problem, observation: Any) -> None:
+        """Run the problem's repair once (the budget allowing), then schedule the next."""
+        now = self.clock()
+        state = await self.db(self.store.service_state, service)
+        async with self._slots:
             token = None
-            reason = ""
             if self.shared is not None:
                 cfg = self.config.services[service]
                 lease = cfg.stop.grace_period + cfg.remediation.verify_timeout + 120.0
@@ -314,18 +488,15 @@ class Executor:
                     token = await self.shared.acquire(service, lease)
                 except SharedStateError as err:
                     log.error("shared state (Redis) unavailable, not repairing %s: %s", service, err)
-                    reason = "shared_state_error"
-                else:
-                    reason = "" if token else "in_progress"  # another receiver repairs it now
-            try:
-                reason = reason or await self._hold_back(service, self.clock())
-                if reason == "budget_exhausted":
-                    await self._exhaust(service)
-                if reason:
-                    log.info("%s of %s skipped: %s", action, service, reason)
-                    await self._skip(entry_id, service, reason)
+                    self._record(problem, "skipped", "shared_state_error", observation)
+                    self._set_next(service, now + self._next_look(service))
                     return
-                await self._run(entry_id, service, action, labels)
+                if token is None:  # another receiver repairs it now
+                    self._record(problem, "skipped", "in_progress", observation)
+                    self._set_next(service, now + self.config.receiver.recheck_interval)
+                    return
+            try:
+                result = await self._run(service, problem, observation)
             finally:
                 if token is not None and self.shared is not None:
                     try:
@@ -333,12 +504,40 @@ class Executor:
                     except SharedStateError as err:
                         log.error("could not release the repair lock of %s (it expires by itself): %s",
                                   service, err)
+        finished = self.clock()
+        if state.exhausted_since is not None:
+            backoff = self.config.receiver.backoff
+            delay = min(backoff.max, backoff.initial * 2 ** max(0, state.backoff_step))
+            self._set_next(service, finished + delay, backoff_step=state.backoff_step + 1)
+        else:
+            self._set_next(service, finished + self.config.receiver.cooldown)
+        if result == "success":
+            for dependent in self.dependents[service]:
+                if self._workers.get(dependent) is not None:
+                    self.wake(dependent)
 
-    async def _run(self, entry_id: int, service: str, action: str, labels: Mapping[str, str]) -> None:
+    async def _enter_backoff(self, service: str, problem: Problem, observation: Any) -> float:
+        """The budget is spent: say so loudly, and space the next attempts out."""
+        await self._exhaust(service)
+        self._record(problem, "skipped", "budget_exhausted", observation)
+        delay = self.config.receiver.backoff.initial
+        self._set_next(service, self.clock() + delay, backoff_step=1)
+        return delay
+
+    def _set_next(self, service: str, at: float, **fields: Any) -> None:
+        self.store.set_service_state(service, next_attempt_at=at, **fields)
+        self.metrics.next_attempt.labels(service).set(at)
+
+    async def _run(self, service: str, problem: Problem, observation: Any) -> str:
+        action = problem.action
         started = self.clock()
-        self.store.update(entry_id, decision="acted", state="running", started_at=started)
+        entry_id = self.store.record(problem, started, "acted", "", observation, state="running", attempt=True)
+        self.store.update(entry_id, started_at=started)
         if self.shared is not None:
-            await self.shared.record_start(service, started)
+            try:
+                await self.shared.record_start(service, started)
+            except SharedStateError as err:
+                log.error("could not record the start of the repair of %s in Redis: %s", service, err)
 
         def persist(current: list[dict[str, Any]]) -> None:
             # Written as the repair goes, so a crash mid-repair leaves its trace.
@@ -348,8 +547,9 @@ class Executor:
                 log.error("could not write the steps of repair #%d to the store: %s", entry_id, err)
 
         steps = StepLog(on_step=persist)
-        ctx = dataclasses.replace(self.ctx, labels=dict(labels))
-        log.info("%s of %s: starting (audit #%d)", action, service, entry_id)
+        ctx = dataclasses.replace(self.ctx, labels=dict(problem.labels))
+        log.info("%s of %s: starting (problem #%d, attempt %d, audit #%d)", action, service, problem.id,
+                 problem.attempts + 1, entry_id)
         self.metrics.in_progress.inc()
         result = "failure"
         silence_id = await self._silence(service, action, steps)
@@ -383,6 +583,7 @@ class Executor:
                 log.error("could not record the end of the repair of %s in Redis: %s", service, err)
         log.log(logging.INFO if result == "success" else logging.ERROR, "%s of %s: %s in %.1fs (audit #%d)",
                 action, service, result, finished - started, entry_id)
+        return result
 
     async def _silence(self, service: str, action: str, steps: StepLog) -> str | None:
         """Silence the service's alerts while it is stopped and started, if configured."""
@@ -403,11 +604,14 @@ class Executor:
     async def _exhaust(self, service: str) -> None:
         if service not in self.exhausted:
             attempts = self.config.receiver.attempts
-            log.error("REPAIRS EXHAUSTED for %s: %d repairs within %.0fs; not repairing it again until it has "
-                      "been healthy for %.0fs or an operator resets it (POST /api/v1/services/%s/reset). "
-                      "A person should look at it.", service, attempts.max, attempts.window, attempts.healthy_for,
-                      service)
-            self.exhausted[service] = datetime.now(UTC)
+            backoff = self.config.receiver.backoff
+            log.error("REPAIRS EXHAUSTED for %s: %d repairs within %.0fs; trying again with backoff (%.0fs doubling "
+                      "to %.0fs) until it has been healthy for %.0fs or an operator resets it "
+                      "(POST /api/v1/services/%s/reset). A person should look at it.", service, attempts.max,
+                      attempts.window, backoff.initial, backoff.max, attempts.healthy_for, service)
+            now = datetime.now(UTC)
+            self.exhausted[service] = now
+            self.store.set_service_state(service, exhausted_since=now.timestamp())
             await self._post_exhausted(service, firing=True)
         self.metrics.exhausted.labels(service).set(1)
 
@@ -420,35 +624,61 @@ class Executor:
             self.ctx.session, url,
             {"alertname": EXHAUSTED_ALERT, "service_name": service, "severity": "critical",
              "source": "caretaker-receiver"},
-            {"summary": f"caretaker gave up repairing {service}",
+            {"summary": f"caretaker's repairs of {service} keep failing",
              "description": f"{service} used its repair budget ({attempts.max} within {attempts.window:g}s). "
-                            "caretaker will not repair it again until it has been healthy for "
+                            "caretaker keeps trying with exponential backoff until it has been healthy for "
                             f"{attempts.healthy_for:g}s or an operator resets it.",
              "runbook_url": "docs/runbook.md#caretakerrepairsexhausted"},
             self.exhausted[service], timedelta(seconds=3 * EXHAUSTED_REPOST_SECONDS) if firing else None)
 
     async def reset(self, service: str, reason: str) -> bool:
-        """Re-enable repairs of ``service``; True if its budget was spent."""
+        """Re-enable repairs of ``service`` at once; True if its budget was spent."""
         was = service in self.exhausted
-        self.store.reset_budget(service, self.clock(), reason)
+        now = self.clock()
+        self.store.reset_budget(service, now, reason)
+        self.store.set_service_state(service, exhausted_since=None, backoff_step=0, next_attempt_at=0.0)
+        self.metrics.next_attempt.labels(service).set(0)
         if self.shared is not None:
-            await self.shared.reset(service, self.clock())
+            await self.shared.reset(service, now)
         if was:
             await self._post_exhausted(service, firing=False)
             del self.exhausted[service]
             log.warning("repairs of %s re-enabled: %s", service, reason)
         self._healthy_since.pop(service, None)
         self.metrics.exhausted.labels(service).set(0)
+        self.wake(service)
+        return was
+
+    async def pause(self, service: str, duration: float | None, reason: str) -> float | None:
+        """Leave ``service`` alone (for ``duration`` seconds, or until resumed); returns
+        when the pause ends (Unix seconds), or None."""
+        until = self.clock() + duration if duration else None
+        self.store.set_service_state(service, paused=True, paused_until=until, paused_reason=reason[:200])
+        self.metrics.paused.labels(service).set(1)
+        log.warning("repairs of %s paused%s: %s", service,
+                    f" for {duration:g}s" if duration else " until resumed", reason)
+        self.wake(service)
+        return until
+
+    async def resume(self, service: str) -> bool:
+        """End a pause; True if the service was paused."""
+        was = (await self.db(self.store.service_state, service)).paused_at(self.clock())
+        self.store.set_service_state(service, paused=False, paused_until=None, paused_reason="")
+        self.metrics.paused.labels(service).set(0)
+        if was:
+            log.warning("repairs of %s resumed", service)
+        self.wake(service)
         return was
 
     async def watch_exhausted(self, interval: float = 5.0) -> None:
-        """Keep the exhausted alerts firing; re-enable a service once healthy long enough."""
+        """Keep the exhausted alerts firing; re-enable a service once healthy long enough.
+        Also ends pauses whose time is up (for the metric)."""
         last_post = 0.0
         while True:
             await asyncio.sleep(interval)
             now = self.clock()
             for service in list(self.exhausted):
-                if await self._healthy(service):
+                if (await observe(self.ctx, service)).healthy:
                     since = self._healthy_since.setdefault(service, now)
                     if now - since >= self.config.receiver.attempts.healthy_for:
                         await self.reset(service, f"healthy for {now - since:.0f}s")
@@ -458,37 +688,76 @@ class Executor:
                 last_post = now
                 for service in list(self.exhausted):
                     await self._post_exhausted(service, firing=True)
-
-    async def _healthy(self, service: str) -> bool:
-        """Processes within [min, max] and every probe passing, now."""
-        try:
-            await verify(self.ctx, service, 0.0, StepLog())
-        except RepairFailed:
-            return False
-        return True
+            for service in self.config.services:
+                state = await self.db(self.store.service_state, service)
+                self.metrics.paused.labels(service).set(1 if state.paused_at(now) else 0)
 
     # --- read-only ---------------------------------------------------------------------------------
     async def plan(self, alerts: Sequence[Alert]) -> list[dict[str, Any]]:
-        """What :meth:`admit` would do with these alerts now, and why; records nothing."""
+        """What the receiver would do about these alerts now, and why, with what it sees
+        of each service; records nothing, changes nothing."""
         out = []
-        now = self.clock()
         for alert in alerts:
             d: Decision = decide(alert, self.config)
             item: dict[str, Any] = {"alertname": alert.alertname, "fingerprint": alert.fingerprint,
-                                    "status": alert.status, "service_name": d.service_name, "action": d.action}
-            if await self.db(self.store.seen, alert.fingerprint, alert.starts_at_key, alert.status):
-                reason = "duplicate"
-            elif not d.acts:
+                                    "status": alert.status, "service_name": d.service_name, "action": d.action,
+                                    "observation": None}
+            if not d.acts:
                 reason = d.reason
             else:
-                reason = await self._hold_back(d.service_name, now)
+                assessment = await self.assess(d.service_name, alert.alertname, alert.labels, d.action, 0)
+                reason, item["observation"] = assessment.reason, assessment.observation
+                if await self.db(self.store.seen, alert.fingerprint, alert.starts_at_key, alert.status):
+                    item["problem"] = "open already (a resend refreshes it)"
             item["would"] = "skip" if reason else "repair"
             item["reason"] = reason
             out.append(item)
         return out
 
+    async def problems(self, service_name: str | None = None, open_only: bool = False,
+                       limit: int = 100) -> list[dict[str, Any]]:
+        """Problems with their state and the next attempt time of their service."""
+        problems = await self.db(self.store.problems, service_name, open_only, limit)
+        states: dict[str, ServiceState] = {}
+        out = []
+        now = self.clock()
+        for problem in problems:
+            if problem.service_name not in states:
+                states[problem.service_name] = await self.db(self.store.service_state, problem.service_name)
+            state = states[problem.service_name]
+            item = problem.as_json()
+            if problem.state == "open":
+                item["next_attempt_at"] = max(now, state.next_attempt_at)
+                item["paused"] = state.paused_at(now)
+                item["exhausted"] = state.exhausted_since is not None
+            out.append(item)
+        return out
+
     async def history(self, limit: int, service_name: str | None) -> list[AuditEntry]:
         return await self.db(self.store.list, limit, service_name)
+
+    async def track_forever(self) -> None:
+        """Keep each service's process family (:class:`~receiver.family.FamilyTracker`)
+        current, and persisted so that a restarted receiver still knows the leftovers."""
+        family = self.ctx.family
+        if family is None:
+            return
+        for name in self.config.services:
+            state = await self.db(self.store.service_state, name)
+            if state.family:
+                family.families.setdefault(name, frozenset(state.family))
+        while True:
+            try:
+                changed = await asyncio.to_thread(family.scan)
+            except OSError as err:
+                log.warning("scanning the services' processes: %s", err)
+                changed = {}
+            for name, members in changed.items():
+                try:
+                    self.store.set_service_state(name, family=sorted(members))
+                except sqlite3.Error as err:
+                    log.error("could not record the processes of %s: %s", name, err)
+            await asyncio.sleep(self.config.receiver.track_interval)
 
     async def checkpoint_forever(self, interval: float = 1.0, reserve_every: int = 60) -> None:
         """Fold the store's WAL into the database file now and then, and make its disk

@@ -57,7 +57,8 @@ class Notification(_Accepting):
 SKIP_REASONS = (
     "duplicate", "resolved", "no_remediation", "no_service_name", "unknown_service", "unknown_action",
     "action_not_allowed", "cooldown", "budget_exhausted", "dry_run", "receiver_restarted", "in_progress",
-    "shared_state_error",
+    "shared_state_error", "condition_cleared", "dependency_unhealthy", "paused", "escalated", "backoff",
+    "invalid_label",
 )
 """Every reason a decision can give for not repairing; a fixed set (a metric label)."""
 

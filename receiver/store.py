@@ -4,16 +4,26 @@ One connection, used from one thread (:class:`Store` methods are blocking; the a
 calls them through a single-thread executor). WAL mode, so a crash loses at most
 the transaction in flight. Times are Unix seconds (float).
 
-Tables (schema version 2, ``PRAGMA user_version``):
+Tables (schema version 3, ``PRAGMA user_version``):
 
-- ``remediations``: the audit trail, one row per ``(fingerprint, starts_at, status)``
-  ever received (a unique index: the dedupe rule, DESIGN.md: idempotent per
-  fingerprint+startsAt), with the decision about it and, for a repair, its steps.
-  Resends only raise ``times_seen`` and ``last_seen``.
+- ``remediations``: the audit trail. One row per ``(fingerprint, starts_at, status)``
+  ever received (a unique index over the rows with no ``problem_id``: the dedupe rule,
+  idempotent per fingerprint+startsAt), with the first decision about it and, for a
+  repair, its steps. Resends only raise ``times_seen`` and ``last_seen``. Later
+  decisions about the problem an alert opened (another attempt, a wait) are rows of
+  their own with ``problem_id`` set. ``observation`` is what the receiver saw of the
+  service when it decided (JSON).
+- ``problems``: what the receiver works on (DESIGN.md, "the repair model"). A firing
+  alert that asks for a repair opens one (at most one open per fingerprint); resends
+  refresh it; a resolved notification closes it; one not refreshed for
+  ``receiver.problem_ttl`` expires.
+- ``services``: per service, whether it is paused (and until when), the backoff step
+  and the time of its next attempt, since when its budget is spent, and the processes
+  of its last incarnation (``family``: ``[[pid, start_ticks], ...]``).
 - ``resets``: when each service's attempt budget was last reset, and why.
 
-A state file of version 1 (a separate ``alerts`` table for dedupe) is migrated in
-place, in one transaction, when it is opened.
+A state file of version 1 or 2 is migrated in place, in one transaction, when it is
+opened.
 """
 
 from __future__ import annotations
@@ -29,12 +39,43 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-__all__ = ["AuditEntry", "NewAlert", "Store"]
+__all__ = ["AuditEntry", "NewAlert", "Problem", "ServiceState", "Store"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+TABLES_V3 = """
+CREATE TABLE IF NOT EXISTS problems (
+    id           INTEGER PRIMARY KEY,
+    fingerprint  TEXT NOT NULL,
+    starts_at    TEXT NOT NULL,
+    service_name TEXT NOT NULL,
+    alertname    TEXT NOT NULL,
+    action       TEXT NOT NULL,
+    labels       TEXT NOT NULL,   -- the alert's labels (JSON), for exec placeholders and observation
+    entry_id     INTEGER,         -- the audit row of the alert that opened it, until a decision is written there
+    state        TEXT NOT NULL,   -- open | closed | expired
+    opened_at    REAL NOT NULL,
+    last_seen    REAL NOT NULL,
+    times_seen   INTEGER NOT NULL DEFAULT 1,
+    closed_at    REAL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    last_decision TEXT NOT NULL DEFAULT ''
+);
+CREATE UNIQUE INDEX IF NOT EXISTS problems_open ON problems (fingerprint) WHERE state = 'open';
+CREATE INDEX IF NOT EXISTS problems_service ON problems (service_name) WHERE state = 'open';
+CREATE TABLE IF NOT EXISTS services (
+    service_name    TEXT PRIMARY KEY,
+    paused          INTEGER NOT NULL DEFAULT 0,
+    paused_until    REAL,            -- NULL: until resumed
+    paused_reason   TEXT NOT NULL DEFAULT '',
+    backoff_step    INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    exhausted_since REAL,
+    family          TEXT NOT NULL DEFAULT '[]'
+) WITHOUT ROWID;
+"""
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS remediations (
     id           INTEGER PRIMARY KEY,
@@ -53,9 +94,12 @@ CREATE TABLE IF NOT EXISTS remediations (
     finished_at  REAL,
     steps        TEXT NOT NULL DEFAULT '[]',
     times_seen   INTEGER NOT NULL DEFAULT 1,
-    last_seen    REAL NOT NULL
+    last_seen    REAL NOT NULL,
+    problem_id   INTEGER,
+    observation  TEXT NOT NULL DEFAULT 'null'
 );
-CREATE UNIQUE INDEX IF NOT EXISTS remediations_alert ON remediations (fingerprint, starts_at, status);
+CREATE UNIQUE INDEX IF NOT EXISTS remediations_alert ON remediations (fingerprint, starts_at, status)
+    WHERE problem_id IS NULL;
 CREATE INDEX IF NOT EXISTS remediations_repairs ON remediations (service_name, started_at)
     WHERE decision = 'acted';
 CREATE TABLE IF NOT EXISTS resets (
@@ -63,7 +107,14 @@ CREATE TABLE IF NOT EXISTS resets (
     at           REAL NOT NULL,
     reason       TEXT NOT NULL
 ) WITHOUT ROWID;
-"""
+""" + TABLES_V3
+
+MIGRATE_FROM_2 = """
+ALTER TABLE remediations ADD COLUMN problem_id INTEGER;
+ALTER TABLE remediations ADD COLUMN observation TEXT NOT NULL DEFAULT 'null';
+DROP INDEX remediations_alert;
+CREATE UNIQUE INDEX remediations_alert ON remediations (fingerprint, starts_at, status) WHERE problem_id IS NULL;
+""" + TABLES_V3
 
 MIGRATE_FROM_1 = """
 ALTER TABLE remediations RENAME TO remediations_v1;
@@ -93,10 +144,15 @@ class NewAlert(NamedTuple):
     action: str
     decision: str
     reason: str
+    labels: str = ""
+    """The alert's labels as JSON, for an alert that opens a problem; else empty."""
 
 
 _AUDIT_COLUMNS = ("id", "received_at", "fingerprint", "starts_at", "status", "alertname", "service_name", "action",
-                  "decision", "reason", "state", "result", "started_at", "finished_at", "steps", "times_seen")
+                  "decision", "reason", "state", "result", "started_at", "finished_at", "steps", "times_seen",
+                  "problem_id", "observation")
+_PROBLEM_COLUMNS = ("id", "fingerprint", "starts_at", "service_name", "alertname", "action", "labels", "entry_id",
+                    "state", "opened_at", "last_seen", "times_seen", "closed_at", "attempts", "last_decision")
 """Columns of ``remediations`` (fixed names, the only text interpolated into SQL here)."""
 
 
@@ -118,6 +174,8 @@ class AuditEntry:
     finished_at: float | None
     steps: list[dict[str, Any]]
     times_seen: int
+    problem_id: int | None = None
+    observation: Any = None
 
     @property
     def duration_seconds(self) -> float | None:
@@ -129,6 +187,46 @@ class AuditEntry:
         data = self.__dict__.copy()
         data["duration_seconds"] = self.duration_seconds
         return data
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A service's problem, opened by a firing alert (times in Unix seconds)."""
+
+    id: int
+    fingerprint: str
+    starts_at: str
+    service_name: str
+    alertname: str
+    action: str
+    labels: dict[str, str]
+    entry_id: int | None
+    state: str
+    opened_at: float
+    last_seen: float
+    times_seen: int
+    closed_at: float | None
+    attempts: int
+    last_decision: str
+
+    def as_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    """What the receiver keeps about one service between repairs."""
+
+    paused: bool = False
+    paused_until: float | None = None
+    paused_reason: str = ""
+    backoff_step: int = 0
+    next_attempt_at: float = 0.0
+    exhausted_since: float | None = None
+    family: tuple[tuple[int, int], ...] = ()
+
+    def paused_at(self, now: float) -> bool:
+        return self.paused and (self.paused_until is None or now < self.paused_until)
 
 
 class Store:
@@ -188,7 +286,7 @@ class Store:
             raise sqlite3.DatabaseError(f"state file has schema version {version}, newer than this receiver's "
                                         f"{SCHEMA_VERSION}: upgrade the receiver or move the file aside")
         old = self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alerts'").fetchone()
-        script = MIGRATE_FROM_1 if old else SCHEMA
+        script = MIGRATE_FROM_1 if old else MIGRATE_FROM_2 if version == 2 else SCHEMA
         # executescript() would commit on its own; run it inside an explicit transaction.
         self._db.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
 
@@ -293,20 +391,134 @@ class Store:
             cur.executemany(
                 "INSERT INTO remediations (received_at, fingerprint, starts_at, status, alertname, service_name, "
                 "action, decision, reason, state, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
-                "ON CONFLICT (fingerprint, starts_at, status) DO UPDATE SET "
+                "ON CONFLICT (fingerprint, starts_at, status) WHERE problem_id IS NULL DO UPDATE SET "
                 "times_seen = times_seen + 1, last_seen = excluded.last_seen", rows)
-            return {(fingerprint, starts_at, status): entry_id for entry_id, fingerprint, starts_at, status in
-                    cur.execute("SELECT id, fingerprint, starts_at, status FROM remediations WHERE id > ?", (last,))}
+            new = {(fingerprint, starts_at, status): entry_id for entry_id, fingerprint, starts_at, status in
+                   cur.execute("SELECT id, fingerprint, starts_at, status FROM remediations WHERE id > ?", (last,))}
+            self._problems(cur, notifications, new, now)
+            return new
 
         new = self._write(upsert)
         # pop: the first of two equal alerts in one batch is the new one, the second a duplicate
         return [[new.pop((a.fingerprint, a.starts_at, a.status), None) for a in alerts] for alerts in notifications]
 
+    @staticmethod
+    def _problems(cur: sqlite3.Cursor, notifications: Sequence[Sequence[NewAlert]],
+                  new: dict[tuple[str, str, str], int], now: float) -> None:
+        """Open or refresh a problem for each firing alert that asks for a repair (new or
+        a resend), close the open problem of each resolved alert."""
+        opening, closing = [], []
+        for alerts in notifications:
+            for a in alerts:
+                if a.decision == "queued":  # a new alert that asks for a repair, or its resend
+                    opening.append((a.fingerprint, a.starts_at, a.service_name, a.alertname, a.action,
+                                    a.labels or "{}", new.get((a.fingerprint, a.starts_at, a.status)), now, now))
+                elif a.status == "resolved" and a.service_name:
+                    closing.append((now, a.fingerprint))
+        if opening:
+            cur.executemany(
+                "INSERT INTO problems (fingerprint, starts_at, service_name, alertname, action, labels, entry_id, "
+                "state, opened_at, last_seen) VALUES (?,?,?,?,?,?,?,'open',?,?) "
+                "ON CONFLICT (fingerprint) WHERE state = 'open' DO UPDATE SET times_seen = times_seen + 1, "
+                "last_seen = excluded.last_seen, starts_at = excluded.starts_at", opening)
+        if closing:
+            cur.executemany("UPDATE problems SET state = 'closed', closed_at = ? "
+                            "WHERE fingerprint = ? AND state = 'open'", closing)
+
+    # --- problems and per-service state ----------------------------------------------------------
+    def open_problems(self, service_name: str | None = None) -> list[Problem]:
+        """Open problems (of one service, or all), oldest first."""
+        return self.problems(service_name, open_only=True, limit=10_000)
+
+    def problems(self, service_name: str | None = None, open_only: bool = False, limit: int = 100) -> list[Problem]:
+        """Problems, open ones first then the newest closed ones (``open_only``: only those)."""
+        where, args = [], []
+        if service_name is not None:
+            where.append("service_name = ?")
+            args.append(service_name)
+        if open_only:
+            where.append("state = 'open'")
+        sql = (f"SELECT {', '.join(_PROBLEM_COLUMNS)} FROM problems"  # noqa: S608 - fixed names
+               + (" WHERE " + " AND ".join(where) if where else "")
+               + " ORDER BY state = 'open' DESC, CASE WHEN state = 'open' THEN id ELSE -id END LIMIT ?")
+        with self._read_lock:
+            rows = self._reader.execute(sql, (*args, limit)).fetchall()
+        out = []
+        for row in rows:
+            fields = dict(zip(_PROBLEM_COLUMNS, row, strict=True))
+            fields["labels"] = json.loads(fields["labels"])
+            out.append(Problem(**fields))
+        return out
+
+    def close_problem(self, problem_id: int, state: str, now: float) -> None:
+        """Close an open problem as ``closed`` or ``expired``."""
+        self._write(lambda cur: cur.execute("UPDATE problems SET state = ?, closed_at = ? WHERE id = ? AND "
+                                            "state = 'open'", (state, now, problem_id)))
+
+    def record(self, problem: Problem, now: float, decision: str, reason: str, observation: Any,
+               action: str = "", state: str = "done", attempt: bool = False) -> int:
+        """Write a decision about a problem into the audit trail, and remember it on the
+        problem. The first decision goes into the row of the alert that opened the
+        problem; later ones are rows of their own. Returns the audit entry's id."""
+        seen = json.dumps(observation)
+
+        def write(cur: sqlite3.Cursor) -> int:
+            row = cur.execute("SELECT p.entry_id FROM problems p JOIN remediations r ON r.id = p.entry_id "
+                              "WHERE p.id = ? AND r.state = 'queued'", (problem.id,)).fetchone()
+            entry_id = row[0] if row else None
+            if entry_id is not None:
+                cur.execute("UPDATE remediations SET decision = ?, reason = ?, state = ?, observation = ?, "
+                            "action = ? WHERE id = ?", (decision, reason, state, seen, action or problem.action,
+                                                        entry_id))
+            else:
+                cur.execute(
+                    "INSERT INTO remediations (received_at, fingerprint, starts_at, status, alertname, service_name, "
+                    "action, decision, reason, state, last_seen, problem_id, observation) "
+                    "VALUES (?,?,?,'firing',?,?,?,?,?,?,?,?,?)",
+                    (now, problem.fingerprint, problem.starts_at, problem.alertname, problem.service_name,
+                     action or problem.action, decision, reason, state, now, problem.id, seen))
+                entry_id = int(cur.lastrowid or 0)
+            cur.execute("UPDATE problems SET entry_id = NULL, last_decision = ?, attempts = attempts + ? "
+                        "WHERE id = ?", (reason or decision, int(attempt), problem.id))
+            return entry_id
+
+        return self._write(write)
+
+    def service_state(self, service_name: str) -> ServiceState:
+        with self._read_lock:
+            row = self._reader.execute(
+                "SELECT paused, paused_until, paused_reason, backoff_step, next_attempt_at, exhausted_since, family "
+                "FROM services WHERE service_name = ?", (service_name,)).fetchone()
+        if row is None:
+            return ServiceState()
+        paused, until, reason, step, next_at, exhausted, family = row
+        return ServiceState(bool(paused), until, reason, step, next_at, exhausted,
+                            tuple((int(pid), int(ticks)) for pid, ticks in json.loads(family)))
+
+    def set_service_state(self, service_name: str, **fields: Any) -> None:
+        """Set fields of a service's :class:`ServiceState` (``family`` as pairs)."""
+        allowed = {"paused", "paused_until", "paused_reason", "backoff_step", "next_attempt_at", "exhausted_since",
+                   "family"}
+        if not fields.keys() <= allowed:
+            raise ValueError(f"cannot set {sorted(fields.keys() - allowed)}")
+        if "family" in fields:
+            fields["family"] = json.dumps([list(pair) for pair in fields["family"]])
+        if "paused" in fields:
+            fields["paused"] = int(fields["paused"])
+        names = ", ".join(fields)
+        marks = ", ".join("?" for _ in fields)
+        updates = ", ".join(f"{name} = excluded.{name}" for name in fields)
+        self._write(lambda cur: cur.execute(
+            f"INSERT INTO services (service_name, {names}) VALUES (?, {marks}) "  # noqa: S608 - fixed names
+            f"ON CONFLICT (service_name) DO UPDATE SET {updates}", (service_name, *fields.values())))
+
     def update(self, entry_id: int, **fields: Any) -> None:
         """Set columns of one audit entry (``steps`` may be given as a list)."""
         if "steps" in fields:
             fields["steps"] = json.dumps(fields["steps"])
-        allowed = {"decision", "reason", "state", "result", "started_at", "finished_at", "steps"}
+        if "observation" in fields:
+            fields["observation"] = json.dumps(fields["observation"])
+        allowed = {"decision", "reason", "state", "result", "started_at", "finished_at", "steps", "observation"}
         if not fields.keys() <= allowed:
             raise ValueError(f"cannot update {sorted(fields.keys() - allowed)}")
         assignments = ", ".join(f"{name} = ?" for name in fields)
@@ -341,16 +553,21 @@ class Store:
         """Whether this alert was admitted before (read-only, for plans)."""
         with self._read_lock:
             row = self._reader.execute(
-                "SELECT 1 FROM remediations WHERE fingerprint = ? AND starts_at = ? AND status = ?",
+                "SELECT 1 FROM remediations WHERE fingerprint = ? AND starts_at = ? AND status = ? "
+                "AND problem_id IS NULL",
                 (fingerprint, starts_at, status)).fetchone()
         return row is not None
 
     def mark_interrupted(self, now: float) -> list[AuditEntry]:
-        """After a restart of the receiver: repairs left running become ``interrupted``,
-        repairs left queued are skipped (``receiver_restarted``). Returns those entries."""
+        """After a restart of the receiver: repairs left running become ``interrupted``;
+        queued rows whose problem is no longer open are skipped (``receiver_restarted``).
+        Open problems stay open: they are worked on again. Returns those entries."""
 
         def mark(cur: sqlite3.Cursor) -> list[tuple[int, str]]:
-            rows = cur.execute("SELECT id, state FROM remediations WHERE state IN ('queued', 'running')").fetchall()
+            # A queued row whose problem is still open gets its decision when the problem is worked on.
+            rows = cur.execute("SELECT id, state FROM remediations WHERE state = 'running' OR (state = 'queued' AND "
+                               "id NOT IN (SELECT entry_id FROM problems WHERE state = 'open' AND entry_id IS NOT "
+                               "NULL))").fetchall()
             for entry_id, state in rows:
                 if state == "running":
                     cur.execute("UPDATE remediations SET state = 'interrupted', result = 'failure', finished_at = ? "
@@ -384,5 +601,6 @@ class Store:
         for row in rows:
             fields = dict(zip(_AUDIT_COLUMNS, row, strict=True))
             fields["steps"] = json.loads(fields["steps"])
+            fields["observation"] = json.loads(fields["observation"])
             entries.append(AuditEntry(**fields))
         return entries

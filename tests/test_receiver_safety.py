@@ -4,6 +4,7 @@ basic auth, crashes mid-repair, and generated hostile payloads."""
 from __future__ import annotations
 
 import asyncio
+import os
 import base64
 import json
 import sys
@@ -21,9 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exporter.config import parse_config
+from exporter.procfs import ProcReader, scan_services
+from receiver.actions import start_service
 from receiver.app import EXECUTOR_KEY, REGISTRY_KEY, create_app
 
-from .conftest import Children, free_port, port_open, require_binary, settle, wait_for
+from .conftest import Children, free_port, port_open, require_binary, settle, stop_config_services, wait_for
 from .test_receiver import AUTH, TOKEN, alert, notification
 
 Client = TestClient[web.Request, web.Application]
@@ -44,6 +47,20 @@ def service_config(tmp_path: Path, **receiver: Any) -> Any:
 async def post(client: Client, payload: Any, path: str = "/alerts", headers: dict[str, str] | None = None) -> Any:
     resp = await client.post(path, json=payload, headers=headers or AUTH)
     return resp.status, await resp.json()
+
+
+def live(config: Any) -> list[Any]:
+    return scan_services(ProcReader(), config.services, (os.getpid(),))["svc"]
+
+
+async def incident(client: Client, config: Any, fingerprint: str, previous: str | None = None) -> None:
+    """The service dies again: the previous alert resolved, the service is killed, a new alert fires."""
+    if previous is not None:
+        await post(client, notification(alert(previous, status="resolved", service_name="svc",
+                                              remediation="restart")))
+        await settle(client)
+    stop_config_services(config)
+    await post(client, notification(alert(fingerprint, service_name="svc", remediation="restart")))
 
 
 # --- a real Alertmanager -------------------------------------------------------------------
@@ -74,11 +91,12 @@ async def test_spent_budget_raises_an_alert_in_alertmanager_until_reset(receiver
                                                                         alertmanager: str) -> None:
     config = service_config(tmp_path, alertmanager_url=alertmanager, attempts={"max": 1, "window": "1h"})
     client = await receiver_for(config)
-    await post(client, notification(alert("f1", service_name="svc", remediation="restart")))
+    await incident(client, config, "f1")
     await settle(client)
-    await post(client, notification(alert("f2", service_name="svc", remediation="restart")))
-    entries = await settle(client)
+    await incident(client, config, "f2", previous="f1")
+    entries = [e for e in await settle(client) if e["status"] == "firing"]
     assert [e["reason"] for e in entries] == ["budget_exhausted", ""]
+    assert not live(config)
     firing = am_alerts(alertmanager, alertname="CaretakerRepairsExhausted", service_name="svc")
     assert len(firing) == 1 and firing[0]["status"]["state"] == "active"
     assert firing[0]["labels"]["severity"] == "critical"
@@ -91,19 +109,22 @@ async def test_spent_budget_raises_an_alert_in_alertmanager_until_reset(receiver
     assert registry.get_sample_value("caretaker_remediation_attempts_exhausted", {"service_name": "svc"}) == 0
     wait_for(lambda: not am_alerts(alertmanager, alertname="CaretakerRepairsExhausted", service_name="svc"), 10,
              what="the exhausted alert to resolve")
-    await post(client, notification(alert("f3", service_name="svc", remediation="restart")))
-    assert (await settle(client))[0]["result"] == "success"
+    # The reset makes the next attempt due at once: the problem still open is repaired, no new alert needed.
+    newest = [e for e in await settle(client) if e["status"] == "firing"][0]
+    assert (newest["fingerprint"], newest["decision"], newest["result"]) == ("f2", "acted", "success")
+    assert len(live(config)) == 1
 
 
 async def test_repairs_resume_once_the_service_has_been_healthy(receiver_for: Any, tmp_path: Path) -> None:
     config = service_config(tmp_path, attempts={"max": 1, "window": "1h", "healthy_for": "1s"})
     client = await receiver_for(config)
     executor = client.server.app[EXECUTOR_KEY]
-    await post(client, notification(alert("f1", service_name="svc", remediation="restart")))
+    await incident(client, config, "f1")
     await settle(client)
-    await post(client, notification(alert("f2", service_name="svc", remediation="restart")))
+    await incident(client, config, "f2", previous="f1")
     await settle(client)
     assert "svc" in executor.exhausted
+    executor.ctx.reaper.add(start_service(config, "svc"))  # someone starts it by hand
     watcher = asyncio.create_task(executor.watch_exhausted(interval=0.2))
     try:
         deadline = time.monotonic() + 10
@@ -115,13 +136,21 @@ async def test_repairs_resume_once_the_service_has_been_healthy(receiver_for: An
 
 
 async def test_a_spent_budget_survives_a_receiver_restart(receiver_for: Any, tmp_path: Path) -> None:
-    config = service_config(tmp_path, attempts={"max": 1, "window": "1h"})
+    config = service_config(tmp_path, attempts={"max": 1, "window": "1h"}, backoff={"initial": "10m"})
     first = await receiver_for(config)
-    await post(first, notification(alert("f1", service_name="svc", remediation="restart")))
+    await incident(first, config, "f1")
     await settle(first)
+    await incident(first, config, "f2", previous="f1")
+    assert [e for e in await settle(first) if e["status"] == "firing"][0]["reason"] == "budget_exhausted"
     await first.close()
     second = await receiver_for(config)
     assert "svc" in second.server.app[EXECUTOR_KEY].exhausted
+    resp = await second.get("/api/v1/problems", params={"state": "open"}, headers=AUTH)
+    (problem,) = (await resp.json())["data"]
+    assert problem["fingerprint"] == "f2" and problem["exhausted"] is True
+    assert problem["next_attempt_at"] > time.time() + 500  # the backoff kept too: no attempt now
+    await settle(second)
+    assert not live(config)
 
 
 # --- plan, auth, crash ------------------------------------------------------------------------
@@ -137,12 +166,17 @@ async def test_plan_says_what_would_happen_and_records_nothing(receiver_for: Any
     assert [(p["would"], p["reason"]) for p in body["data"]] == [
         ("repair", ""), ("skip", "unknown_service"), ("skip", "resolved")]
     assert await settle(client) == []
+    assert body["data"][0]["observation"]["processes"] == 0
     await post(client, notification(alert("p1", service_name="svc", remediation="restart")))
     await settle(client)
-    status, body = await post(client, notification(alert("p1", service_name="svc", remediation="restart"),
-                                                   alert("p9", service_name="svc", remediation="restart")),
+    status, body = await post(client, notification(alert("p1", service_name="svc", remediation="restart")),
                               "/api/v1/plan")
-    assert [p["reason"] for p in body["data"]] == ["duplicate", "cooldown"]
+    assert [p["reason"] for p in body["data"]] == ["condition_cleared"]  # it runs now
+    stop_config_services(config)
+    status, body = await post(client, notification(alert("p9", service_name="svc", remediation="restart")),
+                              "/api/v1/plan")
+    assert [p["reason"] for p in body["data"]] == ["cooldown"]
+    assert not live(config)  # a plan changes nothing
     assert (await client.post("/api/v1/plan", json=notification())).status == 401
 
 

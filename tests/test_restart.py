@@ -79,6 +79,14 @@ def start_first(ctx: ActionContext) -> int:
     return child.pid
 
 
+def sigignored(pid: int) -> int:
+    """The process's ignored-signals mask (bit N-1 for signal N), from /proc/PID/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
 def messages(steps: StepLog) -> list[str]:
     return [s["message"] for s in steps.steps]
 
@@ -97,14 +105,10 @@ async def test_restart_of_a_service_that_obeys_sigterm(ctx_for: Any, tmp_path: P
     assert new.pgid == new.pid  # detached: its own session and group
 
 
-@pytest.mark.parametrize("how", ["ignores SIGTERM", "frozen with SIGSTOP"])
-async def test_sigkill_after_the_grace_period(ctx_for: Any, tmp_path: Path, how: str) -> None:
-    ctx = ctx_for(service_config(tmp_path, IGNORES_TERM if how == "ignores SIGTERM" else SLEEPER, grace=1.5))
+async def test_sigkill_after_the_grace_period(ctx_for: Any, tmp_path: Path) -> None:
+    ctx = ctx_for(service_config(tmp_path, IGNORES_TERM, grace=1.5))
     old = start_first(ctx)
-    time.sleep(0.3)  # let it install its handler
-    if how == "frozen with SIGSTOP":
-        os.kill(old, signal.SIGSTOP)
-        wait_for(lambda: processes(ctx.config)[0].state == "T", 5, what="stopped state")
+    wait_for(lambda: sigignored(old) & (1 << (signal.SIGTERM - 1)), 5, what="it to ignore SIGTERM")
     steps = StepLog()
     started = time.monotonic()
     await restart(ctx, "svc", steps)
@@ -116,6 +120,25 @@ async def test_sigkill_after_the_grace_period(ctx_for: Any, tmp_path: Path, how:
     (new,) = processes(ctx.config)
     assert new.pid != old and new.state != "T"
     assert time.monotonic() - started < 10
+
+
+async def test_a_frozen_process_is_continued_so_it_can_act_on_its_stop_signal(ctx_for: Any, tmp_path: Path) -> None:
+    # systemd sends SIGCONT after the stop signal: a stopped process then exits on its SIGTERM
+    # at once, instead of being SIGKILLed when the grace period ends.
+    ctx = ctx_for(service_config(tmp_path, SLEEPER, grace=5))
+    old = start_first(ctx)
+    os.kill(old, signal.SIGSTOP)
+    wait_for(lambda: processes(ctx.config)[0].state == "T", 5, what="stopped state")
+    steps = StepLog()
+    started = time.monotonic()
+    await restart(ctx, "svc", steps)
+    log = messages(steps)
+    term = log.index(next(m for m in log if m.startswith("SIGTERM")))
+    assert log[term + 1].startswith("SIGCONT"), log
+    assert not any("SIGKILL" in m for m in log)
+    assert time.monotonic() - started < 4, "it waited for the grace period"
+    (new,) = processes(ctx.config)
+    assert new.pid != old and new.state != "T"
 
 
 async def test_never_starts_a_second_copy(ctx_for: Any, tmp_path: Path) -> None:
@@ -166,32 +189,49 @@ async def post(client: Client, payload: dict[str, Any]) -> dict[str, Any]:
     return dict(await resp.json())
 
 
+async def incident(client: Client, config: Any, fingerprint: str, previous: str | None = None) -> None:
+    """The service dies again: the previous alert resolved, the service is killed, a new alert fires."""
+    if previous is not None:
+        await post(client, notification(alert(previous, status="resolved", service_name="svc",
+                                              remediation="restart")))
+        await settle(client)
+    stop_config_services(config)
+    await post(client, notification(alert(fingerprint, service_name="svc", remediation="restart")))
+
+
 async def test_one_repair_at_a_time_per_service(receiver_for: Any, tmp_path: Path) -> None:
-    client = await receiver_for(service_config(tmp_path, cooldown=0))
+    # Two alerts about one dead service: one restart; the second problem is then seen to be gone.
+    config = service_config(tmp_path, cooldown=0)
+    client = await receiver_for(config)
     await post(client, notification(alert("f1", service_name="svc", remediation="restart"),
-                                    alert("f2", service_name="svc", remediation="restart")))
-    first, second = sorted(await settle(client), key=lambda e: e["started_at"])
-    assert first["result"] == second["result"] == "success"
-    assert second["started_at"] >= first["finished_at"]
+                                    alert("f2", alertname="CaretakerProbeFailing", service_name="svc",
+                                          remediation="restart")))
+    entries = await settle(client)
+    assert sorted((e["fingerprint"], e["decision"], e["reason"]) for e in entries) == [
+        ("f1", "acted", ""), ("f2", "skipped", "condition_cleared")]
+    assert len(processes(config)) == 1
 
 
 async def test_cooldown_skips_a_repair_right_after_another(receiver_for: Any, tmp_path: Path) -> None:
-    client = await receiver_for(service_config(tmp_path, cooldown="1h"))
-    await post(client, notification(alert("f1", service_name="svc", remediation="restart")))
+    config = service_config(tmp_path, cooldown="1h")
+    client = await receiver_for(config)
+    await incident(client, config, "f1")
     await settle(client)
-    await post(client, notification(alert("f2", service_name="svc", remediation="restart")))
-    newest, oldest = await settle(client)
+    await incident(client, config, "f2", previous="f1")
+    newest, oldest = [e for e in await settle(client) if e["status"] == "firing"]
     assert oldest["result"] == "success"
     assert (newest["decision"], newest["reason"]) == ("skipped", "cooldown")
+    assert newest["observation"]["holds"] is True and newest["observation"]["next_attempt_at"] > time.time() + 3000
 
 
 async def test_attempt_budget_stops_repairs_and_says_so(receiver_for: Any, tmp_path: Path,
                                                         caplog: pytest.LogCaptureFixture) -> None:
-    client = await receiver_for(service_config(tmp_path, cooldown=0, attempts={"max": 2, "window": "1h"}))
+    config = service_config(tmp_path, cooldown=0, attempts={"max": 2, "window": "1h"})
+    client = await receiver_for(config)
     for i in range(3):
-        await post(client, notification(alert(f"f{i}", service_name="svc", remediation="restart")))
+        await incident(client, config, f"f{i}", previous=f"f{i - 1}" if i else None)
         await settle(client)
-    entries = await settle(client)
+    entries = [e for e in await settle(client) if e["status"] == "firing"]
     assert [e["reason"] for e in entries] == ["budget_exhausted", "", ""]
     registry = client.server.app[REGISTRY_KEY]
     assert registry.get_sample_value("caretaker_remediation_attempts_exhausted", {"service_name": "svc"}) == 1
@@ -207,12 +247,12 @@ async def test_dedupe_and_cooldown_survive_a_receiver_restart(receiver_for: Any,
     await first.close()
     second = await receiver_for(config)
     assert (await post(second, payload))["duplicates"] == 1
-    await post(second, notification(alert("f2", service_name="svc", remediation="restart")))
-    entries = await settle(second)
+    await incident(second, config, "f2", previous="f1")
+    entries = [e for e in await settle(second) if e["status"] == "firing"]
     assert [(e["fingerprint"], e["reason"]) for e in entries] == [("f2", "cooldown"), ("f1", "")]
 
 
-async def test_repair_interrupted_by_a_crash_is_marked_not_repeated_and_verified_again(
+async def test_repair_interrupted_by_a_crash_is_marked_and_its_problem_repaired_after_the_restart(
         receiver_for: Any, tmp_path: Path) -> None:
     config = service_config(tmp_path)
     store = Store(config.resolve(config.receiver.state_file))
@@ -224,16 +264,14 @@ async def test_repair_interrupted_by_a_crash_is_marked_not_repeated_and_verified
     store.close()
     client = await receiver_for(config)
     deadline = time.monotonic() + 20
-    while True:  # the re-verification runs in the background after start-up
-        (entry,) = await settle(client)
-        if len(entry["steps"]) >= 3:
-            break
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.2)
-    assert (entry["state"], entry["result"]) == ("interrupted", "failure")
-    assert processes(config) == []  # not repeated blindly
-    assert entry["steps"][1]["message"].startswith("receiver restarted during this repair")
-    assert entry["steps"][2]["message"].startswith("still not healthy")  # nothing runs, and nothing was started
+    while len(entries := await settle(client)) < 2:  # the open problem is worked on after start-up
+        assert time.monotonic() < deadline, entries
+        await asyncio.sleep(0.1)
+    again, interrupted = entries
+    assert (interrupted["state"], interrupted["result"]) == ("interrupted", "failure")
+    assert (again["decision"], again["result"], again["problem_id"]) == ("acted", "success", 1)
+    assert again["observation"]["processes"] == 0 and again["observation"]["holds"] is True
+    assert len(processes(config)) == 1
     registry = client.server.app[REGISTRY_KEY]
     assert registry.get_sample_value("caretaker_remediations_total",
                                      {"action": "restart", "service_name": "svc", "result": "failure"}) == 1
