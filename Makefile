@@ -11,7 +11,7 @@ TEST_PACKAGES := $(STACK_PACKAGES) promtool:prometheus amtool:prometheus-alertma
 	postgres:postgresql openssl:openssl supervisord:supervisor supervisorctl:supervisor \
 	prometheus-process-exporter:prometheus-process-exporter
 
-.PHONY: run demo test lint bench check-config packages-stack packages-test clean
+.PHONY: run demo test lint bench bench-heal check-config packages-stack packages-test clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -43,6 +43,10 @@ bench: $(VENV)/.installed
 	@scripts/ensure-packages.sh wrk:wrk prometheus-process-exporter:prometheus-process-exporter redis-server:redis-server
 	$(PY) bench/scrape.py
 	$(PY) bench/webhook.py
+
+bench-heal: $(VENV)/.installed
+	@scripts/ensure-packages.sh $(STACK_PACKAGES) monit:monit supervisord:supervisor
+	$(PY) bench/heal.py $(HEAL_ARGS)
 
 check-config: $(VENV)/.installed
 	$(VENV)/bin/caretaker-exporter --check-config --config caretaker.yml

@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 KILL_WAIT_SECONDS = 5.0
 POLL_SECONDS = 0.05
 VERIFY_POLL_SECONDS = 0.1
+START_SETTLE_SECONDS = 0.3
+"""How long a service the receiver just started must stay healthy to be verified."""
 OUTPUT_TAIL = 4096
 LOG_TAIL = 2048
 
@@ -250,6 +252,7 @@ async def verify(ctx: ActionContext, name: str, timeout: float, step: StepLog,
     cfg: ServiceConfig = ctx.config.services[name]
     deadline = time.monotonic() + timeout
     problem = "not checked"
+    healthy_since: float | None = None
     while True:
         procs = await find_processes(ctx, name)
         n = len(procs)
@@ -264,9 +267,18 @@ async def verify(ctx: ActionContext, name: str, timeout: float, step: StepLog,
             results = await run_probes(cfg.probes, ctx.probes, remaining)
             failing = {k: r for k, r in results.items() if not r.success}
             if not failing:
-                step(f"verified: {n} processes, probes passing: {', '.join(results) or 'none configured'}")
-                return
+                now = time.monotonic()
+                healthy_since = now if healthy_since is None else healthy_since
+                # A process that dies right after its start (a port in use, a bad config)
+                # is often still there at the first look: a fresh start must stay healthy
+                # a moment, as supervisord's startsecs asks.
+                if child is None or now - healthy_since >= START_SETTLE_SECONDS or timeout <= 0:
+                    step(f"verified: {n} processes, probes passing: {', '.join(results) or 'none configured'}")
+                    return
+                await asyncio.sleep(VERIFY_POLL_SECONDS)
+                continue
             problem = "; ".join(f"probe {k}: {r.reason} ({r.detail})" for k, r in failing.items())
+        healthy_since = None
         if time.monotonic() >= deadline:
             tail = await asyncio.to_thread(log_tail, ctx.config, name) if child is not None else ""
             raise RepairFailed(f"not healthy within {timeout:g}s: {problem}"

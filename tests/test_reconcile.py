@@ -1,0 +1,275 @@
+"""The repair model with real processes: problems, confirmation, retries, dependencies,
+pauses (DESIGN.md, "the repair model: level-triggered, not edge-triggered")."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from exporter.config import parse_config
+from exporter.procfs import ProcReader, scan_services
+from receiver.actions import start_service
+from receiver.app import EXECUTOR_KEY
+from receiver.store import NewAlert, Store
+
+from .conftest import AUTH_TOKEN, REPO, free_port, port_open, require_binary, settle, stop_config_services, wait_for
+from .test_receiver import AUTH, alert, notification
+
+SLEEPER = "import time\nwhile True: time.sleep(1)\n"
+FAILS_FIRST_START = ("import os, sys, time\n"
+                     "flag = sys.argv[1]\n"
+                     "if not os.path.exists(flag):\n"
+                     "    open(flag, 'w').close()\n"
+                     "    print('cannot start: first try fails', flush=True)\n"
+                     "    sys.exit(3)\n"
+                     "while True: time.sleep(1)\n")
+HTTP_SERVER = ("import http.server, sys\n"
+               "class H(http.server.BaseHTTPRequestHandler):\n"
+               "    def do_GET(self):\n"
+               "        self.send_response(200); self.end_headers(); self.wfile.write(b'ok')\n"
+               "    def log_message(self, *a): pass\n"
+               "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n")
+
+
+def write_token(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text(AUTH_TOKEN)
+
+
+def config_for(tmp_path: Path, services: dict[str, Any], **receiver: Any) -> Any:
+    write_token(tmp_path)
+    return parse_config({"receiver": {"bearer_token": {"file": "token"}, "state_file": "state.sqlite",
+                                      "cooldown": 0, "recheck_interval": "200ms", **receiver},
+                         "services": services}, base_dir=tmp_path)
+
+
+def sleeper(script: str = SLEEPER, *args: str, **extra: Any) -> dict[str, Any]:
+    marker = f"rc-{uuid.uuid4().hex[:12]}"
+    return {"match": {"cmdline": f"{marker}$"},
+            "start": {"argv": [sys.executable, "-c", script, *args, marker], "log_file": f"{marker}.log"},
+            "stop": {"grace_period": 2},
+            "remediation": {"allow": ["restart"], "verify_timeout": 5}, **extra}
+
+
+def pids(config: Any, service: str) -> list[int]:
+    return [p.pid for p in scan_services(ProcReader(), {service: config.services[service]}, (os.getpid(),))[service]]
+
+
+async def post(client: Any, *alerts: dict[str, Any]) -> None:
+    resp = await client.post("/alerts", json=notification(*alerts), headers=AUTH)
+    assert resp.status == 200, await resp.text()
+
+
+async def wait_audit(client: Any, done: Any, timeout: float = 20.0) -> list[dict[str, Any]]:
+    """The audit trail (newest first) once ``done(entries)`` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        entries = await settle(client)
+        if done(entries):
+            return entries
+        assert time.monotonic() < deadline, [(e["fingerprint"], e["decision"], e["reason"]) for e in entries]
+        await asyncio.sleep(0.1)
+
+
+def firing(entries: list[dict[str, Any]], service: str | None = None) -> list[dict[str, Any]]:
+    return [e for e in entries if e["status"] == "firing" and service in (None, e["service_name"])]
+
+
+async def test_a_failed_repair_is_tried_again_until_the_service_is_healthy(receiver_for: Any,
+                                                                           tmp_path: Path) -> None:
+    flag = tmp_path / "started-once"
+    config = config_for(tmp_path, {"svc": sleeper(FAILS_FIRST_START, str(flag))}, cooldown="500ms")
+    client = await receiver_for(config)
+    await post(client, alert("f1", service_name="svc", remediation="restart"))  # one alert, never resent
+    entries = await wait_audit(client, lambda es: any(e["result"] == "success" for e in es))
+    second, waited, first = firing(entries)
+    assert (waited["decision"], waited["reason"]) == ("skipped", "cooldown")  # the wait is said, once
+    assert (first["decision"], first["result"]) == ("acted", "failure")
+    assert "exited with status 3" in first["steps"][-1]["message"]
+    assert "first try fails" in first["steps"][-1]["message"]  # the tail of the service's own log
+    assert (second["decision"], second["result"], second["problem_id"]) == ("acted", "success", 1)
+    assert second["started_at"] >= first["finished_at"] + 0.5  # the cooldown was kept
+    assert len(pids(config, "svc")) == 1
+
+
+async def test_a_stale_alert_for_a_healthy_service_stops_nothing(receiver_for: Any, tmp_path: Path) -> None:
+    config = config_for(tmp_path, {"svc": sleeper()})
+    child = start_service(config, "svc")
+    try:
+        wait_for(lambda: pids(config, "svc") == [child.pid], 10, what="service up")
+        client = await receiver_for(config)
+        await post(client, alert("late", service_name="svc", remediation="restart"))
+        (entry,) = await wait_audit(client, lambda es: es and es[0]["reason"])
+        assert (entry["decision"], entry["reason"]) == ("skipped", "condition_cleared")
+        assert entry["observation"]["processes"] == 1 and entry["observation"]["holds"] is False
+        assert entry["steps"] == []
+        await asyncio.sleep(0.5)  # it keeps looking while the problem is open, and still stops nothing
+        assert pids(config, "svc") == [child.pid]
+        assert len(await settle(client)) == 1  # the same decision is not written again
+    finally:
+        child.kill()
+        child.wait()
+
+
+async def test_redis_killed_under_a_web_app_that_depends_on_it(receiver_for: Any, tmp_path: Path) -> None:
+    """One Redis restart; the web app, whose probe fails while Redis is down, is neither
+    restarted nor charged, and is healthy afterwards."""
+    binary = require_binary("redis-server")
+    redis_port = free_port()
+    config = config_for(tmp_path, {
+        "redis": {"match": {"comm": "^redis-server$", "cmdline": f":{redis_port}\\b"},
+                  "probes": [{"name": "port", "type": "tcp", "port": redis_port, "timeout": "500ms"}],
+                  "start": {"argv": [binary, "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
+                                     "--appendonly", "no", "--dir", str(tmp_path)]},
+                  "stop": {"grace_period": 2}, "remediation": {"allow": ["restart"], "verify_timeout": 10}},
+        "web": sleeper(depends_on=["redis"],
+                       probes=[{"name": "redis", "type": "tcp", "port": redis_port, "timeout": "500ms"}]),
+    }, confirm={"probe_failures": 2, "interval": "100ms"})
+    redis_child = start_service(config, "redis")
+    web_child = start_service(config, "web")
+    try:
+        wait_for(lambda: port_open(redis_port) and len(pids(config, "web")) == 1, 10, what="both up")
+        client = await receiver_for(config)
+        redis_child.kill()
+        redis_child.wait()
+        # Both alerts arrive together; the web app's is first in the notification.
+        await post(client, alert("w1", alertname="CaretakerProbeFailing", service_name="web", probe="redis",
+                                 remediation="restart"),
+                   alert("r1", service_name="redis", remediation="restart"))
+        entries = await wait_audit(client, lambda es: any(e["service_name"] == "redis" and e["result"] == "success"
+                                                          for e in es)
+                                   and any(e["reason"] == "condition_cleared" for e in es))
+        web = firing(entries, "web")
+        assert [e["decision"] for e in web].count("acted") == 0
+        assert {e["reason"] for e in web} <= {"dependency_unhealthy", "condition_cleared"}
+        assert pids(config, "web") == [web_child.pid]  # never restarted
+        assert [e["result"] for e in firing(entries, "redis")] == ["success"]  # one Redis restart
+        executor = client.server.app[EXECUTOR_KEY]
+        assert await executor.db(executor.store.repairs_since, "web", 0) == 0  # no budget spent
+        assert port_open(redis_port)
+    finally:
+        for child in (redis_child, web_child):
+            child.kill()
+            child.wait()
+
+
+async def test_a_paused_service_is_not_started_until_resumed(receiver_for: Any, tmp_path: Path) -> None:
+    config = config_for(tmp_path, {"svc": sleeper()})
+    client = await receiver_for(config)
+    resp = await client.post("/api/v1/services/svc/pause", json={"reason": "upgrading it by hand"}, headers=AUTH)
+    assert resp.status == 200 and (await resp.json())["paused_until"] is None
+    assert (await client.post("/api/v1/services/svc/pause", json={"duration": "soon"}, headers=AUTH)).status == 400
+    assert (await client.post("/api/v1/services/ghost/pause", headers=AUTH)).status == 404
+    await post(client, alert("p1", service_name="svc", remediation="restart"))
+    (entry,) = await wait_audit(client, lambda es: es and es[0]["reason"])
+    assert (entry["decision"], entry["reason"]) == ("skipped", "paused")
+    await asyncio.sleep(0.5)
+    assert pids(config, "svc") == []
+    resp = await client.get("/metrics")
+    assert 'caretaker_service_paused{service_name="svc"} 1.0' in await resp.text()
+    resp = await client.post("/api/v1/services/svc/resume", headers=AUTH)
+    assert (await resp.json())["was_paused"] is True
+    entries = await wait_audit(client, lambda es: any(e["result"] == "success" for e in es))
+    assert entries[0]["problem_id"] == 1 and len(pids(config, "svc")) == 1
+
+
+async def test_a_probe_failing_for_auth_is_escalated_not_restarted(receiver_for: Any, tmp_path: Path,
+                                                                   redis_server: Any) -> None:
+    redis_port = free_port()
+    redis_server(redis_port)
+    (tmp_path / "wrong-password").write_text("not-the-password\n")
+    subprocess.run(["redis-cli", "-p", str(redis_port), "CONFIG", "SET", "requirepass", "changed-at-runtime"],
+                   check=True, capture_output=True, timeout=10)
+    config = config_for(tmp_path, {"svc": sleeper(probes=[
+        {"name": "ping", "type": "redis", "port": redis_port, "password": {"file": "wrong-password"},
+         "timeout": "1s"}])}, confirm={"probe_failures": 2, "interval": "100ms"})
+    child = start_service(config, "svc")
+    try:
+        wait_for(lambda: pids(config, "svc") == [child.pid], 10, what="service up")
+        client = await receiver_for(config)
+        await post(client, alert("a1", alertname="CaretakerProbeFailing", service_name="svc", probe="ping",
+                                 remediation="restart"))
+        (entry,) = await wait_audit(client, lambda es: es and es[0]["reason"])
+        assert (entry["decision"], entry["reason"]) == ("skipped", "escalated")
+        assert entry["observation"]["escalate"] == "probe_auth"
+        assert pids(config, "svc") == [child.pid]
+    finally:
+        child.kill()
+        child.wait()
+
+
+async def test_an_interrupted_repair_of_a_frozen_service_is_finished_after_a_restart(receiver_for: Any,
+                                                                                     tmp_path: Path) -> None:
+    port = free_port()
+    config = config_for(tmp_path, {"svc": sleeper(HTTP_SERVER, str(port), probes=[
+        {"name": "health", "type": "http", "url": f"http://127.0.0.1:{port}/", "timeout": "500ms"}])},
+        confirm={"probe_failures": 2, "interval": "100ms"})
+    child = start_service(config, "svc")
+    try:
+        wait_for(lambda: port_open(port), 10, what="service up")
+        os.kill(child.pid, signal.SIGSTOP)
+        # The receiver crashed in the middle of the repair: the audit row says running.
+        store = Store(config.resolve(config.receiver.state_file))
+        labels = '{"alertname": "CaretakerProbeFailing", "service_name": "svc", "probe": "health"}'
+        (entry_id,) = store.admit([NewAlert("fz", "2026-01-01T00:00:00+00:00", "firing", "CaretakerProbeFailing",
+                                            "svc", "restart", "queued", "", labels)], time.time())
+        assert entry_id is not None
+        store.update(entry_id, decision="acted", state="running", started_at=time.time())
+        store.close()
+        client = await receiver_for(config)
+        entries = await wait_audit(client, lambda es: any(e["result"] == "success" for e in es))
+        done, interrupted = entries
+        assert interrupted["state"] == "interrupted"
+        assert done["observation"]["holds"] is True and done["observation"]["processes"] == 1
+        messages = [s["message"] for s in done["steps"]]
+        assert any(m.startswith("SIGCONT") for m in messages) and not any("SIGKILL" in m for m in messages)
+        (new,) = pids(config, "svc")
+        assert new != child.pid
+    finally:
+        os.kill(child.pid, signal.SIGKILL) if child.poll() is None else None
+        child.wait()
+
+
+def test_a_dependency_cycle_is_a_config_error_that_names_the_place(tmp_path: Path) -> None:
+    (tmp_path / "bad.yml").write_text(
+        "services:\n"
+        "  web:\n"
+        "    match: {comm: web}\n"
+        "    depends_on: [redis]\n"
+        "  redis:\n"
+        "    match: {comm: redis}\n"
+        "    depends_on: [web, nothing]\n")
+    result = subprocess.run([sys.executable, "-m", "receiver.app", "--check-config", "--config",
+                             str(tmp_path / "bad.yml")], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 2
+    assert "services.web.depends_on[0] (line 4): dependency cycle: web -> redis -> web" in result.stderr
+    assert "services.redis.depends_on[1] (line 7): no service named 'nothing'" in result.stderr
+
+
+async def test_problems_api_lists_open_problems_with_their_next_attempt(receiver_for: Any, tmp_path: Path) -> None:
+    config = config_for(tmp_path, {"svc": sleeper()}, cooldown="1h")
+    client = await receiver_for(config)
+    await post(client, alert("q1", service_name="svc", remediation="restart"))
+    await wait_audit(client, lambda es: any(e["result"] == "success" for e in es))
+    stop_config_services(config)  # it dies again while its alert still fires: the cooldown holds it back
+    resp = await client.get("/api/v1/problems", params={"state": "open"}, headers=AUTH)
+    (problem,) = (await resp.json())["data"]
+    assert (problem["fingerprint"], problem["state"], problem["attempts"]) == ("q1", "open", 1)
+    assert problem["next_attempt_at"] > time.time() + 3000
+    await post(client, alert("q1", status="resolved", service_name="svc", remediation="restart"))
+    resp = await client.get("/api/v1/problems", params={"state": "open"}, headers=AUTH)
+    assert (await resp.json())["data"] == []
+    resp = await client.get("/api/v1/problems", headers=AUTH)
+    assert [p["state"] for p in (await resp.json())["data"]] == ["closed"]
+    assert (await client.get("/api/v1/problems", params={"state": "bogus"}, headers=AUTH)).status == 400
+
+
+pytestmark = pytest.mark.timeout(90)
