@@ -4,9 +4,9 @@ basic auth, crashes mid-repair, and generated hostile payloads."""
 from __future__ import annotations
 
 import asyncio
-import os
 import base64
 import json
+import os
 import sys
 import time
 import urllib.request
@@ -110,7 +110,7 @@ async def test_spent_budget_raises_an_alert_in_alertmanager_until_reset(receiver
     wait_for(lambda: not am_alerts(alertmanager, alertname="CaretakerRepairsExhausted", service_name="svc"), 10,
              what="the exhausted alert to resolve")
     # The reset makes the next attempt due at once: the problem still open is repaired, no new alert needed.
-    newest = [e for e in await settle(client) if e["status"] == "firing"][0]
+    newest = next(e for e in await settle(client) if e["status"] == "firing")
     assert (newest["fingerprint"], newest["decision"], newest["result"]) == ("f2", "acted", "success")
     assert len(live(config)) == 1
 
@@ -141,7 +141,7 @@ async def test_a_spent_budget_survives_a_receiver_restart(receiver_for: Any, tmp
     await incident(first, config, "f1")
     await settle(first)
     await incident(first, config, "f2", previous="f1")
-    assert [e for e in await settle(first) if e["status"] == "firing"][0]["reason"] == "budget_exhausted"
+    assert next(e for e in await settle(first) if e["status"] == "firing")["reason"] == "budget_exhausted"
     await first.close()
     second = await receiver_for(config)
     assert "svc" in second.server.app[EXECUTOR_KEY].exhausted
