@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from demo.incidents import run_incidents
-from exporter.config import Config, ConfigError, ExecProbe, HttpProbe, Probe, load_config
+from exporter.config import Config, ConfigError, ExecProbe, HttpProbe, Probe, dependency_order, load_config
 from exporter.procfs import ProcReader, scan_services
 from receiver.actions import send_signal, start_service
 
@@ -175,13 +175,23 @@ class Stack:
                                     start_new_session=True, cwd=REPO)
         self.children.append(Child(name, proc, url))
 
-    def start_services(self) -> list[str]:
-        """Start each watched service that has a start command and is not running."""
+    def start_services(self, dependency_wait: float = 10.0) -> list[str]:
+        """Start each watched service that has a start command and is not running, in
+        dependency order (``depends_on``): a dependent waits, up to ``dependency_wait``
+        seconds, until what it depends on runs its processes."""
         running = scan_services(ProcReader(), self.config.services, (os.getpid(),), with_fds=False)
         started = []
-        for name, cfg in self.config.services.items():
+        for name in dependency_order(self.config):
+            cfg = self.config.services[name]
             if cfg.start is None or len(running[name]) >= max(cfg.processes.min, 1):
                 continue
+            deadline = time.monotonic() + dependency_wait
+            deps = {dep: self.config.services[dep] for dep in cfg.depends_on}
+            while deps and time.monotonic() < deadline:
+                now = scan_services(ProcReader(), deps, (os.getpid(),), with_fds=False)
+                if all(len(now[d]) >= deps[d].processes.min for d in deps):
+                    break
+                time.sleep(0.1)
             child = start_service(self.config, name)
             self.services.append(child)
             started.append(f"{name} (pid {child.pid})")
