@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -144,8 +145,26 @@ async def collect_once(config: Config) -> tuple[Scraper, Snapshot]:
         scraper.close()
 
 
+def paused_services(config: Config, now: float) -> dict[str, float | None]:
+    """Services an operator paused in the receiver, with when the pause ends (None: until
+    resumed), read from the receiver's state file (read-only; ``{}`` when it has none)."""
+    path = config.resolve(config.receiver.state_file)
+    if not path.is_file():
+        return {}
+    try:
+        db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=1.0)
+        try:
+            rows = db.execute("SELECT service_name, paused_until FROM services WHERE paused = 1").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return {}  # an older receiver's file, or one being migrated: nothing is known paused
+    return {name: until for name, until in rows if until is None or until > now}
+
+
 def status_rows(scraper: Scraper, snap: Snapshot) -> list[dict[str, Any]]:
     now = time.time()
+    paused = paused_services(scraper.config, now)
     rows = []
     for name, cfg in scraper.config.services.items():
         state = snap.services[name]
@@ -160,6 +179,8 @@ def status_rows(scraper: Scraper, snap: Snapshot) -> list[dict[str, Any]]:
             "failing_probes": {k: r.reason for k, r in state.probes.items() if not r.success},
             "heartbeat_age_seconds": beats,
             "recent_log_matches": {k: v for k, v in scraper.log_totals[name].items() if v},
+            "paused": name in paused,
+            "paused_until": paused.get(name),
         })
     return rows
 
@@ -173,7 +194,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         beats = ", ".join(f"{k} {'never' if v is None else f'{v:g}s'}" for k, v in
                           r["heartbeat_age_seconds"].items()) or "-"
         logs = ", ".join(f"{k} {v}" for k, v in r["recent_log_matches"].items()) or "-"
-        print(f"{r['service']:<16} {procs:>7} {r['health']:>6.2f}  {probes:<24} {beats:<18} {logs}")
+        name = r["service"]
+        if r["paused"]:
+            until = r["paused_until"]
+            name += " (paused" + (f" until {time.strftime('%H:%M:%S', time.localtime(until))})" if until else ")")
+        print(f"{name:<16} {procs:>7} {r['health']:>6.2f}  {probes:<24} {beats:<18} {logs}")
 
 
 def run_once(config: Config, as_json: bool) -> int:

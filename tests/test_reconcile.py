@@ -273,3 +273,39 @@ async def test_problems_api_lists_open_problems_with_their_next_attempt(receiver
 
 
 pytestmark = pytest.mark.timeout(90)
+
+
+async def test_caretakerctl_pauses_and_resumes_and_once_shows_it(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from aiohttp.test_utils import TestServer
+
+    from exporter.app import paused_services
+    from exporter.config import load_config
+    from receiver.app import create_app
+    from receiver.ctl import main as ctl
+
+    port = free_port()
+    write_token(tmp_path)
+    (tmp_path / "caretaker.yml").write_text(
+        f"receiver: {{port: {port}, bearer_token: {{file: token}}, state_file: state.sqlite}}\n"
+        "services:\n  svc: {match: {comm: '^caretaker-none$'}, processes: {min: 0, max: 1}}\n")
+    config = load_config(tmp_path / "caretaker.yml")
+    server = TestServer(create_app(config), host="127.0.0.1", port=port)
+    await server.start_server()
+    try:
+        path = str(tmp_path / "caretaker.yml")
+        await asyncio.to_thread(ctl, ["--config", path, "pause", "svc", "--for", "10m", "--reason", "upgrade"])
+        assert "svc: paused until" in capsys.readouterr().out
+        (until,) = paused_services(config, time.time()).values()  # what --once shows
+        assert until is not None and 590 < until - time.time() <= 600
+        with pytest.raises(SystemExit) as exit_info:
+            await asyncio.to_thread(ctl, ["--config", path, "pause", "ghost"])
+        assert exit_info.value.code == 1
+        assert "HTTP 404: no service named 'ghost'" in capsys.readouterr().err
+        await asyncio.to_thread(ctl, ["--config", path, "resume", "svc"])
+        assert capsys.readouterr().out.strip() == "svc: resumed"
+        assert paused_services(config, time.time()) == {}
+        await asyncio.to_thread(ctl, ["--config", path, "problems"])
+        assert capsys.readouterr().out.startswith("   ID SERVICE")
+    finally:
+        await server.close()
