@@ -70,6 +70,9 @@ ACTION_ORDER = ("ensure_paths", "restore_file", "clean", "rotate_logs", "free_po
                 "signal", "stop_duplicates", "restart")
 """Several open problems of one service are worked on in this order of their first step:
 what the service needs to start (paths, a valid state file, disk space, its port) first."""
+_ABOUT_THE_PROBLEM = frozenset({"escalated", "invalid_label"})
+"""Reasons not to act that concern one problem only; the others (paused, a dependency,
+the schedule, the budget) hold for every problem of the service."""
 _RECORDED_AS = {"": "queued", "resolved": "recorded", "no_remediation": "recorded"}
 """The audit decision of a new alert by its decision's reason; any other reason is "skipped"."""
 EXHAUSTED_REPOST_SECONDS = 60.0
@@ -345,6 +348,9 @@ class Executor:
                         continue
                     return
                 wait = await self._reconcile(service, problems)
+                # Look again by the time the first unrefreshed problem would expire.
+                expiry = min(p.last_seen for p in problems) + self.config.receiver.problem_ttl - self.clock()
+                wait = max(0.0, min(wait, expiry + 0.01))
                 self._busy.discard(service)
                 if wait > 0 and not wake.is_set():
                     with contextlib.suppress(TimeoutError):
@@ -395,6 +401,10 @@ class Executor:
             if assessment.reason == "condition_cleared":
                 if problem.attempts == 0:  # a stale alert: say so, once; after a repair it is expected
                     self._record(problem, "skipped", "condition_cleared", assessment.observation)
+                waits.append(assessment.wait)
+                continue
+            if assessment.reason in _ABOUT_THE_PROBLEM:  # the service's other problems may still be worked on
+                self._record(problem, "skipped", assessment.reason, assessment.observation)
                 waits.append(assessment.wait)
                 continue
             if assessment.reason == "budget_exhausted":

@@ -309,3 +309,43 @@ async def test_caretakerctl_pauses_and_resumes_and_once_shows_it(tmp_path: Path,
         assert capsys.readouterr().out.startswith("   ID SERVICE")
     finally:
         await server.close()
+
+
+async def test_a_problem_no_notification_refreshes_expires(receiver_for: Any, tmp_path: Path) -> None:
+    config = config_for(tmp_path, {"svc": sleeper()}, problem_ttl="1s")
+    client = await receiver_for(config)
+    await client.post("/api/v1/services/svc/pause", headers=AUTH)  # so that nothing else happens to it
+    await post(client, alert("old", service_name="svc", remediation="restart"))
+    deadline = time.monotonic() + 10
+    while True:
+        resp = await client.get("/api/v1/problems", headers=AUTH)
+        (problem,) = (await resp.json())["data"]
+        if problem["state"] != "open":
+            break
+        assert time.monotonic() < deadline, problem
+        await asyncio.sleep(0.1)
+    assert problem["state"] == "expired" and problem["closed_at"] - problem["last_seen"] >= 1.0
+    assert pids(config, "svc") == []
+
+
+async def test_an_exec_label_that_does_not_match_is_a_skip_not_an_attempt(receiver_for: Any,
+                                                                          tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    config = config_for(tmp_path, {"svc": {
+        "match": {"comm": "^caretaker-none$"}, "processes": {"min": 0, "max": 1},
+        "remediation": {"allow": ["exec"], "exec": {
+            "argv": [sys.executable, "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2])", str(marker),
+                     "{queue}"],
+            "labels": {"queue": "[a-z]+"}}}}})
+    client = await receiver_for(config)
+    await post(client, alert("x1", alertname="QueueStuck", service_name="svc", remediation="exec",
+                             queue="jobs; rm -rf /"))
+    (entry,) = await wait_audit(client, lambda es: es and es[0]["reason"])
+    assert (entry["decision"], entry["reason"]) == ("skipped", "invalid_label")
+    assert "does not match" in entry["observation"]["error"]
+    executor = client.server.app[EXECUTOR_KEY]
+    assert await executor.db(executor.store.repairs_since, "svc", 0) == 0  # nothing spent
+    assert not marker.exists()
+    await post(client, alert("x2", alertname="QueueStuck", service_name="svc", remediation="exec", queue="jobs"))
+    await wait_audit(client, lambda es: any(e["result"] == "success" for e in es))
+    assert marker.read_text() == "jobs"
