@@ -1,7 +1,8 @@
 # caretaker: two commands do all the set-up on a fresh Debian/Ubuntu machine.
 #   make run    the local stack (Redis + demo web app, watched and healed), Ctrl+C stops it
 #   make test   the whole test suite, against the real Prometheus, Alertmanager, Redis
-# Also: make demo (break things in a running stack), make lint, make check-config.
+# Also: make demo (break things in a running stack), make lint, make check-config,
+#       make bench (scrape, webhook), make bench-heal (heal time vs supervisord and monit).
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
