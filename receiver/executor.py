@@ -455,7 +455,7 @@ class Executor:
             except RepairFailed as err:
                 return Assessment("invalid_label", {**observation, "error": str(err)}, MAX_RECHECK_SECONDS)
         try:
-            wait = await self._schedule(service, state, now)
+            wait = await self._schedule(service, state, now, action)
         except SharedStateError as err:
             log.error("shared state (Redis) unavailable, not repairing %s: %s", service, err)
             return Assessment("shared_state_error", observation, self._next_look(service))
@@ -468,8 +468,14 @@ class Executor:
             return Assessment("dry_run", observation, MAX_RECHECK_SECONDS)
         return Assessment("", observation)
 
-    async def _schedule(self, service: str, state: ServiceState, now: float) -> float:
-        """Seconds until the next attempt of ``service`` is due (0: now)."""
+    async def _schedule(self, service: str, state: ServiceState, now: float, action: str) -> float:
+        """Seconds until the next attempt of ``service`` with ``action`` is due (0: now).
+
+        The cooldown spaces out repeats of a repair; after a successful one, a different
+        repair (the restart after a restored file) is not held back by it. Backoff
+        holds back every repair of an exhausted service."""
+        if state.exhausted_since is None and state.last_result == "success" and state.last_action != action:
+            return 0.0
         due = state.next_attempt_at
         if self.shared is not None and state.exhausted_since is None:
             last = await self.shared.last_finished(service)
@@ -515,12 +521,13 @@ class Executor:
                         log.error("could not release the repair lock of %s (it expires by itself): %s",
                                   service, err)
         finished = self.clock()
+        last = {"last_action": problem.action, "last_result": result}
         if state.exhausted_since is not None:
             backoff = self.config.receiver.backoff
             delay = min(backoff.max, backoff.initial * 2 ** max(0, state.backoff_step))
-            self._set_next(service, finished + delay, backoff_step=state.backoff_step + 1)
+            self._set_next(service, finished + delay, backoff_step=state.backoff_step + 1, **last)
         else:
-            self._set_next(service, finished + self.config.receiver.cooldown)
+            self._set_next(service, finished + self.config.receiver.cooldown, **last)
         if result == "success":
             for dependent in self.dependents[service]:
                 if self._workers.get(dependent) is not None:

@@ -4,6 +4,7 @@ pauses (DESIGN.md, "the repair model: level-triggered, not edge-triggered")."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -349,3 +350,31 @@ async def test_an_exec_label_that_does_not_match_is_a_skip_not_an_attempt(receiv
     await post(client, alert("x2", alertname="QueueStuck", service_name="svc", remediation="exec", queue="jobs"))
     await wait_audit(client, lambda es: any(e["result"] == "success" for e in es))
     assert marker.read_text() == "jobs"
+
+
+READS_ITS_STATE = ("import json, sys, time\n"
+                   "json.load(open(sys.argv[1]))  # a corrupt state file: it dies at start\n"
+                   "while True: time.sleep(1)\n")
+
+
+async def test_a_corrupt_state_file_is_restored_before_the_app_that_reads_it_is_restarted(
+        receiver_for: Any, tmp_path: Path) -> None:
+    # Both problems at once, the restart's first: the file must be restored first, or the
+    # restart fails (and a restore skipped for cooldown would leave it down).
+    state = tmp_path / "state.json"
+    state.write_text('{"jobs": 3}')
+    (tmp_path / "default.json").write_text('{"jobs": 0}')
+    service = sleeper(READS_ITS_STATE, str(state))
+    service["files"] = [{"path": "state.json", "format": "json", "default": "default.json"}]
+    service["remediation"]["allow"] = ["restart", "restore_file"]
+    config = config_for(tmp_path, {"svc": service}, cooldown="1h")
+    state.write_text('{"jobs": 3, "half-writ')
+    client = await receiver_for(config)
+    await post(client, alert("down", service_name="svc", remediation="restart"),
+               alert("bad", alertname="CaretakerFileCorrupt", service_name="svc", path="state.json",
+                     remediation="restore_file"))
+    entries = await wait_audit(client, lambda es: sum(e["result"] == "success" for e in es) == 2)
+    acted = sorted((e for e in firing(entries) if e["decision"] == "acted"), key=lambda e: e["started_at"])
+    assert [(e["action"], e["result"]) for e in acted] == [("restore_file", "success"), ("restart", "success")]
+    assert json.loads(state.read_text()) == {"jobs": 0}
+    assert len(pids(config, "svc")) == 1
