@@ -308,12 +308,63 @@ class Supervisor(_Model):
     config: str | None = None
 
 
+EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=200)]
+
+
+class ResourceLimits(_Model):
+    """Resource limits of an argv-started service (soft and hard), as systemd's
+    ``LimitNOFILE=`` and friends; unset: inherited from the receiver."""
+
+    nofile: int | None = Field(default=None, ge=0)
+    """Open file descriptors."""
+    nproc: int | None = Field(default=None, ge=0)
+    """Processes (threads count) of the service's user."""
+    core: int | None = Field(default=None, ge=0)
+    """Core file size, bytes (0: no core dumps)."""
+
+
+def _account_exists(value: Any, kind: str) -> Any:
+    import grp  # noqa: PLC0415 - only here, for a field few configs use
+    import pwd  # noqa: PLC0415
+
+    if value is None:
+        return value
+    lookup = (pwd.getpwuid, pwd.getpwnam) if kind == "user" else (grp.getgrgid, grp.getgrnam)
+    try:
+        if isinstance(value, int) and not isinstance(value, bool):
+            lookup[0](value)
+        elif isinstance(value, str) and value:
+            lookup[1](value)
+        else:
+            raise ValueError(f"expected a {kind} name or id")
+    except KeyError as err:
+        raise ValueError(f"no {kind} {value!r} on this machine") from err
+    return value
+
+
 class Start(_Model):
-    """How to (re)start a service: argv (never a shell), a systemd unit, or a supervisord program."""
+    """How to (re)start a service: argv (never a shell), a systemd unit, or a supervisord program.
+
+    An argv-started service runs as systemd would run it: as ``user``/``group`` (with the
+    user's supplementary groups, and HOME, USER, LOGNAME set), with ``umask`` and
+    ``limits``, in a session of its own, and with a clean environment: PATH and LANG,
+    the variables named in ``inherit_env`` (copied from the receiver's), and ``env``
+    (values given, or read from a file or another variable). Nothing else of the
+    receiver's environment reaches it: not its token, not its passwords."""
 
     argv: Annotated[tuple[str, ...], Field(min_length=1)] | None = None
     cwd: str | None = None
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[EnvName, str | Secret] = Field(default_factory=dict)
+    """Variables for the service: ``NAME: value``, or ``NAME: {file: path}`` / ``{env: VAR}``."""
+    inherit_env: tuple[EnvName, ...] = ()
+    """Names of the receiver's environment variables the service gets as they are."""
+    user: Annotated[str | int, BeforeValidator(lambda v: _account_exists(v, "user"))] | None = None
+    """Run as this user (name or uid). The receiver must run as root, or as that user."""
+    group: Annotated[str | int, BeforeValidator(lambda v: _account_exists(v, "group"))] | None = None
+    """Primary group (name or gid); default: the user's."""
+    umask: Annotated[str, Field(pattern=r"^0?[0-7]{3}$")] | None = None
+    """e.g. ``"027"``; default: the receiver's."""
+    limits: ResourceLimits = ResourceLimits()
     log_file: str | None = None
     """Standard output and error of an argv-started process go here (appended)."""
     systemd_unit: Annotated[str, Field(pattern=r"^[A-Za-z0-9@_.:-]+$")] | None = None
@@ -326,6 +377,10 @@ class Start(_Model):
         given = [k for k in ("argv", "systemd_unit", "supervisor") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of argv, systemd_unit, supervisor")
+        if self.argv is None and (self.user is not None or self.group is not None or self.umask is not None
+                                  or self.limits != ResourceLimits() or self.env or self.inherit_env):
+            raise ValueError("user, group, umask, limits, env and inherit_env are for argv; a systemd unit or "
+                             "supervisord program sets its own")
         return self
 
 

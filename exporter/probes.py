@@ -36,6 +36,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .config import ExecProbe, HttpProbe, PostgresProbe, Probe, RedisProbe, Secret, TcpProbe, read_secret
+from .environment import minimal_environment
 
 __all__ = ["REASONS", "ProbeContext", "ProbeResult", "run_probe", "run_probes"]
 
@@ -204,7 +205,7 @@ async def _exec(probe: ExecProbe, ctx: ProbeContext) -> str:
     try:
         proc = await asyncio.create_subprocess_exec(
             *probe.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+            stderr=asyncio.subprocess.DEVNULL, start_new_session=True, env=minimal_environment(),
             cwd=ctx.path(probe.cwd) if probe.cwd else ctx.base_dir)
     except OSError as err:
         raise _Failed("error", f"cannot run {probe.argv[0]!r}: {err.strerror}") from err

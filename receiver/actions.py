@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import logging
 import os
+import pwd
 import signal
 import subprocess
 import time
@@ -36,7 +38,8 @@ from typing import Any
 
 import aiohttp
 
-from exporter.config import Config, ServiceConfig
+from exporter.config import Config, ConfigError, ServiceConfig, Start, read_secret
+from exporter.environment import minimal_environment
 from exporter.files import check_port, listening_table, socket_inodes
 from exporter.probes import ProbeContext, run_probes
 from exporter.procfs import ProcessInfo, ProcReader, read_pidfile, scan_services
@@ -214,31 +217,109 @@ async def wait_gone(reader: ProcReader, processes: list[ProcessInfo], timeout: f
         await asyncio.sleep(POLL_SECONDS)
 
 
+def _account(cfg: Start) -> tuple[pwd.struct_passwd | None, int | None]:
+    """The user and group a service runs as (``None``: the receiver's own)."""
+    user = None
+    if cfg.user is not None:
+        user = pwd.getpwuid(cfg.user) if isinstance(cfg.user, int) else pwd.getpwnam(cfg.user)
+    gid = None
+    if cfg.group is not None:
+        gid = cfg.group if isinstance(cfg.group, int) else grp.getgrnam(cfg.group).gr_gid
+    elif user is not None:
+        gid = user.pw_gid
+    return user, gid
+
+
+def start_problems(config: Config) -> list[str]:
+    """Why the receiver could not start some services as configured: a user or group it
+    cannot become (it is not root, and they are not its own). One ``place: message`` each."""
+    problems = []
+    euid, egid = os.geteuid(), os.getegid()
+    for name, cfg in config.services.items():
+        start = cfg.start
+        if start is None or start.argv is None or euid == 0:
+            continue
+        user, gid = _account(start)
+        if user is not None and user.pw_uid != euid:
+            problems.append(f"services.{name}.start.user: the receiver runs as uid {euid}, not root, and cannot "
+                            f"start processes as {user.pw_name} (uid {user.pw_uid})")
+        if gid is not None and gid != egid and gid not in os.getgroups():
+            problems.append(f"services.{name}.start.group: the receiver (gid {egid}) cannot start processes "
+                            f"with gid {gid}")
+    return problems
+
+
+def service_environment(config: Config, name: str) -> dict[str, str]:
+    """What a started service gets (see :class:`~exporter.config.Start`). Raises
+    ``ConfigError`` when a secret in ``start.env`` cannot be read."""
+    start = config.services[name].start
+    assert start is not None
+    user, _ = _account(start)
+    account = {"HOME": user.pw_dir, "USER": user.pw_name, "LOGNAME": user.pw_name} if user is not None else {}
+    given = {key: value if isinstance(value, str) else read_secret(value, config.base_dir)
+             for key, value in start.env.items()}
+    return minimal_environment(start.inherit_env, {**account, **given})
+
+
+def launch_argv(start: Start) -> list[str]:
+    """argv, wrapped so that the limits are set, then the privileges dropped, in the
+    child before it runs the service: ``prlimit ... -- setpriv ... -- argv``. Both are
+    util-linux programs that exec what follows (same pid); ``preexec_fn`` would not be
+    safe in the receiver, which runs threads, and Popen's own ``user=`` drops privileges
+    before a wrapper could raise a hard limit."""
+    assert start.argv is not None
+    argv = list(start.argv)
+    user, gid = _account(start)
+    if user is not None or gid is not None:
+        euid, egid = os.geteuid(), os.getegid()
+        uid = user.pw_uid if user is not None else euid
+        target_gid = gid if gid is not None else egid
+        if (uid, target_gid) != (euid, egid) or euid == 0:
+            groups = ["--init-groups"] if user is not None else ["--clear-groups"]
+            argv = ["setpriv", f"--reuid={uid}", f"--regid={target_gid}", *groups, "--", *argv]
+    limits = [f"--{key}={value}:{value}" for key, value in start.limits.model_dump().items() if value is not None]
+    if limits:
+        argv = ["prlimit", *limits, "--", *argv]
+    return argv
+
+
 def start_service(config: Config, name: str) -> subprocess.Popen[bytes]:
-    """Start the service detached: own session, stdin from /dev/null, output to its log file.
+    """Start the service detached: own session, stdin from /dev/null, output to its log
+    file (created for the service's user), as its user, with its limits, umask and a
+    clean environment (see :class:`~exporter.config.Start`).
 
     The caller must reap the returned child (see :class:`ChildReaper`). Raises
-    ``RepairFailed`` if it cannot be started (missing program, bad cwd...).
+    ``RepairFailed`` if it cannot be started (missing program, bad cwd, unreadable secret...).
     """
     cfg = config.services[name]
     assert cfg.start is not None and cfg.start.argv is not None, "start_service needs start.argv"
-    cwd = config.resolve(cfg.start.cwd) if cfg.start.cwd else config.base_dir
-    log_path = config.resolve(cfg.start.log_file) if cfg.start.log_file else None
-    env = {**os.environ, **cfg.start.env}
+    start = cfg.start
+    program = cfg.start.argv[0]
+    cwd = config.resolve(start.cwd) if start.cwd else config.base_dir
+    log_path = config.resolve(start.log_file) if start.log_file else None
+    try:
+        env = service_environment(config, name)
+    except ConfigError as err:
+        raise RepairFailed(f"cannot start {program!r}: {err}") from err
+    user, gid = _account(start)
     try:
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
+            created = not log_path.exists()
             out: Any = open(log_path, "ab")
+            if created and (user is not None or gid is not None) and os.geteuid() == 0:
+                os.chown(log_path, user.pw_uid if user is not None else -1, gid if gid is not None else -1)
         else:
             out = subprocess.DEVNULL
         try:
-            child = subprocess.Popen(list(cfg.start.argv), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                     stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+            child = subprocess.Popen(launch_argv(start), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                     stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                                     umask=int(start.umask, 8) if start.umask else -1)
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()
     except OSError as err:
-        raise RepairFailed(f"cannot start {cfg.start.argv[0]!r}: {err}") from err
+        raise RepairFailed(f"cannot start {program!r}: {err}") from err
     return child
 
 
@@ -329,14 +410,15 @@ async def stop_gracefully(ctx: ActionContext, name: str, procs: list[ProcessInfo
 
 
 async def run_command(argv: list[str], timeout: float, cwd: Path | None = None) -> tuple[int, str]:
-    """Run argv (no shell) in its own process group; ``(status, output tail)``.
+    """Run argv (no shell) in its own process group, with a minimal environment (PATH,
+    LANG: never the receiver's credentials); ``(status, output tail)``.
 
     On timeout the whole group is killed and ``RepairFailed`` is raised.
     """
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True, cwd=cwd)
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True, cwd=cwd, env=minimal_environment())
     except OSError as err:
         raise RepairFailed(f"cannot run {argv[0]!r}: {err.strerror}") from err
     try:

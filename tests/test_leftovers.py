@@ -196,7 +196,7 @@ async def test_a_child_in_its_own_session_that_outlived_its_killed_parent_is_sto
     # The previous incarnation, started by someone else (so the receiver learns its family by looking).
     first = subprocess.Popen(argv, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
-    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", f"bystander-{marker}"],
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", f"{marker}-bystander"],
                                  stdin=subprocess.DEVNULL, start_new_session=True)
     client = None
     try:
