@@ -75,6 +75,10 @@ class FamilyTracker:
                     if member not in family:
                         family.add(member)
                         todo.append(member[0])
+            # Like a control group: a member stays while it runs (same pid and start time),
+            # even when the process it came from died and another of the service lives on.
+            family.update(m for m in self.families.get(service, ())
+                          if (entry := known.get(str(m[0]))) is not None and entry[3] == m[1])
             frozen = frozenset(family)
             if frozen != self.families.get(service):
                 self.families[service] = frozen

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -363,7 +364,9 @@ async def test_a_sigkilled_postmaster_with_a_live_backend_is_healed(receiver_for
             "processes": {"min": 1, "max": 1},
             "probes": [{"name": "sql", "type": "postgres", "port": cluster.port, "password": {"file": "pgpass"},
                         "tls": "disable", "timeout": 2}],
-            "start": {"argv": cluster.argv, "log_file": "postgres.log"},
+            # PostgreSQL refuses to run as root: the receiver starts it as its own user.
+            "start": {"argv": cluster.argv[cluster.argv.index(postgres_bin("postgres")):], "log_file": "postgres.log",
+                      **({"user": "postgres"} if os.geteuid() == 0 else {})},
             "stop": {"grace_period": 5},
             "remediation": {"allow": ["restart"], "verify_timeout": 30}}}}, base_dir=tmp_path)
 
@@ -413,6 +416,9 @@ async def test_a_sigkilled_postmaster_with_a_live_backend_is_healed(receiver_for
         assert log.index(step["message"]) < log.index(started[0])
         new = cluster.postmaster()
         assert new is not None and new != first.pid
+        if os.geteuid() == 0:  # restarted by argv as its own user, not as root
+            uid_line = next(x for x in Path(f"/proc/{new}/status").read_text().splitlines() if x.startswith("Uid:"))
+            assert uid_line.split()[1:] == [str(pwd.getpwnam("postgres").pw_uid)] * 4
         assert started[0].endswith(f" as pid {new}"), (started, new)  # the started process is the postmaster
         assert log[-1] == "verified: 1 processes, probes passing: sql", log
         conn = await cluster.connect(10)
