@@ -465,6 +465,11 @@ class Remediation(_Model):
     allow: tuple[Action, ...] = ()
     verify_timeout: PositiveSeconds = 30.0
     """Seconds a repaired service has to show its processes and pass its probes."""
+    timeout: PositiveSeconds | None = None
+    """Deadline of one repair, every step included; past it the repair is recorded as
+    timed out and the service's next attempt is scheduled. Default: the receiver's
+    ``repair_timeout``, or for a restart at least its grace period, SIGKILL wait,
+    start timeout and verify timeout plus a minute."""
     rotate_logs: RotateLogs = RotateLogs()
     clean: tuple[CleanRule, ...] = ()
     vacuum: Vacuum | None = None
@@ -734,6 +739,8 @@ class ReceiverConfig(ListenConfig):
     recheck_interval: PositiveSeconds = 1.0
     """Seconds between observations of a service whose problem waits (a dependency, a
     cleared condition); doubles while nothing changes, up to 30 s."""
+    repair_timeout: PositiveSeconds = 300.0
+    """Default deadline of one repair (see ``remediation.timeout``)."""
     track_interval: PositiveSeconds = 1.0
     """Seconds between the receiver's own scans of the services' processes and their
     children, kept so that leftovers of a dead incarnation can be stopped."""

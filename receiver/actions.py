@@ -429,6 +429,11 @@ async def run_command(argv: list[str], timeout: float, cwd: Path | None = None) 
             os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()
         raise RepairFailed(f"{argv[0]} did not finish within {timeout:g}s; killed") from None
+    except asyncio.CancelledError:  # the repair's deadline, or shutdown: nothing of it is left running
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await asyncio.shield(proc.wait())
+        raise
     text = out.decode("utf-8", "replace")
     return proc.returncode or 0, text[-OUTPUT_TAIL:]
 

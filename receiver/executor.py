@@ -50,7 +50,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 
 from exporter.config import Config
 
-from .actions import ActionContext, RepairFailed, StepLog
+from .actions import KILL_WAIT_SECONDS, ActionContext, RepairFailed, StepLog
 from .alertmanager import expire_silence, post_alert, silence
 from .catalogue import run_action
 from .observe import observe
@@ -66,10 +66,11 @@ T = TypeVar("T")
 
 MAX_PENDING = 1000
 MAX_RECHECK_SECONDS = 30.0
-ACTION_ORDER = ("ensure_paths", "restore_file", "clean", "rotate_logs", "free_port", "vacuum", "http", "exec",
-                "signal", "stop_duplicates", "restart")
+ACTION_ORDER = ("ensure_paths", "restore_file", "clean", "rotate_logs", "free_port", "stop_duplicates", "restart",
+                "signal", "vacuum", "http", "exec")
 """Several open problems of one service are worked on in this order of their first step:
-what the service needs to start (paths, a valid state file, disk space, its port) first."""
+what the service needs to start (paths, a valid state file, disk space, its port) first,
+then the service itself, then what acts on a running service."""
 _ABOUT_THE_PROBLEM = frozenset({"escalated", "invalid_label"})
 """Reasons not to act that concern one problem only; the others (paused, a dependency,
 the schedule, the budget) hold for every problem of the service."""
@@ -442,7 +443,10 @@ class Executor:
                 return Assessment("dependency_unhealthy", {"dependency": dep, **seen.as_json()},
                                   self._next_look(service))
         seen = await observe(self.ctx, service, alertname, labels, self.clock)
-        holds = seen.holds if seen.holds is not None else (attempts == 0 or not seen.healthy)
+        # A condition the receiver cannot observe: act once; again only if that repair is
+        # a restart and the service is unhealthy (an exec or http call does not start it).
+        holds = seen.holds if seen.holds is not None else (
+            attempts == 0 or (not seen.healthy and "restart" in action.split(",")))
         observation = seen.as_json()
         if not holds:
             return Assessment("condition_cleared", observation, self._next_look(service))
@@ -570,12 +574,17 @@ class Executor:
         self.metrics.in_progress.inc()
         result = "failure"
         silence_id = await self._silence(service, action, steps)
+        deadline = self.repair_deadline(service)
         try:
-            for step in action.split(","):  # several steps from a rule: in order, stop at the first failure
-                if "," in action:
-                    steps(f"step {step}")
-                await run_action(ctx, step, service, steps)
+            async with asyncio.timeout(deadline):
+                for step in action.split(","):  # several steps from a rule: in order, stop at the first failure
+                    if "," in action:
+                        steps(f"step {step}")
+                    await run_action(ctx, step, service, steps)
             result = "success"
+        except TimeoutError:
+            log.error("%s of %s timed out after %.0fs (audit #%d)", action, service, deadline, entry_id)
+            steps(f"failed: timed out after {deadline:g}s (remediation.timeout); the next attempt is scheduled")
         except RepairFailed as err:
             steps(f"failed: {err}")
         except asyncio.CancelledError:
@@ -601,6 +610,17 @@ class Executor:
         log.log(logging.INFO if result == "success" else logging.ERROR, "%s of %s: %s in %.1fs (audit #%d)",
                 action, service, result, finished - started, entry_id)
         return result
+
+    def repair_deadline(self, service: str) -> float:
+        """Seconds one repair of ``service`` may take, every step included."""
+        cfg = self.config.services[service]
+        if cfg.remediation.timeout is not None:
+            return cfg.remediation.timeout
+        floor = 0.0
+        if "restart" in cfg.remediation.allow and cfg.start is not None:
+            floor = cfg.stop.grace_period * 2 + 2 * KILL_WAIT_SECONDS + cfg.start.timeout \
+                + cfg.remediation.verify_timeout + 60.0
+        return max(self.config.receiver.repair_timeout, floor)
 
     async def _silence(self, service: str, action: str, steps: StepLog) -> str | None:
         """Silence the service's alerts while it is stopped and started, if configured."""

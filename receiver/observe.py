@@ -24,7 +24,7 @@ CaretakerDiskAlmostFull         a data path's filesystem has under 10% free
 ==============================  ==========================================================
 
 For any other alert the condition cannot be observed (``holds`` is ``None``): the
-reconciler then acts once, and again only while the service is unhealthy.
+reconciler then acts once, and again only for a restart while the service is unhealthy.
 
 What is observed also decides what can help: a probe that fails for ``auth`` or ``tls``
 is not fixed by a restart (``escalate`` says so).

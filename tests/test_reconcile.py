@@ -378,3 +378,32 @@ async def test_a_corrupt_state_file_is_restored_before_the_app_that_reads_it_is_
     assert [(e["action"], e["result"]) for e in acted] == [("restore_file", "success"), ("restart", "success")]
     assert json.loads(state.read_text()) == {"jobs": 0}
     assert len(pids(config, "svc")) == 1
+
+
+async def test_a_repair_that_hangs_times_out_and_does_not_block_the_service(receiver_for: Any,
+                                                                            tmp_path: Path) -> None:
+    started = tmp_path / "hung.pid"
+    service = sleeper()
+    service["remediation"] = {
+        "allow": ["exec", "restart"], "timeout": "1s", "verify_timeout": 5,
+        "exec": {"argv": [sys.executable, "-c",
+                          "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)",
+                          str(started)], "timeout": "60s"}}
+    config = config_for(tmp_path, {"svc": service})
+    client = await receiver_for(config)
+    executor = client.server.app[EXECUTOR_KEY]
+    executor.ctx.reaper.add(start_service(config, "svc"))  # healthy: the exec alert is acted on once
+    wait_for(lambda: len(pids(config, "svc")) == 1, 10, what="service up")
+    await post(client, alert("hang", alertname="QueueStuck", service_name="svc", remediation="exec"))
+    (entry,) = await wait_audit(client, lambda es: es and es[0]["result"])
+    assert (entry["decision"], entry["result"]) == ("acted", "failure")
+    assert entry["steps"][-1]["message"].startswith("failed: timed out after 1s")
+    assert entry["finished_at"] - entry["started_at"] < 3
+    hung = int(started.read_text())
+    wait_for(lambda: not Path(f"/proc/{hung}").exists() or "Z" in Path(f"/proc/{hung}/stat").read_text().split()[2],
+             5, what="the hung command to be killed")
+    # The service is not blocked behind it: another problem is repaired at once.
+    stop_config_services(config)
+    await post(client, alert("down", service_name="svc", remediation="restart"))
+    entries = await wait_audit(client, lambda es: any(e["result"] == "success" for e in es))
+    assert [e["fingerprint"] for e in entries if e["result"] == "success"] == ["down"]
