@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -266,7 +267,8 @@ class ServiceCollector(Collector):
         logs = CounterMetricFamily("caretaker_log_pattern_matches", "Log lines matching the pattern.",
                                    labels=["service_name", "pattern", "severity"])
         f_exists = _gauge("caretaker_file_exists", "1 when the declared file exists.", "path")
-        f_valid = _gauge("caretaker_file_valid", "1 when the file parses as its declared format.", "path")
+        f_valid = _gauge("caretaker_file_valid", "1 when the file parses as its declared format, 0 when it does not, "
+                         "NaN when it could not be checked (not a regular file, over max_parse_bytes).", "path")
         f_mtime = _gauge("caretaker_file_mtime_timestamp_seconds", "Last modification, Unix seconds.", "path")
         f_size = _gauge("caretaker_file_size_bytes", "Size of the file.", "path")
         f_attrs = _gauge("caretaker_file_attributes_match", "1 when mode/owner/group are as declared.", "path")
@@ -328,7 +330,8 @@ class ServiceCollector(Collector):
             for f in cfg.files:
                 fs = state.observed.files.get(f.path) or FileStatus(False, False)
                 f_exists.add_metric([name, f.path], fs.exists)
-                f_valid.add_metric([name, f.path], fs.exists and fs.valid)
+                f_valid.add_metric([name, f.path], math.nan if fs.exists and fs.valid is None
+                                   else float(fs.exists and bool(fs.valid)))
                 f_mtime.add_metric([name, f.path], fs.mtime)
                 f_size.add_metric([name, f.path], fs.size)
                 f_attrs.add_metric([name, f.path], fs.exists and fs.attributes_ok)

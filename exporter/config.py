@@ -292,6 +292,9 @@ class FileCheck(_Model):
     group: str | None = None
     backups: int = Field(default=0, ge=0, le=100)
     """Valid copies the receiver keeps for ``restore_file`` (0: none)."""
+    max_parse_bytes: int = Field(default=16 * 1024 * 1024, ge=1, le=1024 * 1024 * 1024)
+    """A larger file is not parsed: reported as not checked, never as corrupt (parsing
+    takes memory of several times the file's size, in both programs)."""
     default: str | None = None
     """A file to restore from when no valid backup exists."""
 

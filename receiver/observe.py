@@ -138,7 +138,7 @@ def _specific(ctx: ActionContext, service: str, alertname: str, labels: Mapping[
             if labels.get("path") not in (None, "", spec.path, str(path)):
                 continue
             status = FileChecker(spec, path).check(now)
-            if not status.exists or not status.valid:
+            if not status.exists or status.valid is False:  # None: not checked, not proven corrupt
                 bad.append(f"{spec.path}: {status.detail or 'invalid'}")
         return bool(bad), "; ".join(bad) or "declared files exist and parse"
     if alertname == "CaretakerDirectoryMissing":

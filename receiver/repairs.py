@@ -37,7 +37,7 @@ import aiohttp
 import asyncpg
 
 from exporter.config import Config, FileCheck
-from exporter.files import parses
+from exporter.files import check_parse
 
 from .actions import ActionContext, ActionFunc, RepairFailed, StepLog, find_processes, run_command, send_signal_each
 
@@ -238,8 +238,8 @@ class BackupKeeper:
         if self._seen.get(path) == key:
             return 0  # unchanged since we last looked (valid and backed up, or invalid)
         self._seen[path] = key
-        if parses(path, spec.format or "json"):
-            return 0  # never back up a file that does not parse
+        if check_parse(path, spec.format or "json", spec.max_parse_bytes).valid is not True:
+            return 0  # never back up a file that does not parse, or that could not be checked
         folder = self.folder(service, spec)
         folder.mkdir(parents=True, exist_ok=True)
         newest = sorted(folder.iterdir())
@@ -257,7 +257,7 @@ class BackupKeeper:
         if not folder.is_dir():
             return None
         for candidate in sorted((p for p in folder.iterdir() if p.suffix != ".tmp"), reverse=True):
-            if not parses(candidate, spec.format or "json"):
+            if check_parse(candidate, spec.format or "json", spec.max_parse_bytes).valid is True:
                 return candidate
         return None
 
@@ -276,9 +276,12 @@ def restore_one(ctx: ActionContext, keeper: BackupKeeper, service: str, spec: Fi
     fmt = spec.format or "json"
     mode = None
     if path.exists():
-        problem = parses(path, fmt) if spec.format else ""
-        if not problem:
+        parsed = check_parse(path, fmt, spec.max_parse_bytes) if spec.format else None
+        if parsed is None or parsed.valid is True:
             return f"{path}: valid, nothing to restore"
+        if parsed.valid is None:  # never replace a file that could not be proven corrupt
+            raise RepairFailed(f"{path}: {parsed.detail}; not proven corrupt, so not replaced")
+        problem = parsed.detail
         mode = stat.S_IMODE(path.stat().st_mode)
         aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
         path.replace(aside)
@@ -291,7 +294,7 @@ def restore_one(ctx: ActionContext, keeper: BackupKeeper, service: str, spec: Fi
         return f"{kept}; restored the backup of {time.ctime(backup.stat().st_mtime)}"
     if spec.default is not None:
         default = ctx.config.resolve(spec.default)
-        if spec.format and parses(default, fmt):
+        if spec.format and check_parse(default, fmt, spec.max_parse_bytes).valid is not True:
             raise RepairFailed(f"{kept}; no valid backup, and the default {default} does not parse either")
         _atomic_copy(default, path, mode)
         return f"{kept}; no valid backup, restored the default {default}"
