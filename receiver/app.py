@@ -33,9 +33,11 @@ import logging
 import sqlite3
 import ssl
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
+import aiohttp.http_exceptions
 import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -76,7 +78,9 @@ def authorized(header: str, token: str, basic: str) -> bool:
     Both comparisons always run, in constant time, so timing tells nothing.
     """
     scheme, _, given = header.partition(" ")
-    given_bytes = given.strip().encode()
+    # The bytes as sent: aiohttp keeps undecodable bytes as surrogates, which plain
+    # encode() refuses (a 500 before auth); such credentials are simply wrong (401).
+    given_bytes = given.strip().encode("utf-8", "surrogateescape")
     bearer_ok = hmac.compare_digest(given_bytes, token.encode()) and scheme.lower() == "bearer" and bool(token)
     basic_ok = hmac.compare_digest(given_bytes, basic.encode()) and scheme.lower() == "basic" and bool(basic)
     return bearer_ok or basic_ok
@@ -253,6 +257,50 @@ async def reap_forever(reaper: ChildReaper, interval: float = 2.0) -> None:
         reaper.reap()
 
 
+class QuietProtocolErrors(logging.Filter):
+    """At most one WARNING line per ``interval`` seconds, with a count, for what a
+    client's malformed request or a connection flood makes aiohttp and asyncio log
+    (a traceback per bad request, "accept() out of system resource" per attempt):
+    never a traceback, never a flood. Other records pass unchanged."""
+
+    NOISE = ("Error handling request", "socket.accept() out of system resource", "Bad request", "BadHttpMessage",
+             "BadStatusLine", "LineTooLong", "InvalidHeader")
+
+    def __init__(self, interval: float = 10.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self.suppressed = 0
+        self._last = 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        kind = record.exc_info[1] if record.exc_info else None
+        noisy = any(n in text for n in self.NOISE) or isinstance(kind, (aiohttp.http_exceptions.HttpProcessingError,
+                                                                         OSError))
+        if not noisy:
+            return True
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self.suppressed += 1
+            return False
+        what = f"{type(kind).__name__}: {str(kind).strip()[:120]}" if kind is not None else text[:160]
+        record.msg, record.args = "client or connection error (%d more in the last %gs): %s", (
+            self.suppressed, self.interval, what)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = record.stack_info = None
+        self.suppressed = 0
+        self._last = now
+        return True
+
+
+def quiet_protocol_errors(interval: float = 10.0) -> QuietProtocolErrors:
+    """Install :class:`QuietProtocolErrors` on aiohttp's server and asyncio's loggers."""
+    quiet = QuietProtocolErrors(interval)
+    for name in ("aiohttp.server", "asyncio"):
+        logging.getLogger(name).addFilter(quiet)
+    return quiet
+
+
 def _is_loopback(address: str) -> bool:
     if address == "localhost":
         return True
@@ -354,6 +402,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{args.config}: valid ({len(config.services)} services: {', '.join(config.services)})")
         raise SystemExit(0)
     setup_logging(args.log_level)
+    quiet_protocol_errors()
     try:
         app = create_app(config, dry_run=args.dry_run)
     except ConfigError as err:
