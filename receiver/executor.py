@@ -71,6 +71,8 @@ ACTION_ORDER = ("ensure_paths", "restore_file", "clean", "rotate_logs", "free_po
 """Several open problems of one service are worked on in this order of their first step:
 what the service needs to start (paths, a valid state file, disk space, its port) first,
 then the service itself, then what acts on a running service."""
+_OBSERVED_LABELS = ("probe", "path", "heartbeat", "port")
+"""Alert labels that change what :func:`~receiver.observe.observe` looks at."""
 _ABOUT_THE_PROBLEM = frozenset({"escalated", "invalid_label"})
 """Reasons not to act that concern one problem only; the others (paused, a dependency,
 the schedule, the budget) hold for every problem of the service."""
@@ -396,9 +398,18 @@ class Executor:
         """One look at the service: act on the first problem that needs it, or record why
         not. Returns the seconds to wait before the next look (0: at once)."""
         waits = []
+        seen: dict[tuple[Any, ...], Assessment] = {}
+        exec_spec = self.config.services[service].remediation.exec
+        exec_labels = tuple(exec_spec.labels) if exec_spec is not None else ()
         for problem in sorted(problems, key=_order):
-            assessment = await self.assess(service, problem.alertname, problem.labels, problem.action,
-                                           problem.attempts)
+            # Problems about the same thing share one look (a flood of alerts for one
+            # service costs one observation per kind, not one per alert).
+            key = (problem.alertname, problem.action, problem.attempts > 0,
+                   *(problem.labels.get(k) for k in (*_OBSERVED_LABELS, *exec_labels)))
+            if key not in seen:
+                seen[key] = await self.assess(service, problem.alertname, problem.labels, problem.action,
+                                              problem.attempts)
+            assessment = seen[key]
             if assessment.reason == "condition_cleared":
                 if problem.attempts == 0:  # a stale alert: say so, once; after a repair it is expected
                     self._record(problem, "skipped", "condition_cleared", assessment.observation)

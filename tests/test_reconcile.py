@@ -407,3 +407,37 @@ async def test_a_repair_that_hangs_times_out_and_does_not_block_the_service(rece
     await post(client, alert("down", service_name="svc", remediation="restart"))
     entries = await wait_audit(client, lambda es: any(e["result"] == "success" for e in es))
     assert [e["fingerprint"] for e in entries if e["result"] == "success"] == ["down"]
+
+
+async def test_a_flooded_service_does_not_hold_back_another(receiver_for: Any, tmp_path: Path) -> None:
+    """999 alerts for one service, whose repair takes long, and an alert for another:
+    the other is answered 200 and repaired at once."""
+    slow = sleeper()
+    slow["remediation"] = {"allow": ["exec"], "exec": {"argv": [sys.executable, "-c", "import time; time.sleep(4)"],
+                                                      "timeout": "10s"}}
+    config = config_for(tmp_path, {"slow": slow, "other": sleeper()})
+    client = await receiver_for(config)
+    flood = [alert(f"fl{i}", alertname="QueueStuck", service_name="slow", remediation="exec", queue=str(i))
+             for i in range(999)]
+    resp = await client.post("/alerts", json=notification(*flood), headers=AUTH)
+    assert resp.status == 200 and (await resp.json())["queued"] == 999
+
+    async def slow_running() -> bool:
+        resp = await client.get("/api/v1/remediations", params={"service_name": "slow", "limit": "1000"},
+                                headers=AUTH)
+        return [e["state"] for e in (await resp.json())["data"] if e["decision"] == "acted"] == ["running"]
+
+    deadline = time.monotonic() + 10
+    while not await slow_running():
+        assert time.monotonic() < deadline, "the slow repair did not start"
+        await asyncio.sleep(0.05)
+    started = time.monotonic()
+    resp = await client.post("/alerts", json=notification(alert("o1", service_name="other", remediation="restart")),
+                             headers=AUTH)
+    assert resp.status == 200
+    deadline = started + 10
+    while not pids(config, "other"):
+        assert time.monotonic() < deadline, "the other service was not repaired"
+        await asyncio.sleep(0.05)
+    assert time.monotonic() - started < 3.5
+    assert await slow_running()  # the other was repaired while the slow repair still ran
