@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .private import private_dir, write_private
 from .procfs import ProcReader
 
 __all__ = ["HeartbeatState", "HeartbeatStore"]
@@ -75,10 +75,8 @@ class HeartbeatStore:
     def save(self) -> None:
         """Write the state atomically (blocking: call from a thread)."""
         self.dirty = False
-        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"heartbeats": {k: asdict(v) for k, v in self.states.items()}}), encoding="utf-8")
-        tmp.replace(self.path)
+        private_dir(self.path.parent)
+        write_private(self.path, json.dumps({"heartbeats": {k: asdict(v) for k, v in self.states.items()}}).encode())
 
     def _remember_pid(self, state: HeartbeatState, pid: int | None) -> None:
         if pid is None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.config import Config
+from exporter.private import private_dir, write_private
 from exporter.procfs import ProcessInfo, ProcReader
 
 from .actions import StepLog, run_command
@@ -116,9 +117,9 @@ class EvidenceKeeper:
                         for f in data["processes"]])
 
     def _write(self, name: str, data: dict[str, Any]) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_dir(self.directory)
         path = self.directory / f"{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}-{name}.json"
-        path.write_text(json.dumps(data, indent=1))
+        write_private(path, json.dumps(data, indent=1).encode())
         self._prune()
         return path
 

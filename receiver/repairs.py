@@ -38,6 +38,7 @@ import asyncpg
 
 from exporter.config import Config, FileCheck
 from exporter.files import check_parse
+from exporter.private import private_dir, write_private
 
 from .actions import ActionContext, ActionFunc, RepairFailed, StepLog, find_processes, run_command, send_signal_each
 
@@ -240,14 +241,14 @@ class BackupKeeper:
         self._seen[path] = key
         if check_parse(path, spec.format or "json", spec.max_parse_bytes).valid is not True:
             return 0  # never back up a file that does not parse, or that could not be checked
-        folder = self.folder(service, spec)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = private_dir(self.folder(service, spec))
         newest = sorted(folder.iterdir())
-        if newest and newest[-1].read_bytes() == path.read_bytes():
+        data = path.read_bytes()
+        if newest and newest[-1].read_bytes() == data:
             return 0
         target = folder / f"{time.time_ns()}"
-        shutil.copy2(path, target.with_suffix(".tmp"))
-        target.with_suffix(".tmp").replace(target)
+        write_private(target, data)  # a state file may hold secrets: 0600, whatever its own mode
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
         for old in sorted(p for p in folder.iterdir() if p.suffix != ".tmp")[:-spec.backups]:
             old.unlink()
         return 1

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
+from exporter.private import private_dir
+
 __all__ = ["AuditEntry", "NewAlert", "Problem", "ServiceState", "Store"]
 
 log = logging.getLogger(__name__)
@@ -266,7 +268,9 @@ class Store:
         self.reserve_bytes = reserve_bytes
         """Disk space held back in :attr:`reserve_path` for when the disk fills (0: none);
         see :meth:`hold_reserve`."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
+        # Created 0600 before SQLite opens it: its -wal and -shm files take the same mode.
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._lock = threading.Lock()
         self._db.execute("PRAGMA journal_mode=WAL")

@@ -19,6 +19,7 @@ from exporter.files import FileChecker, check_parse
 from receiver.actions import RepairFailed
 from receiver.repairs import BackupKeeper
 
+from .conftest import wait_for
 from .test_repairs import config_for, messages, run  # noqa: F401 - run is a fixture
 
 pytestmark = pytest.mark.timeout(60)
@@ -88,3 +89,44 @@ async def test_the_exporter_says_nan_for_a_file_it_could_not_check(exporter_for:
     pipe = registry.get_sample_value("caretaker_file_valid", {"service_name": "svc", "path": "pipe.json"})
     assert pipe is not None and math.isnan(pipe)
     assert registry.get_sample_value("caretaker_file_valid", {"service_name": "svc", "path": "bad.json"}) == 0
+
+
+async def test_state_evidence_and_backups_are_private(receiver_for: Any, tmp_path: Path) -> None:
+    import stat
+
+    from exporter.heartbeats import HeartbeatStore
+    from receiver.actions import start_service
+    from receiver.app import EXECUTOR_KEY
+
+    from .test_receiver import AUTH, notification
+    from .test_reconcile import alert, config_for, sleeper, wait_audit
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    os.umask(0o022)
+    (tmp_path / "app-state.json").write_text('{"password": "hunter2"}')
+    (tmp_path / "app-state.json").chmod(0o644)
+    service = sleeper()
+    service["files"] = [{"path": "app-state.json", "format": "json", "backups": 2}]
+    config = config_for(tmp_path, {"svc": service}, state_file="var/state.sqlite")
+    client = await receiver_for(config)
+    executor = client.server.app[EXECUTOR_KEY]
+    executor.ctx.reaper.add(start_service(config, "svc"))
+    resp = await client.post("/alerts", json=notification(alert("m1", service_name="svc", remediation="restart",
+                                                                alertname="CaretakerMemoryLeakSuspected")),
+                             headers=AUTH)
+    assert resp.status == 200
+    await wait_audit(client, lambda es: any(e["result"] for e in es))  # a restart: evidence kept
+    var = tmp_path / "var"
+    wait_for(lambda: list((var / "backups").rglob("[0-9]*")), 10, what="the receiver's backup of the state file")
+    assert mode(var) == 0o700
+    assert mode(var / "state.sqlite") == 0o600
+    assert mode(var / "state.sqlite-wal") == 0o600
+    (evidence,) = (var / "evidence").iterdir()
+    assert (mode(var / "evidence"), mode(evidence)) == (0o700, 0o600)
+    (backup,) = (var / "backups" / "svc").rglob("[0-9]*")
+    assert (mode(var / "backups"), mode(backup)) == (0o700, 0o600)
+    beats = HeartbeatStore(tmp_path / "exporter" / "beats.json", ["w"])
+    beats.save()
+    assert (mode(tmp_path / "exporter"), mode(tmp_path / "exporter" / "beats.json")) == (0o700, 0o600)
