@@ -585,6 +585,16 @@ class Attempts(_Model):
     """An exhausted service is repaired again once it has been healthy this long."""
 
 
+class Retention(_Model):
+    """How long the audit trail keeps its entries (and closed problems)."""
+
+    max_age: PositiveSeconds = 30 * 86400.0
+    """Entries older than this go (never those of open problems, nor repairs within the
+    attempt window, which the budget counts)."""
+    max_entries: int = Field(default=100_000, ge=1000)
+    """At most this many entries; the oldest go first."""
+
+
 class Confirm(_Model):
     """How the receiver confirms, before it acts, that a problem is still there."""
 
@@ -734,6 +744,7 @@ class ReceiverConfig(ListenConfig):
     cooldown: Seconds = 60.0
     """Seconds after a repair of a service before another repair of it may start."""
     attempts: Attempts = Attempts()
+    audit_retention: Retention = Retention()
     backoff: Backoff = Backoff()
     confirm: Confirm = Confirm()
     problem_ttl: PositiveSeconds = 1800.0
@@ -749,6 +760,13 @@ class ReceiverConfig(ListenConfig):
     children, kept so that leftovers of a dead incarnation can be stopped."""
     workers: int = Field(default=4, ge=1, le=64)
     """Repairs of different services that may run at the same time."""
+
+    @model_validator(mode="after")
+    def _retention_covers_the_budget(self) -> ReceiverConfig:
+        if self.audit_retention.max_age < self.attempts.window:
+            raise ValueError(f"audit_retention.max_age ({self.audit_retention.max_age:g}s) is shorter than "
+                             f"attempts.window ({self.attempts.window:g}s), which counts repairs in the audit trail")
+        return self
 
 
 class Config(_Model):

@@ -71,6 +71,9 @@ ACTION_ORDER = ("ensure_paths", "restore_file", "clean", "rotate_logs", "free_po
 """Several open problems of one service are worked on in this order of their first step:
 what the service needs to start (paths, a valid state file, disk space, its port) first,
 then the service itself, then what acts on a running service."""
+_AGGREGATED = frozenset({"no_service_name", "unknown_service", "unknown_action", "action_not_allowed"})
+"""Alerts the receiver will never act on, whatever the world: recorded as one audit row
+per reason and hour (with a count), not one row each."""
 _OBSERVED_LABELS = ("probe", "path", "heartbeat", "port")
 """Alert labels that change what :func:`~receiver.observe.observe` looks at."""
 _ABOUT_THE_PROBLEM = frozenset({"escalated", "invalid_label"})
@@ -289,10 +292,20 @@ class Executor:
             for i, mine in zip(acting, claimed, strict=True):
                 if not mine:  # another receiver owns this alert
                     decisions[i] = decisions[i]._replace(reason="duplicate")
-        rows = [NewAlert(a.fingerprint, a.starts_at_key, a.status, a.alertname[:200], d.service_name, d.action,
-                         _RECORDED_AS.get(d.reason, "skipped"), d.reason,
-                         json.dumps(a.labels) if d.acts else "")
-                for a, d in zip(alerts, decisions, strict=True)]
+        hour = ""
+        rows = []
+        for a, d in zip(alerts, decisions, strict=True):
+            if d.reason in _AGGREGATED:
+                # One row per reason, status and hour, however many such alerts come (a
+                # fuzzer, a misrouted Alertmanager): times_seen counts them. "~" is not a
+                # fingerprint character, so these never meet a real alert's row.
+                hour = hour or time.strftime("%Y-%m-%dT%H:00Z", time.gmtime(self.clock()))
+                rows.append(NewAlert(f"~{d.reason}", hour, a.status, a.alertname[:200], d.service_name, d.action,
+                                     "skipped", d.reason))
+            else:
+                rows.append(NewAlert(a.fingerprint, a.starts_at_key, a.status, a.alertname[:200], d.service_name,
+                                     d.action, _RECORDED_AS.get(d.reason, "skipped"), d.reason,
+                                     json.dumps(a.labels) if d.acts else ""))
         ids = await self._admit_rows(rows)
         duplicates = queued = 0
         metrics = self.metrics
@@ -300,7 +313,9 @@ class Executor:
             metrics.received[alert.status] += 1
             if decision.acts or (decision.reason == "resolved" and decision.service_name):
                 self.wake(decision.service_name)
-            if entry_id is None:
+            if decision.reason in _AGGREGATED:
+                metrics.skip(decision.service_name, decision.reason)
+            elif entry_id is None:
                 duplicates += 1
                 metrics.skip(decision.service_name, "duplicate")
             elif decision.reason:
@@ -807,6 +822,16 @@ class Executor:
                     log.error("could not record the processes of %s: %s", name, err)
             await asyncio.sleep(self.config.receiver.track_interval)
 
+    async def prune(self) -> int:
+        """Apply ``receiver.audit_retention`` (off the loop, in short transactions)."""
+        recv = self.config.receiver
+        now = self.clock()
+        deleted = await self.db(self.store.prune, now, recv.audit_retention.max_age,
+                                recv.audit_retention.max_entries, now - recv.attempts.window)
+        if deleted:
+            log.info("audit trail: %d old entries pruned (receiver.audit_retention)", deleted)
+        return deleted
+
     async def checkpoint_forever(self, interval: float = 1.0, reserve_every: int = 60) -> None:
         """Fold the store's WAL into the database file now and then, and make its disk
         reserve again once there is room (every ``reserve_every`` intervals), off the loop."""
@@ -818,5 +843,6 @@ class Executor:
                 await self.db(self.store.checkpoint)
                 if turns % reserve_every == 0:
                     await self.db(self.store.hold_reserve)
+                    await self.prune()
             except (sqlite3.Error, OSError) as err:
                 log.error("maintenance of the state file: %s", err)

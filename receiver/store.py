@@ -521,6 +521,34 @@ class Store:
             f"INSERT INTO services (service_name, {names}) VALUES (?, {marks}) "  # noqa: S608 - fixed names
             f"ON CONFLICT (service_name) DO UPDATE SET {updates}", (service_name, *fields.values())))
 
+    PRUNE_BATCH = 2000
+    """Rows deleted per transaction when pruning: each is short, so a webhook commit on
+    the event loop never waits long for the writer lock."""
+
+    def prune(self, now: float, max_age: float, max_entries: int, keep_repairs_since: float) -> int:
+        """Delete audit entries older than ``max_age`` seconds or beyond the newest
+        ``max_entries``, and problems closed before ``max_age``; never the entry of an
+        open problem, nor a repair started at or after ``keep_repairs_since`` (the
+        budget counts those). Blocking: call it from a thread. Returns rows deleted."""
+        keep = ("state = 'done' AND id NOT IN (SELECT entry_id FROM problems WHERE state = 'open' AND entry_id IS "
+                "NOT NULL) AND NOT (decision = 'acted' AND COALESCE(started_at, 0) >= ?)")
+        with self._read_lock:
+            row = self._reader.execute("SELECT id FROM remediations ORDER BY id DESC LIMIT 1 OFFSET ?",
+                                       (max_entries,)).fetchone()
+        beyond = row[0] if row else 0
+        deleted = 0
+        while True:
+            n = self._write(lambda cur: cur.execute(
+                f"DELETE FROM remediations WHERE id IN (SELECT id FROM remediations WHERE (received_at < ? OR id <= ?) "  # noqa: S608
+                f"AND {keep} ORDER BY id LIMIT ?)", (now - max_age, beyond, keep_repairs_since, self.PRUNE_BATCH)
+            ).rowcount)
+            deleted += n
+            if n < self.PRUNE_BATCH:
+                break
+        deleted += self._write(lambda cur: cur.execute(
+            "DELETE FROM problems WHERE state != 'open' AND closed_at < ?", (now - max_age,)).rowcount)
+        return deleted
+
     def update(self, entry_id: int, **fields: Any) -> None:
         """Set columns of one audit entry (``steps`` may be given as a list)."""
         if "steps" in fields:

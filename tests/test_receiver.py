@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import sys
 import time
 import uuid
@@ -223,9 +224,31 @@ async def test_hostile_label_values_are_never_executed(receiver: Any, tmp_path: 
         assert (code, answer["queued"]) == (200, 0)
     await settle(client)
     assert not canary.exists()
-    reasons = sorted(e["reason"] for e in await audit(client))
-    assert reasons == ["unknown_action", "unknown_service", "unknown_service"]
+    # Alerts that can never be acted on are one audit row per reason and hour, with a count.
+    rows = sorted((e["reason"], e["times_seen"], e["fingerprint"]) for e in await audit(client))
+    assert rows == [("unknown_action", 1, "~unknown_action"), ("unknown_service", 2, "~unknown_service")]
     assert all(e["service_name"] == "" for e in await audit(client) if e["reason"] == "unknown_service")
+    assert metric(client, "caretaker_alerts_skipped_total", service_name="", reason="unknown_service") == 2
+
+
+async def test_the_audit_trail_is_bounded(receiver: Any, tmp_path: Path) -> None:
+    client = await receiver(receiver_config(tmp_path, f"rcv-{uuid.uuid4().hex}",
+                                            audit_retention={"max_age": "1h", "max_entries": 1000}))
+    for batch in range(3):  # 1500 resolved alerts: recorded, one row each
+        alerts = [alert(f"r{batch}x{i}", status="resolved", service_name="app", remediation="restart")
+                  for i in range(500)]
+        assert (await post(client, notification(*alerts)))[0] == 200
+    executor = client.server.app[EXECUTOR_KEY]
+    assert len(await audit(client, limit="1000")) == 1000
+    assert await executor.prune() == 500
+    entries = await audit(client, limit="1000")
+    assert len(entries) == 1000 and entries[-1]["fingerprint"] == "r1x0"  # the oldest went first
+    db = sqlite3.connect(executor.store.path)  # age some rows by two hours, as time would
+    with db:
+        db.execute("UPDATE remediations SET received_at = ? WHERE fingerprint LIKE 'r1x%'", (time.time() - 7200,))
+    db.close()
+    assert await executor.prune() == 500
+    assert {e["fingerprint"][:2] for e in await audit(client, limit="1000")} == {"r2"}
 
 
 async def test_a_full_state_file_is_503_and_loses_nothing(receiver: Any) -> None:
