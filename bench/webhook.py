@@ -162,9 +162,12 @@ def main() -> None:
     receiver_port, bare_port = free_port(), free_port()
     (tmp / "caretaker.yml").write_text(yaml.safe_dump({
         "receiver": {"port": receiver_port, "bearer_token": {"file": "token"}, "state_file": "state.sqlite"},
-        "services": {"svc": {"match": {"comm": "^no-such-process$"}}}}))
+        # Every alert asks for a repair the service allows, so each opens a problem and the
+        # service's worker looks at it (--dry-run: it decides and records, starts nothing).
+        "services": {"svc": {"match": {"comm": "^no-such-process$"}, "start": {"argv": ["/bin/true"]},
+                             "remediation": {"allow": ["restart"]}}}}))
     receiver = subprocess.Popen([*pinned(0), sys.executable, "-m", "receiver.app", "--config",
-                                 str(tmp / "caretaker.yml"), "--log-level", "WARNING"], cwd=REPO,
+                                 str(tmp / "caretaker.yml"), "--log-level", "WARNING", "--dry-run"], cwd=REPO,
                                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     bare = subprocess.Popen([*pinned(0), sys.executable, "-c", textwrap.dedent(BARE), str(bare_port)],
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

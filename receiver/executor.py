@@ -66,6 +66,11 @@ T = TypeVar("T")
 
 MAX_PENDING = 1000
 MAX_RECHECK_SECONDS = 30.0
+LOOK_INTERVAL = 0.05
+"""Shortest time between two looks at one service (seconds)."""
+MAX_PROBLEMS_PER_LOOK = 500
+"""Open problems of one service read per look, oldest first (a flood of distinct
+alerts must not make each look read them all)."""
 ACTION_ORDER = ("ensure_paths", "restore_file", "clean", "rotate_logs", "free_port", "stop_duplicates", "restart",
                 "signal", "vacuum", "http", "exec")
 """Several open problems of one service are worked on in this order of their first step:
@@ -76,9 +81,10 @@ _AGGREGATED = frozenset({"no_service_name", "unknown_service", "unknown_action",
 per reason and hour (with a count), not one row each."""
 _OBSERVED_LABELS = ("probe", "path", "heartbeat", "port")
 """Alert labels that change what :func:`~receiver.observe.observe` looks at."""
-_ABOUT_THE_PROBLEM = frozenset({"escalated", "invalid_label"})
-"""Reasons not to act that concern one problem only; the others (paused, a dependency,
-the schedule, the budget) hold for every problem of the service."""
+_ABOUT_THE_PROBLEM = frozenset({"escalated", "invalid_label", "cooldown"})
+"""Reasons not to act that concern one problem only (a cooldown is the spacing of one
+repair's attempts); the others (paused, a dependency, backoff, the budget) hold for
+every problem of the service."""
 _RECORDED_AS = {"": "queued", "resolved": "recorded", "no_remediation": "recorded"}
 """The audit decision of a new alert by its decision's reason; any other reason is "skipped"."""
 EXHAUSTED_REPOST_SECONDS = 60.0
@@ -303,9 +309,11 @@ class Executor:
                 rows.append(NewAlert(f"~{d.reason}", hour, a.status, a.alertname[:200], d.service_name, d.action,
                                      "skipped", d.reason))
             else:
+                # An alert another receiver owns (shared state) still refreshes this
+                # receiver's problem for it, if it has one: its labels go along.
                 rows.append(NewAlert(a.fingerprint, a.starts_at_key, a.status, a.alertname[:200], d.service_name,
                                      d.action, _RECORDED_AS.get(d.reason, "skipped"), d.reason,
-                                     json.dumps(a.labels) if d.acts else ""))
+                                     json.dumps(a.labels) if d.acts or d.reason == "duplicate" else ""))
         ids = await self._admit_rows(rows)
         duplicates = queued = 0
         metrics = self.metrics
@@ -356,8 +364,16 @@ class Executor:
     # --- the worker: one per service with open problems ----------------------------------------
     async def _work(self, service: str) -> None:
         wake = self._wake[service]
+        last_look = 0.0
         try:
             while True:
+                # Alerts that arrive together are looked at together: under a flood of
+                # notifications a look (a /proc scan, probes) starts at most every
+                # LOOK_INTERVAL seconds, not once per notification.
+                since = time.monotonic() - last_look
+                if since < LOOK_INTERVAL:
+                    await asyncio.sleep(LOOK_INTERVAL - since)
+                last_look = time.monotonic()
                 wake.clear()
                 self._busy.add(service)
                 problems = await self._open_problems(service)
@@ -393,7 +409,7 @@ class Executor:
         now = self.clock()
         ttl = self.config.receiver.problem_ttl
         problems = []
-        for problem in await self.db(self.store.open_problems, service):
+        for problem in await self.db(self.store.problems, service, True, MAX_PROBLEMS_PER_LOOK):
             if now - problem.last_seen > ttl:
                 log.warning("problem #%d of %s (%s) expired: no notification for %.0fs", problem.id, service,
                             problem.alertname, now - problem.last_seen)
@@ -411,7 +427,35 @@ class Executor:
 
     async def _reconcile(self, service: str, problems: list[Problem]) -> float:
         """One look at the service: act on the first problem that needs it, or record why
-        not. Returns the seconds to wait before the next look (0: at once)."""
+        not. Returns the seconds to wait before the next look (0: at once).
+
+        The worker slot (and, with shared state, the service's Redis lock) is taken
+        before the service is looked at, so what is acted on is what was seen: a service
+        that recovered while its repair waited for a slot is not restarted."""
+        async with self._slots:
+            token = None
+            if self.shared is not None:
+                first = min(problems, key=_order)
+                try:
+                    token = await self.shared.acquire(service, self.repair_deadline(service) + 30.0)
+                except SharedStateError as err:
+                    log.error("shared state (Redis) unavailable, not repairing %s: %s", service, err)
+                    self._record(first, "skipped", "shared_state_error", None)
+                    return self._next_look(service)
+                if token is None:  # another receiver repairs it now; it looks again after
+                    self._record(first, "skipped", "in_progress", None)
+                    return self.config.receiver.recheck_interval
+            try:
+                return await self._look(service, problems)
+            finally:
+                if token is not None and self.shared is not None:
+                    try:
+                        await self.shared.release(service, token)
+                    except SharedStateError as err:
+                        log.error("could not release the repair lock of %s (it expires by itself): %s",
+                                  service, err)
+
+    async def _look(self, service: str, problems: list[Problem]) -> float:
         waits = []
         seen: dict[tuple[Any, ...], Assessment] = {}
         exec_spec = self.config.services[service].remediation.exec
@@ -511,7 +555,10 @@ class Executor:
             last = await self.shared.last_finished(service)
             if last is not None:
                 due = max(due, last + self.config.receiver.cooldown)
-        return max(0.0, due - now)
+        # Capped: a time written while the clock was ahead (no RTC, before NTP) must not
+        # hold repairs back until real time catches up.
+        recv = self.config.receiver
+        return max(0.0, min(due - now, max(recv.backoff.max, recv.cooldown)))
 
     async def _budget_spent(self, service: str, now: float) -> bool:
         attempts = self.config.receiver.attempts
@@ -523,33 +570,8 @@ class Executor:
     # --- an attempt ------------------------------------------------------------------------------
     async def _attempt(self, service: str, problem: Problem, observation: Any) -> None:
         """Run the problem's repair once (the budget allowing), then schedule the next."""
-        now = self.clock()
         state = await self.db(self.store.service_state, service)
-        async with self._slots:
-            token = None
-            if self.shared is not None:
-                cfg = self.config.services[service]
-                lease = cfg.stop.grace_period + cfg.remediation.verify_timeout + 120.0
-                try:
-                    token = await self.shared.acquire(service, lease)
-                except SharedStateError as err:
-                    log.error("shared state (Redis) unavailable, not repairing %s: %s", service, err)
-                    self._record(problem, "skipped", "shared_state_error", observation)
-                    self._set_next(service, now + self._next_look(service))
-                    return
-                if token is None:  # another receiver repairs it now
-                    self._record(problem, "skipped", "in_progress", observation)
-                    self._set_next(service, now + self.config.receiver.recheck_interval)
-                    return
-            try:
-                result = await self._run(service, problem, observation)
-            finally:
-                if token is not None and self.shared is not None:
-                    try:
-                        await self.shared.release(service, token)
-                    except SharedStateError as err:
-                        log.error("could not release the repair lock of %s (it expires by itself): %s",
-                                  service, err)
+        result = await self._run(service, problem, observation)
         finished = self.clock()
         last = {"last_action": problem.action, "last_result": result}
         if state.exhausted_since is not None:
@@ -739,21 +761,29 @@ class Executor:
         last_post = 0.0
         while True:
             await asyncio.sleep(interval)
-            now = self.clock()
+            try:
+                last_post = await self._watch_once(last_post)
+            except Exception:  # this loop keeps CaretakerRepairsExhausted firing: it must not end
+                log.exception("watching exhausted and paused services; trying again in %gs", interval)
+
+    async def _watch_once(self, last_post: float) -> float:
+        """One pass of :meth:`watch_exhausted`; returns when the exhausted alerts were last posted."""
+        now = self.clock()
+        for service in list(self.exhausted):
+            if (await observe(self.ctx, service)).healthy:
+                since = self._healthy_since.setdefault(service, now)
+                if now - since >= self.config.receiver.attempts.healthy_for:
+                    await self.reset(service, f"healthy for {now - since:.0f}s")
+            else:
+                self._healthy_since.pop(service, None)
+        if self.exhausted and now - last_post >= EXHAUSTED_REPOST_SECONDS:
+            last_post = now
             for service in list(self.exhausted):
-                if (await observe(self.ctx, service)).healthy:
-                    since = self._healthy_since.setdefault(service, now)
-                    if now - since >= self.config.receiver.attempts.healthy_for:
-                        await self.reset(service, f"healthy for {now - since:.0f}s")
-                else:
-                    self._healthy_since.pop(service, None)
-            if self.exhausted and now - last_post >= EXHAUSTED_REPOST_SECONDS:
-                last_post = now
-                for service in list(self.exhausted):
-                    await self._post_exhausted(service, firing=True)
-            for service in self.config.services:
-                state = await self.db(self.store.service_state, service)
-                self.metrics.paused.labels(service).set(1 if state.paused_at(now) else 0)
+                await self._post_exhausted(service, firing=True)
+        for service in self.config.services:
+            state = await self.db(self.store.service_state, service)
+            self.metrics.paused.labels(service).set(1 if state.paused_at(now) else 0)
+        return last_post
 
     # --- read-only ---------------------------------------------------------------------------------
     async def plan(self, alerts: Sequence[Alert]) -> list[dict[str, Any]]:

@@ -415,23 +415,30 @@ class Store:
                   new: dict[tuple[str, str, str], int], now: float) -> None:
         """Open or refresh a problem for each firing alert that asks for a repair (new or
         a resend), close the open problem of each resolved alert."""
-        opening, closing = [], []
+        opening, refreshing, closing = [], [], []
         for alerts in notifications:
             for a in alerts:
                 if a.decision == "queued":  # a new alert that asks for a repair, or its resend
                     opening.append((a.fingerprint, a.starts_at, a.service_name, a.alertname, a.action,
                                     a.labels or "{}", new.get((a.fingerprint, a.starts_at, a.status)), now, now))
+                elif a.reason == "duplicate" and a.labels:  # owned by another receiver: refresh only
+                    refreshing.append((now, a.starts_at, a.fingerprint))
                 elif a.status == "resolved" and a.service_name:
-                    closing.append((now, a.fingerprint))
+                    # Only the incident it is about: a late resolved notification of an
+                    # earlier incident does not close the current one.
+                    closing.append((now, a.fingerprint, a.starts_at))
         if opening:
             cur.executemany(
                 "INSERT INTO problems (fingerprint, starts_at, service_name, alertname, action, labels, entry_id, "
                 "state, opened_at, last_seen) VALUES (?,?,?,?,?,?,?,'open',?,?) "
                 "ON CONFLICT (fingerprint) WHERE state = 'open' DO UPDATE SET times_seen = times_seen + 1, "
                 "last_seen = excluded.last_seen, starts_at = excluded.starts_at", opening)
+        if refreshing:
+            cur.executemany("UPDATE problems SET times_seen = times_seen + 1, last_seen = ?, starts_at = ? "
+                            "WHERE fingerprint = ? AND state = 'open'", refreshing)
         if closing:
             cur.executemany("UPDATE problems SET state = 'closed', closed_at = ? "
-                            "WHERE fingerprint = ? AND state = 'open'", closing)
+                            "WHERE fingerprint = ? AND starts_at = ? AND state = 'open'", closing)
 
     # --- problems and per-service state ----------------------------------------------------------
     def open_problems(self, service_name: str | None = None) -> list[Problem]:

@@ -441,3 +441,64 @@ async def test_a_flooded_service_does_not_hold_back_another(receiver_for: Any, t
         await asyncio.sleep(0.05)
     assert time.monotonic() - started < 3.5
     assert await slow_running()  # the other was repaired while the slow repair still ran
+
+
+async def test_a_late_resolved_notification_of_an_earlier_incident_does_not_close_the_current(
+        receiver_for: Any, tmp_path: Path) -> None:
+    config = config_for(tmp_path, {"svc": sleeper()})
+    client = await receiver_for(config)
+    await client.post("/api/v1/services/svc/pause", headers=AUTH)  # nothing else happens to it
+    await post(client, alert("same", service_name="svc", remediation="restart", starts_at="2026-11-22T03:00:00Z"))
+    await post(client, alert("same", status="resolved", service_name="svc", remediation="restart",
+                             starts_at="2026-11-21T03:00:00Z"))  # yesterday's incident, retried late
+    resp = await client.get("/api/v1/problems", headers=AUTH)
+    (problem,) = (await resp.json())["data"]
+    assert problem["state"] == "open"
+    await post(client, alert("same", status="resolved", service_name="svc", remediation="restart",
+                             starts_at="2026-11-22T03:00:00Z"))
+    resp = await client.get("/api/v1/problems", headers=AUTH)
+    assert [p["state"] for p in (await resp.json())["data"]] == ["closed"]
+
+
+async def test_one_problem_in_cooldown_does_not_hold_back_another(receiver_for: Any, tmp_path: Path) -> None:
+    marker = tmp_path / "exec-ran"
+    service = sleeper()
+    service["remediation"] = {"allow": ["restart", "exec"], "verify_timeout": 5,
+                              "exec": {"argv": [sys.executable, "-c", "import sys; open(sys.argv[1], 'w')",
+                                                str(marker)]}}
+    config = config_for(tmp_path, {"svc": service}, cooldown="1h", attempts={"max": 10, "window": "1h"})
+    client = await receiver_for(config)
+    await post(client, alert("r1", service_name="svc", remediation="restart"))
+    await wait_audit(client, lambda es: any(e["result"] == "success" for e in es))
+    stop_config_services(config)  # down again: its restart waits out the 1 h cooldown
+    await post(client, alert("r1", service_name="svc", remediation="restart"),  # a resend
+               alert("e1", alertname="QueueStuck", service_name="svc", remediation="exec"))
+    entries = await wait_audit(client, lambda es: any(e["fingerprint"] == "e1" and e["result"] for e in es))
+    assert marker.exists()
+    assert [e["reason"] for e in entries if e["fingerprint"] == "r1" and e["decision"] == "skipped"] == ["cooldown"]
+
+
+async def test_a_service_that_recovers_while_its_repair_waits_for_a_slot_is_not_restarted(
+        receiver_for: Any, tmp_path: Path) -> None:
+    ignores_term = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(1)\n"
+    stubborn = sleeper(ignores_term)
+    stubborn["stop"] = {"grace_period": 3}
+    config = config_for(tmp_path, {"stubborn": stubborn, "svc": sleeper()}, workers=1)
+    client = await receiver_for(config)
+    executor = client.server.app[EXECUTOR_KEY]
+    executor.ctx.reaper.add(start_service(config, "stubborn"))
+    wait_for(lambda: len(pids(config, "stubborn")) == 1, 10, what="stubborn up")
+    await asyncio.sleep(0.3)  # its SIGTERM handler
+    # The only slot goes to a restart that waits 3 s for SIGTERM to be ignored.
+    await post(client, alert("s1", alertname="CaretakerMemoryAboveLimit", service_name="stubborn",
+                             remediation="restart"))
+    await asyncio.sleep(0.5)
+    await post(client, alert("v1", service_name="svc", remediation="restart"))  # svc is down, and waits
+    await asyncio.sleep(0.5)
+    child = start_service(config, "svc")  # someone starts it by hand meanwhile
+    executor.ctx.reaper.add(child)
+    wait_for(lambda: pids(config, "svc") == [child.pid], 10, what="svc up")
+    entries = await wait_audit(client, lambda es: any(e["fingerprint"] == "v1" and e["reason"] for e in es), 30)
+    (decision,) = [e for e in entries if e["fingerprint"] == "v1"]
+    assert (decision["decision"], decision["reason"]) == ("skipped", "condition_cleared")
+    assert pids(config, "svc") == [child.pid]
