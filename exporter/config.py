@@ -596,14 +596,18 @@ class Retention(_Model):
 
 
 class Confirm(_Model):
-    """How the receiver confirms, before it acts, that a problem is still there."""
+    """How the receiver confirms, before it acts, that a probe failure is still there."""
 
     probe_failures: int = Field(default=3, ge=1, le=20)
     """A failing probe must fail this many times in a row before a service whose
-    processes run (frozen-looking) is stopped."""
+    processes run is stopped."""
+    window: Seconds = 5.0
+    """...spread over at least this many seconds, so that a stall (a long GC pause, an
+    fsync, a slow command) is not taken for a freeze."""
     interval: PositiveSeconds = 0.25
-    """Seconds between the starts of those probes (each has its own timeout, so they
-    overlap: 3 probes with a 1 s timeout take about 1.5 s)."""
+    """Seconds between the probes when every process of the service is stopped (state
+    T, e.g. SIGSTOP): such a process cannot answer until continued, so no window is
+    waited (3 probes with a 1 s timeout take about 1.5 s)."""
 
 
 class Backoff(_Model):

@@ -81,27 +81,43 @@ def _probe_json(result: ProbeResult) -> dict[str, Any]:
     return {"success": result.success, "reason": result.reason, "detail": result.detail[:300]}
 
 
-async def _confirm_probe(ctx: ActionContext, service: str, name: str | None) -> tuple[bool, dict[str, Any], str]:
-    """Run the probe(s) ``confirm.probe_failures`` times, ``confirm.interval`` apart
-    (overlapping). Returns whether one probe failed every time, the last results, and
-    the escalation reason when every failure of that probe was auth or tls."""
+async def _confirm_probe(ctx: ActionContext, service: str, name: str | None,
+                         stopped: bool) -> tuple[bool, dict[str, Any], str]:
+    """Run the probe(s) ``confirm.probe_failures`` times, their starts spread over
+    ``confirm.window`` seconds (or ``confirm.interval`` apart when every process is
+    ``stopped``, state T). Returns whether one probe failed every time, the last
+    results, and the escalation reason when every failure of that probe was auth or tls."""
     cfg = ctx.config.services[service]
     confirm = ctx.config.receiver.confirm
     probes = [p for p in cfg.probes if name is None or p.name == name] or list(cfg.probes)
     if not probes:
         return False, {}, ""
+    runs = confirm.probe_failures
 
     async def run_at(delay: float) -> dict[str, ProbeResult]:
         await asyncio.sleep(delay)
         results = await asyncio.gather(*(run_probe(p, ctx.probes) for p in probes))
         return {p.name: r for p, r in zip(probes, results, strict=True)}
 
-    rounds = await asyncio.gather(*(run_at(i * confirm.interval) for i in range(confirm.probe_failures)))
+    def some_probe_failed_every_time(rounds: list[dict[str, ProbeResult]]) -> bool:
+        return any(all(not rd[p.name].success for rd in rounds) for p in probes)
+
+    rounds: list[dict[str, ProbeResult]]
+    if stopped:  # nothing to wait for: overlapping tries, as fast as the probes time out
+        rounds = list(await asyncio.gather(*(run_at(i * confirm.interval) for i in range(runs))))
+    else:  # starts spread over the window; done at the first try that no longer fails
+        loop = asyncio.get_running_loop()
+        begin, step = loop.time(), confirm.window / (runs - 1) if runs > 1 else 0.0
+        rounds = []
+        for i in range(runs):
+            rounds.append(await run_at(max(0.0, begin + i * step - loop.time())))
+            if not some_probe_failed_every_time(rounds):
+                break
     last = {k: _probe_json(r) for k, r in rounds[-1].items()}
     for probe in probes:
-        runs = [r[probe.name] for r in rounds]
-        if all(not r.success for r in runs):
-            reasons = {r.reason for r in runs}
+        tries = [r[probe.name] for r in rounds]
+        if all(not r.success for r in tries):
+            reasons = {r.reason for r in tries}
             escalate = f"probe_{next(iter(reasons))}" if len(reasons) == 1 and reasons <= ESCALATING_REASONS else ""
             return True, last, escalate
     return False, last, ""
@@ -192,11 +208,14 @@ async def observe(ctx: ActionContext, service: str, alertname: str = "", labels:
         obs.holds, obs.condition = True, f"down: {counted}"
     elif alertname == "CaretakerProbeFailing":
         name = labels.get("probe") or None
-        failing, obs.probes, obs.escalate = await _confirm_probe(ctx, service, name)
-        times = ctx.config.receiver.confirm.probe_failures
+        stopped = bool(procs) and all(p.state in "Tt" for p in procs)
+        failing, obs.probes, obs.escalate = await _confirm_probe(ctx, service, name, stopped)
+        confirm = ctx.config.receiver.confirm
+        times = confirm.probe_failures
+        over = "its processes are stopped (state T)" if stopped else f"over {confirm.window:g}s"
         obs.holds = failing
-        obs.condition = (f"probe {name or 'of the service'} failed {times} times in a row" if failing
-                         else f"probe {name or 'of the service'} passed at least once in {times} tries")
+        obs.condition = (f"probe {name or 'of the service'} failed {times} times in a row, {over}" if failing
+                         else f"probe {name or 'of the service'} passed within {times} tries")
         obs.healthy = in_range and not failing and all(p["success"] for p in obs.probes.values())
         return obs
     else:

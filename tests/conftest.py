@@ -256,8 +256,21 @@ async def receiver_for() -> Any:
 
     yield make
     for client, config in made:
+        await leave_alone(client)
         stop_config_services(config)
         await client.close()
+
+
+async def leave_alone(client: Any) -> None:
+    """Pause every service of a receiver under test, so that its workers, which repair
+    what they see broken, do not start again what the test's teardown stops."""
+    from receiver.app import EXECUTOR_KEY
+
+    executor = client.server.app.get(EXECUTOR_KEY)
+    if executor is None or client.server.closed:  # never started, or closed by the test already
+        return
+    for name in executor.config.services:
+        await executor.pause(name, None, "test teardown")
 
 
 async def settle(client: Any, timeout: float = 30.0) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from exporter.config import parse_config
 from exporter.procfs import ProcReader, scan_services
 from receiver.app import EXECUTOR_KEY, create_app
 
-from .conftest import free_port, settle, stop_config_services
+from .conftest import free_port, leave_alone, settle, stop_config_services
 from .test_receiver import AUTH, TOKEN, alert, notification
 
 Client = TestClient[web.Request, web.Application]
@@ -55,6 +55,8 @@ async def pair(redis_server: Any, tmp_path: Path) -> AsyncIterator[Callable[...,
         return clients[0], clients[1]
 
     yield make
+    for client, _ in made:
+        await leave_alone(client)
     for client, config in made:
         stop_config_services(config)
         await client.close()

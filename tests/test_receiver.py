@@ -20,7 +20,7 @@ from exporter.config import ConfigError, parse_config
 from receiver.app import EXECUTOR_KEY, REGISTRY_KEY, create_app
 
 from .conftest import AUTH_TOKEN as TOKEN
-from .conftest import stop_config_services
+from .conftest import leave_alone, stop_config_services
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -71,6 +71,8 @@ async def receiver(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         return client
 
     yield make
+    for c in made:
+        await leave_alone(c)
     for config in configs:
         stop_config_services(config)  # first, so that closing the app reaps them
     for c in made:

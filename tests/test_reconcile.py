@@ -133,7 +133,7 @@ async def test_redis_killed_under_a_web_app_that_depends_on_it(receiver_for: Any
                   "stop": {"grace_period": 2}, "remediation": {"allow": ["restart"], "verify_timeout": 10}},
         "web": sleeper(depends_on=["redis"],
                        probes=[{"name": "redis", "type": "tcp", "port": redis_port, "timeout": "500ms"}]),
-    }, confirm={"probe_failures": 2, "interval": "100ms"})
+    }, confirm={"probe_failures": 2, "interval": "100ms", "window": "1s"})
     redis_child = start_service(config, "redis")
     web_child = start_service(config, "web")
     try:
@@ -191,7 +191,7 @@ async def test_a_probe_failing_for_auth_is_escalated_not_restarted(receiver_for:
                    check=True, capture_output=True, timeout=10)
     config = config_for(tmp_path, {"svc": sleeper(probes=[
         {"name": "ping", "type": "redis", "port": redis_port, "password": {"file": "wrong-password"},
-         "timeout": "1s"}])}, confirm={"probe_failures": 2, "interval": "100ms"})
+         "timeout": "1s"}])}, confirm={"probe_failures": 2, "interval": "100ms", "window": "1s"})
     child = start_service(config, "svc")
     try:
         wait_for(lambda: pids(config, "svc") == [child.pid], 10, what="service up")
@@ -212,7 +212,7 @@ async def test_an_interrupted_repair_of_a_frozen_service_is_finished_after_a_res
     port = free_port()
     config = config_for(tmp_path, {"svc": sleeper(HTTP_SERVER, str(port), probes=[
         {"name": "health", "type": "http", "url": f"http://127.0.0.1:{port}/", "timeout": "500ms"}])},
-        confirm={"probe_failures": 2, "interval": "100ms"})
+        confirm={"probe_failures": 2, "interval": "100ms", "window": "1s"})
     child = start_service(config, "svc")
     try:
         wait_for(lambda: port_open(port), 10, what="service up")
@@ -502,3 +502,36 @@ async def test_a_service_that_recovers_while_its_repair_waits_for_a_slot_is_not_
     (decision,) = [e for e in entries if e["fingerprint"] == "v1"]
     assert (decision["decision"], decision["reason"]) == ("skipped", "condition_cleared")
     assert pids(config, "svc") == [child.pid]
+
+
+STALLS_WHILE_FLAGGED = ("import http.server, os, sys, time\n"
+                        "class H(http.server.BaseHTTPRequestHandler):\n"
+                        "    def do_GET(self):\n"
+                        "        while os.path.exists(sys.argv[2]): time.sleep(0.05)  # a stall: a GC, an fsync\n"
+                        "        self.send_response(200); self.end_headers(); self.wfile.write(b'ok')\n"
+                        "    def log_message(self, *a): pass\n"
+                        "http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n")
+
+
+async def test_a_service_that_stalls_for_a_few_seconds_is_not_restarted(receiver_for: Any, tmp_path: Path) -> None:
+    port, flag = free_port(), tmp_path / "stalled"
+    config = config_for(tmp_path, {"svc": sleeper(STALLS_WHILE_FLAGGED, str(port), str(flag), probes=[
+        {"name": "health", "type": "http", "url": f"http://127.0.0.1:{port}/", "timeout": "500ms"}])})
+    child = start_service(config, "svc")
+    try:
+        wait_for(lambda: port_open(port), 10, what="service up")
+        client = await receiver_for(config)
+        flag.touch()  # a 3 s stall: the exporter's probe fails, and the alert fires at once
+        started = time.monotonic()
+        await post(client, alert("st", alertname="CaretakerProbeFailing", service_name="svc", probe="health",
+                                 remediation="restart"))
+        await asyncio.sleep(3)
+        flag.unlink()
+        (entry,) = await wait_audit(client, lambda es: es and es[0]["reason"], 20)
+        assert (entry["decision"], entry["reason"]) == ("skipped", "condition_cleared")
+        assert time.monotonic() - started >= 4  # it looked over the whole window
+        assert pids(config, "svc") == [child.pid]
+    finally:
+        flag.unlink(missing_ok=True)
+        child.kill()
+        child.wait()
