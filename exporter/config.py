@@ -391,6 +391,11 @@ class Stop(_Model):
     signal: SignalName = "SIGTERM"
     grace_period: Seconds = 10.0
     """Seconds to wait after ``signal`` before SIGKILL."""
+    leftovers: bool = True
+    """Before a start, stop what is left of the previous incarnation (its children and
+    session members that outlived it), as systemd's control-group kill does. ``false``
+    for a service whose children must outlive it (sshd's sessions, tmux), as
+    ``KillMode=process``."""
 
 
 class RotateLogs(_Model):
@@ -751,9 +756,10 @@ class ReceiverConfig(ListenConfig):
     audit_retention: Retention = Retention()
     backoff: Backoff = Backoff()
     confirm: Confirm = Confirm()
-    problem_ttl: PositiveSeconds = 1800.0
-    """An open problem that no notification has refreshed for this long expires (a few
-    of Alertmanager's ``repeat_interval`` for the receiver's route)."""
+    problem_ttl: PositiveSeconds = 13 * 3600.0
+    """An open problem that no notification has refreshed for this long expires: a few
+    of Alertmanager's ``repeat_interval`` for the receiver's route (its default is 4h;
+    the shipped route resends every 10m)."""
     recheck_interval: PositiveSeconds = 1.0
     """Seconds between observations of a service whose problem waits (a dependency, a
     cleared condition); doubles while nothing changes, up to 30 s."""
@@ -909,7 +915,8 @@ def parse_config(data: Any, source: str = "config", lines: Mapping[tuple[Any, ..
 
 def dependency_problems(config: Config) -> list[tuple[tuple[Any, ...], str]]:
     """``depends_on`` cross-checks: every name is a service, none is the service itself,
-    and there is no cycle. Returns ``(location, message)`` for each problem."""
+    and there is no cycle (one depth-first search: linear in services and edges).
+    Returns ``(location, message)`` for each problem."""
     out: list[tuple[tuple[Any, ...], str]] = []
     for name, cfg in config.services.items():
         for i, dep in enumerate(cfg.depends_on):
@@ -917,26 +924,29 @@ def dependency_problems(config: Config) -> list[tuple[tuple[Any, ...], str]]:
                 out.append((("services", name, "depends_on", i), "a service cannot depend on itself"))
             elif dep not in config.services:
                 out.append((("services", name, "depends_on", i), f"no service named {dep!r}"))
-    reported: set[frozenset[str]] = set()
-    for start in config.services:
-        # depth-first search for a path back to ``start``
-        stack: list[tuple[str, tuple[str, ...]]] = [(start, (start,))]
-        while stack:
-            node, path = stack.pop()
-            for dep in config.services[node].depends_on:
-                if dep not in config.services or dep == node:
-                    continue
-                if dep == start:
-                    cycle = frozenset(path)
-                    if cycle not in reported:
-                        reported.add(cycle)
-                        first = path[1] if len(path) > 1 else dep
-                        index = config.services[start].depends_on.index(first)
-                        out.append((("services", start, "depends_on", index),
-                                    f"dependency cycle: {' -> '.join((*path, start))}"))
-                    continue
-                if dep not in path:
-                    stack.append((dep, (*path, dep)))
+    state: dict[str, int] = {}  # absent: not seen; 1: on the current path; 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        path.append(node)
+        for dep in config.services[node].depends_on:
+            if dep not in config.services or dep == node:
+                continue
+            if state.get(dep) == 1:  # back to a service on the path: a cycle
+                cycle = path[path.index(dep):]
+                first = cycle[0]
+                index = config.services[first].depends_on.index(cycle[1] if len(cycle) > 1 else dep)
+                out.append((("services", first, "depends_on", index),
+                            f"dependency cycle: {' -> '.join((*cycle, first))}"))
+            elif dep not in state:
+                visit(dep)
+        path.pop()
+        state[node] = 2
+
+    for name in config.services:
+        if name not in state:
+            visit(name)
     return out
 
 

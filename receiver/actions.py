@@ -134,6 +134,9 @@ class ActionContext:
     """The receiver's :class:`receiver.repairs.BackupKeeper`, for ``restore_file``."""
     family: FamilyTracker | None = None
     """Processes of each service's last incarnation, for stopping its leftovers."""
+    may_start: Callable[[str], Awaitable[bool]] | None = None
+    """Asked just before a service is started: False when an operator paused it while
+    its repair ran (the repair then ends without starting it)."""
 
     async def keep_evidence(self, name: str, procs: list[ProcessInfo], step: StepLog) -> None:
         """Record what a person would want to see, before something is stopped."""
@@ -464,7 +467,7 @@ async def stop_leftovers(ctx: ActionContext, name: str, step: StepLog) -> None:
     alone, gracefully. PostgreSQL backends start sessions of their own, so the process
     group alone would not find them: the receiver keeps each service's family (see
     :class:`FamilyTracker`)."""
-    if ctx.family is None:
+    if ctx.family is None or not ctx.config.services[name].stop.leftovers:
         return
     left = await asyncio.to_thread(ctx.family.leftovers, name)
     if not left:
@@ -485,6 +488,8 @@ async def start_if_needed(ctx: ActionContext, name: str, step: StepLog) -> None:
     if len(running) >= max(cfg.processes.min, 1):
         step(f"{len(running)} processes already running (started by someone else); not starting a second copy",
              processes=[_describe(p) for p in running])
+    elif ctx.may_start is not None and not await ctx.may_start(name):
+        raise RepairFailed("paused by an operator during the repair: not started")
     elif cfg.start.argv is None:
         await restart_managed(ctx, name, step)
         return

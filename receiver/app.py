@@ -357,6 +357,7 @@ def create_app(config: Config, reader: ProcReader | None = None, dry_run: bool =
                 shared = SharedState(redis_client, spec.key_prefix, spec.dedupe_ttl)
             executor = Executor(config, store, ctx, receiver_metrics, dry_run=dry_run, shared=shared)
             executors.append(executor)
+            ctx.may_start = executor.may_start
             app[EXECUTOR_KEY] = executor
             await executor.start()
             background = [asyncio.create_task(reap_forever(reaper)),

@@ -53,6 +53,7 @@ from exporter.config import Config
 from .actions import KILL_WAIT_SECONDS, ActionContext, RepairFailed, StepLog
 from .alertmanager import expire_silence, post_alert, silence
 from .catalogue import run_action
+from .family import boot_id
 from .observe import observe
 from .payload import SKIP_REASONS, Alert, Decision, decide
 from .repairs import exec_argv
@@ -247,8 +248,12 @@ class Executor:
                           "again if it is still open", entry.id, entry.action, entry.service_name)
                 if entry.service_name in self.config.services:
                     self.metrics.remediations.labels(entry.action, entry.service_name, "failure").inc()
+        boot = boot_id()
         for name in self.config.services:
             state = await self.db(self.store.service_state, name)
+            if state.family and self.ctx.family is not None and state.family_boot == boot:
+                # Known before any worker looks: a repair resumed now stops the leftovers too.
+                self.ctx.family.families.setdefault(name, frozenset(state.family))
             if state.exhausted_since is not None:
                 self.exhausted[name] = datetime.fromtimestamp(state.exhausted_since, UTC)
                 self.metrics.exhausted.labels(name).set(1)
@@ -745,6 +750,10 @@ class Executor:
         self.wake(service)
         return until
 
+    async def may_start(self, service: str) -> bool:
+        """Whether ``service`` may be started now (not paused); for a repair in flight."""
+        return not (await self.db(self.store.service_state, service)).paused_at(self.clock())
+
     async def resume(self, service: str) -> bool:
         """End a pause; True if the service was paused."""
         was = (await self.db(self.store.service_state, service)).paused_at(self.clock())
@@ -835,10 +844,7 @@ class Executor:
         family = self.ctx.family
         if family is None:
             return
-        for name in self.config.services:
-            state = await self.db(self.store.service_state, name)
-            if state.family:
-                family.families.setdefault(name, frozenset(state.family))
+        boot = boot_id()
         while True:
             try:
                 changed = await asyncio.to_thread(family.scan)
@@ -847,7 +853,7 @@ class Executor:
                 changed = {}
             for name, members in changed.items():
                 try:
-                    self.store.set_service_state(name, family=sorted(members))
+                    self.store.set_service_state(name, family=sorted(members), family_boot=boot)
                 except sqlite3.Error as err:
                     log.error("could not record the processes of %s: %s", name, err)
             await asyncio.sleep(self.config.receiver.track_interval)

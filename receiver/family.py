@@ -21,10 +21,19 @@ from collections.abc import Mapping
 from exporter.config import ServiceConfig
 from exporter.procfs import ProcessInfo, ProcessTable, ProcReader
 
-__all__ = ["FamilyTracker", "Member"]
+__all__ = ["FamilyTracker", "Member", "boot_id"]
 
 Member = tuple[int, int]
 """``(pid, start_ticks)``: one process, unique for the machine's uptime."""
+
+
+def boot_id(path: str = "/proc/sys/kernel/random/boot_id") -> str:
+    """This boot's id: ``(pid, start_ticks)`` identify a process only within one boot."""
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 class FamilyTracker:
@@ -36,6 +45,10 @@ class FamilyTracker:
         self.reader = reader
         self.table = ProcessTable(reader, services, exclude_pids=(os.getpid(),), with_fds=False)
         self.families: dict[str, frozenset[Member]] = dict(families or {})
+        self.matched: dict[str, frozenset[Member]] = {}
+        """Each service's own processes in the last scan: never another's leftovers."""
+        self.protected = frozenset(_ancestors(reader, os.getpid()))
+        """pid 1, the receiver and the processes it runs under: never leftovers."""
         self._known: dict[str, tuple[int, int, int, int]] = {}
         """``/proc`` entry name -> (inode, ppid, sid, start_ticks) as first read."""
 
@@ -60,6 +73,7 @@ class FamilyTracker:
             children[ppid].append((int(name), ticks))
             sessions[sid].append((int(name), ticks))
         changed = {}
+        self.matched = {service: frozenset((p.pid, p.start_ticks) for p in procs) for service, procs in found.items()}
         for service, procs in found.items():
             if not procs:
                 continue  # keep the last incarnation's family: its leftovers are what a restart stops
@@ -87,10 +101,12 @@ class FamilyTracker:
 
     def leftovers(self, service: str) -> list[ProcessInfo]:
         """Members of the service's family that still run (same pid and start time),
-        read now; the receiver's own process never."""
+        read now; never pid 1, the receiver or what it runs under, nor a process that
+        another service's matchers selected in the last scan."""
+        others = frozenset().union(*(m for name, m in self.matched.items() if name != service))
         out = []
         for pid, ticks in sorted(self.families.get(service, ())):
-            if pid == os.getpid():
+            if pid in self.protected or (pid, ticks) in others:
                 continue
             info = self.reader.stat(pid)
             if info is not None and info.start_ticks == ticks:
@@ -100,3 +116,15 @@ class FamilyTracker:
     def forget(self, service: str) -> None:
         """The incarnation is gone (stopped): its family is no longer of interest."""
         self.families.pop(service, None)
+
+
+def _ancestors(reader: ProcReader, pid: int) -> list[int]:
+    """``pid``, its parent, and so on up to pid 1 (inclusive)."""
+    chain = [1]
+    while pid > 1 and pid not in chain:
+        chain.append(pid)
+        info = reader.stat_any(pid)
+        if info is None:
+            break
+        pid = info.ppid
+    return chain

@@ -76,6 +76,7 @@ CREATE TABLE IF NOT EXISTS services (
     next_attempt_at REAL NOT NULL DEFAULT 0,
     exhausted_since REAL,
     family          TEXT NOT NULL DEFAULT '[]',
+    family_boot     TEXT NOT NULL DEFAULT '',  -- the boot the family was seen in: a pid means nothing after a reboot
     last_action     TEXT NOT NULL DEFAULT '',  -- the last attempt's action and result: a successful
     last_result     TEXT NOT NULL DEFAULT ''   -- repair does not hold back a different one (cooldown)
 ) WITHOUT ROWID;
@@ -228,6 +229,7 @@ class ServiceState:
     next_attempt_at: float = 0.0
     exhausted_since: float | None = None
     family: tuple[tuple[int, int], ...] = ()
+    family_boot: str = ""
     last_action: str = ""
     last_result: str = ""
 
@@ -503,18 +505,19 @@ class Store:
         with self._read_lock:
             row = self._reader.execute(
                 "SELECT paused, paused_until, paused_reason, backoff_step, next_attempt_at, exhausted_since, family, "
-                "last_action, last_result FROM services WHERE service_name = ?", (service_name,)).fetchone()
+                "family_boot, last_action, last_result FROM services WHERE service_name = ?",
+                (service_name,)).fetchone()
         if row is None:
             return ServiceState()
-        paused, until, reason, step, next_at, exhausted, family, last_action, last_result = row
+        paused, until, reason, step, next_at, exhausted, family, boot, last_action, last_result = row
         return ServiceState(bool(paused), until, reason, step, next_at, exhausted,
-                            tuple((int(pid), int(ticks)) for pid, ticks in json.loads(family)), last_action,
+                            tuple((int(pid), int(ticks)) for pid, ticks in json.loads(family)), boot, last_action,
                             last_result)
 
     def set_service_state(self, service_name: str, **fields: Any) -> None:
         """Set fields of a service's :class:`ServiceState` (``family`` as pairs)."""
         allowed = {"paused", "paused_until", "paused_reason", "backoff_step", "next_attempt_at", "exhausted_since",
-                   "family", "last_action", "last_result"}
+                   "family", "family_boot", "last_action", "last_result"}
         if not fields.keys() <= allowed:
             raise ValueError(f"cannot set {sorted(fields.keys() - allowed)}")
         if "family" in fields:

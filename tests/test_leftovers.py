@@ -34,7 +34,7 @@ from exporter.config import parse_config
 from exporter.procfs import ProcReader, scan_services
 from receiver.app import EXECUTOR_KEY
 
-from .conftest import AUTH_TOKEN, free_port, postgres_bin, require_binary, settle
+from .conftest import AUTH_TOKEN, free_port, postgres_bin, require_binary, settle, wait_for
 from .test_receiver import alert, notification
 
 AUTH = {"Authorization": f"Bearer {AUTH_TOKEN}"}
@@ -436,3 +436,26 @@ async def test_a_sigkilled_postmaster_with_a_live_backend_is_healed(receiver_for
         if client is not None:
             await leave_alone(client, "pg")
             cluster.known.extend(family(client, "pg"))  # the new incarnation: stopped with the cluster
+
+
+def test_a_process_of_another_service_is_never_a_leftover(children: Any, tmp_path: Path) -> None:
+    """A's process started B's (a launcher): when A dies, B's process is B's, not A's leftover."""
+    from receiver.family import FamilyTracker
+
+    a_mark, b_mark = f"a-{uuid.uuid4().hex}", f"b-{uuid.uuid4().hex}"
+    launcher = ("import subprocess, sys, time\n"
+                "subprocess.Popen([sys.executable, '-c', 'import time\\nwhile True: time.sleep(1)', sys.argv[1]])\n"
+                "while True: time.sleep(1)\n")
+    config = parse_config({"services": {"a": {"match": {"cmdline": f"{a_mark}$"}},
+                                        "b": {"match": {"cmdline": f"{b_mark}$"}}}}, base_dir=tmp_path)
+    parent = children.start([sys.executable, "-c", launcher, b_mark, a_mark])
+    tracker = FamilyTracker(ProcReader(), config.services)
+    wait_for(lambda: (tracker.scan(), len(tracker.families.get("a", ())) == 2)[1], 10,
+             what="A's family to hold its child")
+    (b_pid,) = [pid for pid, _ in tracker.families["a"] if pid != parent.pid]
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    tracker.scan()
+    assert tracker.leftovers("a") == []  # B's process, though A started it
+    assert b_pid in {pid for pid, _ in tracker.matched["b"]}
+    os.kill(b_pid, signal.SIGKILL)

@@ -535,3 +535,21 @@ async def test_a_service_that_stalls_for_a_few_seconds_is_not_restarted(receiver
         flag.unlink(missing_ok=True)
         child.kill()
         child.wait()
+
+
+async def test_a_pause_during_a_repair_keeps_it_from_starting_the_service(receiver_for: Any, tmp_path: Path) -> None:
+    ignores_term = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(1)\n"
+    service = sleeper(ignores_term)
+    service["stop"] = {"grace_period": 2}
+    config = config_for(tmp_path, {"svc": service})
+    client = await receiver_for(config)
+    client.server.app[EXECUTOR_KEY].ctx.reaper.add(start_service(config, "svc"))
+    wait_for(lambda: len(pids(config, "svc")) == 1, 10, what="service up")
+    await asyncio.sleep(0.3)  # its SIGTERM handler
+    await post(client, alert("mem", alertname="CaretakerMemoryAboveLimit", service_name="svc", remediation="restart"))
+    await asyncio.sleep(0.8)  # the repair waits out the grace period; the operator pauses meanwhile
+    assert (await client.post("/api/v1/services/svc/pause", headers=AUTH)).status == 200
+    entries = await wait_audit(client, lambda es: any(e["result"] for e in es), 20)
+    (acted,) = [e for e in entries if e["decision"] == "acted"]
+    assert acted["result"] == "failure" and "paused by an operator" in acted["steps"][-1]["message"]
+    assert pids(config, "svc") == []
