@@ -750,6 +750,14 @@ class ReceiverConfig(ListenConfig):
     """Disk space held in ``<state_file>.reserve`` and given up when that disk is full,
     so the receiver can still record the alert that asks to clean it (0: none)."""
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_connections: int = Field(default=256, ge=8, le=100_000)
+    """Client connections at once; more are closed at once. Keep it well below the
+    receiver's descriptor limit (LimitNOFILE), which its own work needs too."""
+    header_timeout: PositiveSeconds = 10.0
+    """A connection that has not sent a whole request head this long after it opened,
+    or after its previous answer, is closed (slow or stalled clients, idle keep-alive)."""
+    body_timeout: PositiveSeconds = 10.0
+    """A request body not received within this is answered 408."""
     cooldown: Seconds = 60.0
     """Seconds after a repair of a service before another repair of it may start."""
     attempts: Attempts = Attempts()

@@ -34,13 +34,14 @@ import sqlite3
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import aiohttp
 import aiohttp.http_exceptions
 import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import ValidationError
 
 from exporter.cli import EXIT_CONFIG, base_parser, load_or_exit, setup_logging
@@ -53,6 +54,7 @@ from .executor import Executor, QueueFull, ReceiverMetrics
 from .family import FamilyTracker
 from .payload import Notification
 from .repairs import BackupKeeper
+from .server import GUARD_KEY, ConnectionGuard, GuardedProtocol, serve
 from .shared import SharedState, SharedStateError
 from .store import Store
 
@@ -91,6 +93,19 @@ async def guard(request: web.Request, handler: Callable[[web.Request], Awaitable
                 ) -> web.StreamResponse:
     """Auth for /alerts and /api/, and the count of webhook answers by status code."""
     token, basic = request.app[TOKEN_KEY], request.app[BASIC_KEY]
+    transport = request.transport
+    connection = transport.get_protocol() if transport is not None else None
+    if isinstance(connection, GuardedProtocol):
+        connection.request_started()
+    try:
+        return await _guarded(request, handler, token, basic)
+    finally:
+        if isinstance(connection, GuardedProtocol):
+            connection.request_finished()
+
+
+async def _guarded(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                   token: str, basic: str) -> web.StreamResponse:
     response: web.StreamResponse
     if (token or basic) and request.path.startswith(PROTECTED) and \
             not authorized(request.headers.get("Authorization", ""), token, basic):
@@ -121,10 +136,14 @@ async def read_notification(request: web.Request) -> Notification | web.Response
     limit = executor.config.receiver.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         return _error(413, f"body of {request.content_length} bytes is over the limit of {limit}")
+    timeout = executor.config.receiver.body_timeout
     try:
-        raw = await request.read()
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         return _error(413, f"body is over the limit of {limit} bytes")
+    except TimeoutError:
+        return _error(408, f"body not received within {timeout:g}s")
     try:
         # pydantic-core parses and validates in one pass, and refuses JSON nested over
         # 200 levels ("recursion limit exceeded") before any of it reaches Python.
@@ -301,6 +320,13 @@ def quiet_protocol_errors(interval: float = 10.0) -> QuietProtocolErrors:
     return quiet
 
 
+class _Collect:
+    """A collector from a function (prometheus_client wants an object with collect())."""
+
+    def __init__(self, collect: Callable[[], Iterator[Metric]]) -> None:
+        self.collect = collect
+
+
 def _is_loopback(address: str) -> bool:
     if address == "localhost":
         return True
@@ -328,6 +354,20 @@ def create_app(config: Config, reader: ProcReader | None = None, dry_run: bool =
     app[METRICS_KEY] = receiver_metrics = ReceiverMetrics(registry, config)
     app[TOKEN_KEY] = token
     app[BASIC_KEY] = basic
+    guards: list[ConnectionGuard] = []
+    app[GUARD_KEY] = guards
+
+    def connections() -> Iterator[Metric]:
+        closed = CounterMetricFamily("caretaker_receiver_connections_closed",
+                                     "Client connections the receiver closed: over max_connections, or too slow "
+                                     "to send a request (header_timeout).", labels=["reason"])
+        for reason in ("over_limit", "header_timeout"):
+            closed.add_metric([reason], sum(g.closed[reason] for g in guards))
+        live = GaugeMetricFamily("caretaker_receiver_connections", "Client connections open now.")
+        live.add_metric([], sum(len(g.live) for g in guards))
+        yield from (closed, live)
+
+    registry.register(_Collect(connections))
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         state_file = config.resolve(recv.state_file)
@@ -422,7 +462,10 @@ def main(argv: list[str] | None = None) -> None:
     auth = " and ".join(k for k, v in (("bearer token", app[TOKEN_KEY]), ("basic auth", app[BASIC_KEY])) if v)
     log.info("caretaker receiver listening on %s://%s:%d/alerts (auth: %s%s)", "https" if tls else "http", host,
              port, auth or "none, loopback only", ", DRY RUN" if args.dry_run else "")
-    web.run_app(app, host=host, port=port, ssl_context=tls, print=None, access_log=None)
+    recv = config.receiver
+    # The guard closes idle and slow connections after header_timeout; aiohttp's own keep-alive
+    # timer is only a backstop.
+    asyncio.run(serve(app, host, port, tls, recv.max_connections, recv.header_timeout, 2 * recv.header_timeout + 5))
 
 
 if __name__ == "__main__":

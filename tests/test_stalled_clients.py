@@ -1,0 +1,84 @@
+"""More stalled clients than the receiver has descriptors: a valid alert is still
+answered at once, the stalled connections are closed within the header timeout, and
+the log grows by a few lines, not a flood."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .conftest import AUTH_TOKEN, REPO, free_port, port_open, require_binary, wait_for
+
+pytestmark = pytest.mark.timeout(90)
+
+NOFILE = 256
+STALLED = 400  # more than the receiver's descriptor limit
+
+
+def test_stalled_connections_do_not_lock_out_a_valid_alert(tmp_path: Path) -> None:
+    prlimit = require_binary("prlimit")
+    port = free_port()
+    (tmp_path / "token").write_text(AUTH_TOKEN)
+    (tmp_path / "caretaker.yml").write_text(
+        f"receiver: {{port: {port}, bearer_token: {{file: token}}, state_file: state.sqlite, max_connections: 64,\n"
+        "           header_timeout: 2s}\n"
+        "services:\n  svc: {match: {comm: '^caretaker-none$'}, processes: {min: 0, max: 1}}\n")
+    log_path = tmp_path / "receiver.log"
+    with open(log_path, "wb") as log:
+        receiver = subprocess.Popen([prlimit, f"--nofile={NOFILE}:{NOFILE}", "--", sys.executable, "-m",
+                                     "receiver.app", "--config", str(tmp_path / "caretaker.yml")],
+                                    cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    stalled: list[socket.socket] = []
+    try:
+        wait_for(lambda: port_open(port), 20, what="the receiver")
+        lines_before = len(log_path.read_text().splitlines())
+        refused_at_once = 0
+        for _ in range(STALLED):  # half a request head each, never finished
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            stalled.append(s)
+            try:
+                s.sendall(b"POST /alerts HTTP/1.1\r\nHost: x\r\nContent-Type: appl")
+            except (ConnectionResetError, BrokenPipeError):
+                refused_at_once += 1  # over max_connections: closed by the receiver at once
+        body = json.dumps({"version": "4", "status": "firing", "alerts": [{
+            "status": "firing", "labels": {"alertname": "A", "service_name": "svc"},
+            "startsAt": "2026-11-23T00:00:00Z", "fingerprint": "valid1"}]}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/alerts", data=body, method="POST", headers={
+            "Content-Type": "application/json", "Authorization": f"Bearer {AUTH_TOKEN}"})
+        started = time.monotonic()
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            assert resp.status == 200
+        assert time.monotonic() - started < 1.0, "the valid alert waited"
+        # Every stalled connection is closed by the receiver within the header timeout.
+        deadline = time.monotonic() + 2.0 + 3.0
+        for s in stalled:
+            s.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                data = s.recv(100)  # the receiver closing it ends the wait: EOF, or a reset
+            except ConnectionResetError:
+                continue
+            except TimeoutError:
+                pytest.fail("a stalled connection was not closed within the header timeout")
+            assert data == b"", data
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+        closed = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
+                  if line.startswith("caretaker_receiver_connections_closed_total{")}
+        assert closed["over_limit"] + closed["header_timeout"] >= STALLED - 1
+        assert closed["header_timeout"] >= 60
+        assert receiver.poll() is None
+    finally:
+        for s in stalled:
+            s.close()
+        receiver.terminate()
+        receiver.wait(10)
+    log = log_path.read_text()
+    assert "Traceback" not in log
+    assert len(log.splitlines()) - lines_before <= 5, log[-2000:]
