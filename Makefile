@@ -10,7 +10,7 @@ STACK_PACKAGES := venv:python3-venv prometheus:prometheus prometheus-alertmanage
 	redis-server:redis-server
 TEST_PACKAGES := $(STACK_PACKAGES) promtool:prometheus amtool:prometheus-alertmanager logrotate:logrotate \
 	postgres:postgresql openssl:openssl supervisord:supervisor supervisorctl:supervisor \
-	prometheus-process-exporter:prometheus-process-exporter
+	prometheus-process-exporter:prometheus-process-exporter systemd-analyze:systemd
 
 .PHONY: run demo test lint bench bench-heal check-config packages-stack packages-test clean
 

@@ -366,7 +366,7 @@ class Start(_Model):
     group: Annotated[str | int, BeforeValidator(lambda v: _account_exists(v, "group"))] | None = None
     """Primary group (name or gid); default: the user's."""
     umask: Annotated[str, Field(pattern=r"^0?[0-7]{3}$")] | None = None
-    """e.g. ``"027"``; default: the receiver's."""
+    """e.g. ``"027"``; default ``"022"`` (systemd's), whatever the receiver's own."""
     limits: ResourceLimits = ResourceLimits()
     log_file: str | None = None
     """Standard output and error of an argv-started process go here (appended)."""

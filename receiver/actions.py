@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 KILL_WAIT_SECONDS = 5.0
 POLL_SECONDS = 0.05
 VERIFY_POLL_SECONDS = 0.1
+SERVICE_UMASK = 0o022
+"""A started service's umask unless ``start.umask``: systemd's default for services,
+whatever the receiver's own (its unit sets 0077 for its private files)."""
 START_SETTLE_SECONDS = 0.3
 """How long a service the receiver just started must stay healthy to be verified."""
 OUTPUT_TAIL = 4096
@@ -317,7 +320,7 @@ def start_service(config: Config, name: str) -> subprocess.Popen[bytes]:
         try:
             child = subprocess.Popen(launch_argv(start), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                      stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-                                     umask=int(start.umask, 8) if start.umask else -1)
+                                     umask=int(start.umask, 8) if start.umask else SERVICE_UMASK)
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()
