@@ -44,6 +44,7 @@ bench: $(VENV)/.installed
 	@scripts/ensure-packages.sh wrk:wrk prometheus-process-exporter:prometheus-process-exporter redis-server:redis-server
 	$(PY) bench/scrape.py
 	$(PY) bench/webhook.py
+	$(PY) bench/fuzz.py
 
 bench-heal: $(VENV)/.installed
 	@scripts/ensure-packages.sh $(STACK_PACKAGES) monit:monit supervisord:supervisor

@@ -248,6 +248,10 @@ class Executor:
                           "again if it is still open", entry.id, entry.action, entry.service_name)
                 if entry.service_name in self.config.services:
                     self.metrics.remediations.labels(entry.action, entry.service_name, "failure").inc()
+        try:
+            await self.prune()
+        except sqlite3.Error as err:
+            log.error("pruning the audit trail at start: %s", err)
         boot = boot_id()
         for name in self.config.services:
             state = await self.db(self.store.service_state, name)
