@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -194,18 +195,29 @@ async def test_restart_through_systemd_calls_systemctl(run: Any, tmp_path: Path,
     assert calls.read_text() == "restart app@1.service\n"
 
 
-async def test_evidence_of_a_frozen_python_process(run: Any, tmp_path: Path, python: str) -> None:
+@pytest.mark.parametrize("user", [None, "nobody"])
+async def test_evidence_of_a_frozen_python_process(run: Any, tmp_path: Path, python: str, user: str | None) -> None:
+    if user is not None and os.geteuid() != 0:
+        pytest.skip("starting a service as another user needs root (CI runs as root)")
+    if user is not None:
+        tmp_path.chmod(0o755)  # the service's user must reach its cwd
     mark = marker()
     log = tmp_path / "app.log"
     log.write_text("".join(f"line {i}\n" for i in range(100)))
+    start: dict[str, Any] = {"argv": [python, "-c", SLEEPER, mark], **({"user": user} if user else {})}
     config = config_for(tmp_path, {
-        "match": {"cmdline": f"{mark}$"}, "start": {"argv": [python, "-c", SLEEPER, mark]},
+        "match": {"cmdline": f"{mark}$"}, "start": start,
         "logs": [{"path": "app.log"}], "stop": {"grace_period": 0.5},
         "remediation": {"allow": ["restart"], "verify_timeout": 10}},
         evidence={"log_lines": 5, "max_bytes": 10**6})
     from receiver.actions import start_service
     child = start_service(config, "svc")
     wait_for(lambda: procs_of(config), 5)
+    if user is not None:  # really another user's process (once setpriv has exec'd it, same pid)
+        def uid() -> str:
+            line = next(x for x in Path(f"/proc/{child.pid}/status").read_text().splitlines() if x.startswith("Uid:"))
+            return line.split()[1]
+        wait_for(lambda: uid() == str(pwd.getpwnam(user).pw_uid), 5, what=f"the service to run as {user}")
     time.sleep(0.5)  # let the interpreter reach the script's loop before freezing it
     os.kill(child.pid, signal.SIGSTOP)
     wait_for(lambda: procs_of(config)[0].state == "T", 5)
