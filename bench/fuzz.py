@@ -137,6 +137,20 @@ async def fuzz(port: int, total: int, seed: int, limit: int, deadline: float) ->
     return codes
 
 
+def start_receiver(config: Path, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    """A receiver process with its output appended to ``log_path``, once it listens."""
+    with open(log_path, "ab") as log:
+        receiver = subprocess.Popen([sys.executable, "-m", "receiver.app", "--config", str(config)], cwd=REPO,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return receiver
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10_000)
@@ -152,16 +166,8 @@ def main() -> None:
                      "max_body_bytes": limit, "audit_retention": {"max_entries": max_entries}},
         "services": {"svc": {"match": {"comm": "^caretaker-fuzz-none$"}, "processes": {"min": 0, "max": 1}}}}))
     log_path = tmp / "receiver.log"
-    with open(log_path, "wb") as log:
-        receiver = subprocess.Popen([sys.executable, "-m", "receiver.app", "--config", str(tmp / "caretaker.yml")],
-                                    cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    receiver = start_receiver(tmp / "caretaker.yml", port, log_path)
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
         rss_before = rss_kib(receiver.pid)
         started = time.monotonic()
         codes = asyncio.run(fuzz(port, args.requests, args.seed, limit, started + 600))
@@ -174,20 +180,9 @@ def main() -> None:
     db = sqlite3.connect(tmp / "state.sqlite")
     before_prune = db.execute("SELECT COUNT(*) FROM remediations").fetchone()[0]
     db.close()
-    # A restarted receiver prunes at once (a running one every 60 s): the trail's bound.
-    with open(log_path, "ab") as log:
-        again = subprocess.Popen([sys.executable, "-m", "receiver.app", "--config", str(tmp / "caretaker.yml")],
-                                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-    finally:
-        again.terminate()
-        again.wait(10)
+    again = start_receiver(tmp / "caretaker.yml", port, log_path)  # it prunes at start (a running one every 60 s)
+    again.terminate()
+    again.wait(10)
     db = sqlite3.connect(tmp / "state.sqlite")
     rows, acted = db.execute("SELECT COUNT(*), SUM(decision = 'acted') FROM remediations").fetchone()
     db.close()

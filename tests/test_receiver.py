@@ -100,6 +100,19 @@ async def settle(client: Client, timeout: float = 15.0) -> None:
         await asyncio.sleep(0.05)
 
 
+async def incident(client: Client, config: Any, fingerprint: str, previous: str | None = None) -> None:
+    """Service ``svc`` dies again: the previous alert resolved, the service is killed, a new alert fires."""
+    from .conftest import settle as settle_all
+
+    if previous is not None:
+        resolved = notification(alert(previous, status="resolved", service_name="svc", remediation="restart"))
+        assert (await client.post("/alerts", json=resolved, headers=AUTH)).status == 200
+        await settle_all(client)
+    stop_config_services(config)
+    fired = notification(alert(fingerprint, service_name="svc", remediation="restart"))
+    assert (await client.post("/alerts", json=fired, headers=AUTH)).status == 200
+
+
 def metric(client: Client, name: str, **labels: str) -> float | None:
     return client.server.app[REGISTRY_KEY].get_sample_value(name, labels)
 

@@ -27,7 +27,7 @@ from receiver.actions import start_service
 from receiver.app import EXECUTOR_KEY, REGISTRY_KEY, create_app
 
 from .conftest import Children, free_port, port_open, require_binary, settle, stop_config_services, wait_for
-from .test_receiver import AUTH, TOKEN, alert, notification
+from .test_receiver import AUTH, TOKEN, alert, incident, notification
 
 Client = TestClient[web.Request, web.Application]
 
@@ -51,16 +51,6 @@ async def post(client: Client, payload: Any, path: str = "/alerts", headers: dic
 
 def live(config: Any) -> list[Any]:
     return scan_services(ProcReader(), config.services, (os.getpid(),))["svc"]
-
-
-async def incident(client: Client, config: Any, fingerprint: str, previous: str | None = None) -> None:
-    """The service dies again: the previous alert resolved, the service is killed, a new alert fires."""
-    if previous is not None:
-        await post(client, notification(alert(previous, status="resolved", service_name="svc",
-                                              remediation="restart")))
-        await settle(client)
-    stop_config_services(config)
-    await post(client, notification(alert(fingerprint, service_name="svc", remediation="restart")))
 
 
 # --- a real Alertmanager -------------------------------------------------------------------

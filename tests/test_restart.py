@@ -24,7 +24,7 @@ from receiver.app import REGISTRY_KEY
 from receiver.store import NewAlert, Store
 
 from .conftest import free_port, settle, stop_config_services, wait_for
-from .test_receiver import AUTH, TOKEN, alert, notification
+from .test_receiver import AUTH, TOKEN, alert, incident, notification
 
 SLEEPER = "import time\nwhile True: time.sleep(1)\n"
 IGNORES_TERM = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(1)\n"
@@ -187,16 +187,6 @@ async def post(client: Client, payload: dict[str, Any]) -> dict[str, Any]:
     resp = await client.post("/alerts", json=payload, headers=AUTH)
     assert resp.status == 200
     return dict(await resp.json())
-
-
-async def incident(client: Client, config: Any, fingerprint: str, previous: str | None = None) -> None:
-    """The service dies again: the previous alert resolved, the service is killed, a new alert fires."""
-    if previous is not None:
-        await post(client, notification(alert(previous, status="resolved", service_name="svc",
-                                              remediation="restart")))
-        await settle(client)
-    stop_config_services(config)
-    await post(client, notification(alert(fingerprint, service_name="svc", remediation="restart")))
 
 
 async def test_one_repair_at_a_time_per_service(receiver_for: Any, tmp_path: Path) -> None:
