@@ -13,7 +13,7 @@ is not an order to act once but says "this service has a problem".
   (``dependency_unhealthy``: the dependency goes first, nothing is spent); the
   problem's condition, observed now (``condition_cleared``: nothing is stopped); what
   the observation says can help (``escalated``: a probe failing for auth or tls is not
-  fixed by a restart); the schedule (``cooldown``, ``backoff``); the budget
+  fixed by a restart); the schedule (``cooldown`` for that repair, ``backoff``); the budget
   (``budget_exhausted``). Several problems are taken in an order that can succeed
   (files and paths before a restart).
 - **Keep trying.** After an attempt, the next one is due ``receiver.cooldown`` after
