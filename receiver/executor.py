@@ -69,6 +69,8 @@ MAX_PENDING = 1000
 MAX_RECHECK_SECONDS = 30.0
 LOOK_INTERVAL = 0.05
 """Shortest time between two looks at one service (seconds)."""
+MAX_LOOK_INTERVAL = 1.0
+"""Longest, while notifications keep waking a worker whose looks change nothing."""
 MAX_PROBLEMS_PER_LOOK = 500
 """Open problems of one service read per look, oldest first (a flood of distinct
 alerts must not make each look read them all)."""
@@ -213,6 +215,8 @@ class Executor:
         self._wake: dict[str, asyncio.Event] = {name: asyncio.Event() for name in config.services}
         self._recheck: dict[str, float] = {}
         self._stopped = False
+        self._changes = 0
+        """Decisions written and attempts made, in all: a look that changes it is not idle."""
         self._busy: set[str] = set()
         """Services whose worker is looking or acting now (not waiting)."""
         self._waiting: list[tuple[list[NewAlert], asyncio.Future[list[int | None]]]] = []
@@ -374,15 +378,19 @@ class Executor:
     async def _work(self, service: str) -> None:
         wake = self._wake[service]
         last_look = 0.0
+        gap = LOOK_INTERVAL
         try:
             while True:
-                # Alerts that arrive together are looked at together: under a flood of
-                # notifications a look (a /proc scan, probes) starts at most every
-                # LOOK_INTERVAL seconds, not once per notification.
+                # Alerts that arrive together are looked at together: a look (a /proc
+                # scan, probes) starts at most every `gap` seconds, not once per
+                # notification. After a look that changed nothing (a flood of alerts
+                # about what is already decided) the gap doubles, up to
+                # MAX_LOOK_INTERVAL; a look that acts or decides anew resets it.
                 since = time.monotonic() - last_look
-                if since < LOOK_INTERVAL:
-                    await asyncio.sleep(LOOK_INTERVAL - since)
+                if since < gap:
+                    await asyncio.sleep(gap - since)
                 last_look = time.monotonic()
+                changes = self._changes
                 wake.clear()
                 self._busy.add(service)
                 problems = await self._open_problems(service)
@@ -391,6 +399,7 @@ class Executor:
                         continue
                     return
                 wait = await self._reconcile(service, problems)
+                gap = LOOK_INTERVAL if self._changes != changes else min(MAX_LOOK_INTERVAL, gap * 2)
                 # Look again by the time the first unrefreshed problem would expire.
                 expiry = min(p.last_seen for p in problems) + self.config.receiver.problem_ttl - self.clock()
                 wait = max(0.0, min(wait, expiry + 0.01))
@@ -500,6 +509,7 @@ class Executor:
         """A decision not to act, written once while it stays the same."""
         if problem.last_decision == reason or (problem.last_decision, reason) == ("budget_exhausted", "backoff"):
             return
+        self._changes += 1
         self.metrics.skip(problem.service_name, reason)
         log.info("%s of %s (problem #%d, %s): not now: %s", problem.action, problem.service_name, problem.id,
                  problem.alertname, reason)
@@ -580,6 +590,7 @@ class Executor:
     async def _attempt(self, service: str, problem: Problem, observation: Any) -> None:
         """Run the problem's repair once (the budget allowing), then schedule the next."""
         state = await self.db(self.store.service_state, service)
+        self._changes += 1
         result = await self._run(service, problem, observation)
         finished = self.clock()
         last = {"last_action": problem.action, "last_result": result}
