@@ -192,6 +192,13 @@ class Assessment:
     """Seconds until it is worth looking again."""
 
 
+def problem_key(alertname: str, action: str, tried: bool, labels: Mapping[str, str],
+                exec_labels: tuple[str, ...]) -> tuple[Any, ...]:
+    """What makes two problems of a service the same to look at: their alert, repair,
+    whether it was tried, and the labels that change what is observed or run."""
+    return (alertname, action, tried, *(labels.get(k) for k in (*_OBSERVED_LABELS, *exec_labels)))
+
+
 def _order(problem: Problem) -> tuple[int, int]:
     first = problem.action.split(",")[0]
     return (ACTION_ORDER.index(first) if first in ACTION_ORDER else len(ACTION_ORDER), problem.id)
@@ -215,6 +222,10 @@ class Executor:
         self._wake: dict[str, asyncio.Event] = {name: asyncio.Event() for name in config.services}
         self._recheck: dict[str, float] = {}
         self._stopped = False
+        self._seen_kinds: dict[str, set[tuple[Any, ...]]] = {}
+        """Per service, the kinds of problem its worker's last look saw (see problem_key)."""
+        self._urgent: set[str] = set()
+        """Services with a new kind of problem: their next look is not held back."""
         self._changes = 0
         """Decisions written and attempts made, in all: a look that changes it is not idle."""
         self._busy: set[str] = set()
@@ -333,6 +344,8 @@ class Executor:
         for alert, decision, entry_id in zip(alerts, decisions, ids, strict=True):
             metrics.received[alert.status] += 1
             if decision.acts or (decision.reason == "resolved" and decision.service_name):
+                if decision.acts and entry_id is not None and self._new_kind(decision, alert):
+                    self._urgent.add(decision.service_name)
                 self.wake(decision.service_name)
             if decision.reason in _AGGREGATED:
                 metrics.skip(decision.service_name, decision.reason)
@@ -347,6 +360,13 @@ class Executor:
                 queued += 1
         skipped = len(alerts) - duplicates - queued
         return Admission(len(alerts), duplicates, queued, skipped)
+
+    def _new_kind(self, decision: Decision, alert: Alert) -> bool:
+        """Whether ``alert`` is of a kind its service's worker did not see in its last look."""
+        spec = self.config.services[decision.service_name].remediation.exec
+        key = problem_key(alert.alertname, decision.action, False, alert.labels,
+                          tuple(spec.labels) if spec is not None else ())
+        return key not in self._seen_kinds.get(decision.service_name, ())
 
     # Group commit: the notifications that arrive in one turn of the event loop are
     # written together in one transaction, on the loop itself (a commit without fsync
@@ -387,6 +407,9 @@ class Executor:
                 # about what is already decided) the gap doubles, up to
                 # MAX_LOOK_INTERVAL; a look that acts or decides anew resets it.
                 since = time.monotonic() - last_look
+                if service in self._urgent:
+                    self._urgent.discard(service)
+                    gap = LOOK_INTERVAL
                 if since < gap:
                     await asyncio.sleep(gap - since)
                 last_look = time.monotonic()
@@ -481,8 +504,7 @@ class Executor:
         for problem in sorted(problems, key=_order):
             # Problems about the same thing share one look (a flood of alerts for one
             # service costs one observation per kind, not one per alert).
-            key = (problem.alertname, problem.action, problem.attempts > 0,
-                   *(problem.labels.get(k) for k in (*_OBSERVED_LABELS, *exec_labels)))
+            key = problem_key(problem.alertname, problem.action, problem.attempts > 0, problem.labels, exec_labels)
             if key not in seen:
                 seen[key] = await self.assess(service, problem.alertname, problem.labels, problem.action,
                                               problem.attempts)
@@ -496,13 +518,16 @@ class Executor:
                 self._record(problem, "skipped", assessment.reason, assessment.observation)
                 waits.append(assessment.wait)
                 continue
+            self._seen_kinds[service] = set(seen)
             if assessment.reason == "budget_exhausted":
                 return await self._enter_backoff(service, problem, assessment.observation)
             if assessment.reason:
                 self._record(problem, "skipped", assessment.reason, assessment.observation)
                 return assessment.wait
+            self._seen_kinds[service] = set(seen)
             await self._attempt(service, problem, assessment.observation)
             return 0.0
+        self._seen_kinds[service] = set(seen)
         return min(waits, default=self._next_look(service))
 
     def _record(self, problem: Problem, decision: str, reason: str, observation: Any) -> None:
