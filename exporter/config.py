@@ -777,7 +777,8 @@ class ReceiverConfig(ListenConfig):
     """Seconds between the receiver's own scans of the services' processes and their
     children, kept so that leftovers of a dead incarnation can be stopped."""
     workers: int = Field(default=4, ge=1, le=64)
-    """Repairs of different services that may run at the same time."""
+    """Services that may be looked at or repaired at the same time (a worker takes a
+    slot before it looks, so that what it acts on is what it saw)."""
 
     @model_validator(mode="after")
     def _retention_covers_the_budget(self) -> ReceiverConfig:

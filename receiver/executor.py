@@ -8,7 +8,8 @@ is not an order to act once but says "this service has a problem".
   the service allows opens a problem, persisted; resends refresh it; a resolved
   notification closes it; one not refreshed for ``receiver.problem_ttl`` expires.
 - **One worker per service** works on its open problems, so a service never has two
-  repairs at once; at most ``receiver.workers`` repairs run at once overall. Before
+  repairs at once; at most ``receiver.workers`` services are looked at or repaired at
+  once overall (the slot is taken before the look). Before
   every action it checks, in order: paused (``paused``); a dependency unhealthy now
   (``dependency_unhealthy``: the dependency goes first, nothing is spent); the
   problem's condition, observed now (``condition_cleared``: nothing is stopped); what
@@ -190,6 +191,8 @@ class Assessment:
     observation: dict[str, Any] | None
     wait: float = 0.0
     """Seconds until it is worth looking again."""
+    state: ServiceState | None = None
+    """The service's state as read for this assessment (to act on it, when ``reason`` is "")."""
 
 
 def problem_key(alertname: str, action: str, tried: bool, labels: Mapping[str, str],
@@ -525,7 +528,8 @@ class Executor:
                 self._record(problem, "skipped", assessment.reason, assessment.observation)
                 return assessment.wait
             self._seen_kinds[service] = set(seen)
-            await self._attempt(service, problem, assessment.observation)
+            assert assessment.state is not None
+            await self._attempt(service, problem, assessment.observation, assessment.state)
             return 0.0
         self._seen_kinds[service] = set(seen)
         return min(waits, default=self._next_look(service))
@@ -584,7 +588,7 @@ class Executor:
             return Assessment("budget_exhausted", observation, 0.0)
         if self.dry_run:
             return Assessment("dry_run", observation, MAX_RECHECK_SECONDS)
-        return Assessment("", observation)
+        return Assessment("", observation, state=state)
 
     async def _schedule(self, service: str, state: ServiceState, now: float, action: str) -> float:
         """Seconds until the next attempt of ``service`` with ``action`` is due (0: now).
@@ -612,9 +616,8 @@ class Executor:
         return await self.db(self.store.repairs_since, service, since) >= attempts.max
 
     # --- an attempt ------------------------------------------------------------------------------
-    async def _attempt(self, service: str, problem: Problem, observation: Any) -> None:
-        """Run the problem's repair once (the budget allowing), then schedule the next."""
-        state = await self.db(self.store.service_state, service)
+    async def _attempt(self, service: str, problem: Problem, observation: Any, state: ServiceState) -> None:
+        """Run the problem's repair once (``assess`` allowed it, under the slot), then schedule the next."""
         self._changes += 1
         result = await self._run(service, problem, observation)
         finished = self.clock()

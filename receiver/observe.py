@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +45,7 @@ from exporter.procfs import ProcessInfo
 
 from .actions import ActionContext, find_processes
 
-__all__ = ["ESCALATING_REASONS", "Observation", "observe", "service_healthy"]
+__all__ = ["ESCALATING_REASONS", "Observation", "observe"]
 
 ESCALATING_REASONS = frozenset({"auth", "tls"})
 """Probe failure reasons that a restart cannot fix: a person must look."""
@@ -185,7 +185,7 @@ def _specific(ctx: ActionContext, service: str, alertname: str, labels: Mapping[
 
 
 async def observe(ctx: ActionContext, service: str, alertname: str = "", labels: Mapping[str, str] | None = None,
-                  clock: Any = time.time) -> Observation:
+                  clock: Callable[[], float] = time.time) -> Observation:
     """Look at ``service`` now, and at the condition of the alert ``alertname``.
 
     Never raises for what it finds (a probe that errs is a failing probe). Takes up to
@@ -230,8 +230,3 @@ async def observe(ctx: ActionContext, service: str, alertname: str = "", labels:
     else:
         obs.healthy = in_range
     return obs
-
-
-async def service_healthy(ctx: ActionContext, service: str) -> Observation:
-    """Processes within range and every probe passing, now (one try)."""
-    return await observe(ctx, service)

@@ -146,6 +146,10 @@ class GuardedProtocol(asyncio.Protocol):
             self.inner.resume_writing()
 
 
+GUARD_KEY = web.AppKey("connection_guards", list[ConnectionGuard])
+"""The guards of the app's listening sockets (for the connection metrics)."""
+
+
 async def serve(app: web.Application, host: str, port: int, tls: ssl.SSLContext | None, max_connections: int,
                 header_timeout: float, keepalive_timeout: float) -> None:
     """Run ``app`` on ``host:port`` behind a :class:`ConnectionGuard` until SIGINT or SIGTERM."""
@@ -166,6 +170,3 @@ async def serve(app: web.Application, host: str, port: int, tls: ssl.SSLContext 
         listener.close()
         await listener.wait_closed()
         await runner.cleanup()
-
-
-GUARD_KEY = web.AppKey("connection_guards", list[ConnectionGuard])
