@@ -207,7 +207,12 @@ class Postgres:
                 [*self.as_user, postgres, "-D", str(self.root / "data"), "-p", str(self.port),
                  "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.root}"],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: port_open(self.port), 30, what="postgres to listen")
+        # Listening is not ready: until recovery ends it answers "the database system is
+        # starting up". pg_isready asks the server itself (exit 0: accepting connections).
+        isready = postgres_bin("pg_isready")
+        wait_for(lambda: subprocess.run([isready, "-q", "-h", "127.0.0.1", "-p", str(self.port)],
+                                        timeout=10).returncode == 0, 30, interval=0.1,
+                 what="postgres to accept connections")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
