@@ -42,20 +42,12 @@ from prometheus_client.registry import Collector
 
 from . import health
 from .config import Config
-from .files import (
-    DirStatus,
-    FileChecker,
-    FileStatus,
-    PortStatus,
-    check_directory,
-    check_ports,
-    filesystem,
-    listening_table,
-)
+from .files import DirStatus, FileChecker, FileStatus, check_directory, filesystem
 from .heartbeats import HeartbeatStore
 from .logtail import LogFollower, patterns_for
 from .probes import REASONS, ProbeContext, ProbeResult, run_probes
 from .procfs import CpuAccountant, ProcessInfo, ProcessTable, ProcReader
+from .sockets import PortStatus, check_ports, listening_table
 
 __all__ = ["STATUSES", "Scraper", "ServiceCollector", "ServiceState", "Snapshot"]
 

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .config import Match, ServiceConfig
-from .files import listening_table, socket_inodes
+from .sockets import holders, listening_table, socket_inodes
 
 __all__ = ["CpuAccountant", "ProcReader", "ProcessInfo", "ProcessTable", "ServiceMatcher", "scan_services"]
 
@@ -379,10 +379,9 @@ class ProcessTable:
         Returns how many processes were read."""
         reads = 0
         found: set[int] = set()
-        for name in names:
-            pid = int(name)
-            if pid in self.excluded or not socket_inodes(pid, self.reader.root) & wanted:
-                continue
+        pids = (pid for pid in map(int, names) if pid not in self.excluded)
+        for pid, _ in holders(wanted, pids, self.reader.root):
+            name = str(pid)
             reads += 1
             info = self.reader.stat_any(pid)
             if info is None or info.state in _NOT_RUNNING:

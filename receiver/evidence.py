@@ -29,7 +29,8 @@ from exporter.config import Config
 from exporter.private import private_dir, write_private
 from exporter.procfs import ProcessInfo, ProcReader
 
-from .actions import StepLog, run_command
+from .actions import StepLog
+from .process import run_command
 
 __all__ = ["EvidenceKeeper"]
 

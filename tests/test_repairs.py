@@ -210,7 +210,7 @@ async def test_evidence_of_a_frozen_python_process(run: Any, tmp_path: Path, pyt
         "logs": [{"path": "app.log"}], "stop": {"grace_period": 0.5},
         "remediation": {"allow": ["restart"], "verify_timeout": 10}},
         evidence={"log_lines": 5, "max_bytes": 10**6})
-    from receiver.actions import start_service
+    from receiver.process import start_service
     child = start_service(config, "svc")
     wait_for(lambda: procs_of(config), 5)
     if user is not None:  # really another user's process (once setpriv has exec'd it, same pid)
