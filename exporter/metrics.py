@@ -161,7 +161,7 @@ class ProbeCollector(SnapshotCollector):
                 for reason in REASONS:
                     reasons.add_metric([*labels, reason], 1.0 if r and r.reason == reason else 0.0)
                 if probe.type == "http" and probe.url.startswith("https:"):
-                    cert.add_metric([name, probe.name], (r.cert_expiry_seconds or 0.0) if r else 0.0)
+                    cert.add_metric([name, probe.name], (r.cert_not_after or 0.0) if r else 0.0)
         yield from (success, duration, reasons, cert)
 
 
