@@ -10,6 +10,8 @@
 
 ``caretaker-exporter --once [--json]`` runs one collection and prints a status table
 (or JSON), exiting 0 when every service is fully healthy, 1 otherwise (2: bad config).
+``--processes [--json]`` prints each service's processes and why each matched
+(:mod:`exporter.matches`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .cli import base_parser, load_or_exit, setup_logging
 from .collector import Scraper, Snapshot
 from .config import Config
 from .heartbeats import SAVE_INTERVAL
+from .matches import run_processes
 from .procfs import ProcReader
 
 __all__ = ["REGISTRY_KEY", "SCRAPER_KEY", "create_app", "main"]
@@ -212,10 +215,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = base_parser("caretaker-exporter", "Prometheus exporter for locally-run services.")
     parser.add_argument("--once", action="store_true",
                         help="collect once, print a status table and exit (0 all healthy, 1 not)")
-    parser.add_argument("--json", action="store_true", help="with --once: print JSON")
+    parser.add_argument("--processes", action="store_true",
+                        help="print each service's processes and the rule of its match each one met, and exit")
+    parser.add_argument("--json", action="store_true", help="with --once or --processes: print JSON")
     args = parser.parse_args(argv)
     config = load_or_exit(args.config, args.check_config)
-    setup_logging(args.log_level if not args.once else "ERROR")
+    setup_logging(args.log_level if not (args.once or args.processes) else "ERROR")
+    if args.processes:
+        raise SystemExit(run_processes(config, args.json))
     if args.once:
         raise SystemExit(run_once(config, args.json))
     host, port = config.exporter.listen_address, config.exporter.port

@@ -36,7 +36,7 @@ import aiohttp
 
 from exporter.config import Config, ServiceConfig
 from exporter.probes import ProbeContext, run_probes
-from exporter.procfs import ProcessInfo, ProcReader, read_pidfile, scan_services
+from exporter.procfs import ProcessInfo, ProcReader, keep_order, read_pidfile, scan_services
 from exporter.sockets import check_port, port_holders
 
 from .family import FamilyTracker
@@ -299,7 +299,7 @@ async def stop_duplicates(ctx: ActionContext, name: str, step: StepLog) -> None:
     holders = await asyncio.to_thread(port_holders, ports, [p.pid for p in procs], ctx.reader.root) if ports else set()
     named = read_pidfile(cfg.match.pidfile) if cfg.match.pidfile else None
     main_pid = named[0] if named else 0
-    ranked = sorted(procs, key=lambda p: (p.pid != main_pid, p.pid not in holders, p.start_ticks, p.pid))
+    ranked = keep_order(procs, main_pid, holders)
     keep, extra = ranked[:cfg.processes.max], ranked[cfg.processes.max:]
     step(f"keeping {[p.pid for p in keep]}, stopping {[p.pid for p in extra]}",
          processes=[describe(p) for p in procs])
