@@ -232,6 +232,26 @@ async def test_evidence_of_a_frozen_python_process(run: Any, tmp_path: Path, pyt
     assert "<module> (<string>:2)" in evidence["py_spy"][str(child.pid)]  # where the frozen process was
 
 
+async def test_evidence_has_the_stacks_of_a_python_process_whatever_its_name(tmp_path: Path, children: Children,
+                                                                            python: str) -> None:
+    """gunicorn, uvicorn and celery run as python3.x, named (comm) after their script:
+    py-spy is chosen by the executable. prctl(PR_SET_NAME) names this one gunicorn."""
+    script = ("import ctypes, time\nctypes.CDLL(None).prctl(15, b'gunicorn', 0, 0, 0)\n"
+              "while True: time.sleep(1)\n")
+    named = children.start([python, "-c", script, marker()])
+    other = children.start(["sleep", "60"])
+    wait_for(lambda: Path(f"/proc/{named.pid}/comm").read_text() == "gunicorn\n", 5, what="the new name")
+    reader = ProcReader()
+    procs = [reader.stat(named.pid), reader.stat(other.pid)]
+    assert [p.comm for p in procs if p is not None] == ["gunicorn", "sleep"]
+    steps = StepLog()
+    await EvidenceKeeper(config_for(tmp_path, {"match": {"comm": "x"}}), tmp_path / "ev", reader)(
+        "svc", [p for p in procs if p is not None], steps)
+    evidence = json.loads(Path(steps.steps[-1]["evidence"]).read_text())
+    assert set(evidence["py_spy"]) == {str(named.pid)}  # not sleep: no Python there
+    assert "<module> (<string>:3)" in evidence["py_spy"][str(named.pid)]
+
+
 def test_evidence_directory_is_bounded(tmp_path: Path) -> None:
     config = config_for(tmp_path, {"match": {"comm": "x"}}, evidence={"max_bytes": 3000})
     keeper = EvidenceKeeper(config, tmp_path / "ev", ProcReader())
