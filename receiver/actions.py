@@ -54,8 +54,8 @@ from .process import (
 
 # KILL_WAIT_SECONDS, ChildReaper and start_problems are receiver.process's: the executor
 # and the app import them from here, with what a repair needs.
-__all__ = ["ACTIONS", "KILL_WAIT_SECONDS", "ActionContext", "ChildReaper", "RepairFailed", "StepLog", "failing_repair",
-           "find_processes", "restart", "start_problems"]
+__all__ = ["ACTIONS", "KILL_WAIT_SECONDS", "ActionContext", "ActionFunc", "ChildReaper", "RepairFailed", "StepLog",
+           "failing_repair", "find_processes", "restart", "start_problems"]
 
 log = logging.getLogger(__name__)
 
