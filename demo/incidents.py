@@ -28,7 +28,7 @@ import aiohttp
 from exporter.config import Config, load_config, read_secret
 from exporter.probes import ProbeContext, run_probes
 from exporter.procfs import ProcReader, scan_services
-from receiver.actions import send_signal
+from receiver.process import send_signal
 
 REPO = Path(__file__).resolve().parent.parent
 

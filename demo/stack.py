@@ -33,7 +33,7 @@ import yaml
 from demo.incidents import run_incidents
 from exporter.config import Config, ConfigError, ExecProbe, HttpProbe, Probe, dependency_order, load_config
 from exporter.procfs import ProcReader, scan_services
-from receiver.actions import send_signal, start_service
+from receiver.process import send_signal, start_service
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "prometheus"

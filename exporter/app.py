@@ -10,6 +10,8 @@
 
 ``caretaker-exporter --once [--json]`` runs one collection and prints a status table
 (or JSON), exiting 0 when every service is fully healthy, 1 otherwise (2: bad config).
+``--processes [--json]`` prints each service's processes and why each matched
+(:mod:`exporter.matches`).
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .cli import base_parser, load_or_exit, setup_logging
-from .collector import Scraper, ServiceCollector, Snapshot
+from .collector import Scraper, Snapshot
 from .config import Config
 from .heartbeats import SAVE_INTERVAL
+from .matches import run_processes
 from .procfs import ProcReader
 
 __all__ = ["REGISTRY_KEY", "SCRAPER_KEY", "create_app", "main"]
@@ -102,7 +105,6 @@ def create_app(config: Config, reader: ProcReader | None = None) -> web.Applicat
     app = web.Application(client_max_size=4096)
     registry = CollectorRegistry()
     scraper = Scraper(config, registry, reader)
-    registry.register(ServiceCollector(scraper))
     app[SCRAPER_KEY] = scraper
     app[REGISTRY_KEY] = registry
 
@@ -130,7 +132,7 @@ def create_app(config: Config, reader: ProcReader | None = None) -> web.Applicat
 
 # --- one-shot status -----------------------------------------------------------------------
 
-async def collect_once(config: Config) -> tuple[Scraper, Snapshot]:
+async def collect_once(config: Config) -> Snapshot:
     """One collection, as a scrape would do it; logs are read from their last 64 KiB."""
     scraper = Scraper(config, CollectorRegistry(), logs_from_start=True)
     for followers in scraper.followers.values():
@@ -140,7 +142,7 @@ async def collect_once(config: Config) -> tuple[Scraper, Snapshot]:
     try:
         async with aiohttp.ClientSession() as session:
             scraper.session = session
-            return scraper, await scraper.collect(config.exporter.max_scrape_timeout)
+            return await scraper.collect(config.exporter.max_scrape_timeout)
     finally:
         scraper.close()
 
@@ -162,14 +164,13 @@ def paused_services(config: Config, now: float) -> dict[str, float | None]:
     return {name: until for name, until in rows if until is None or until > now}
 
 
-def status_rows(scraper: Scraper, snap: Snapshot) -> list[dict[str, Any]]:
+def status_rows(snap: Snapshot) -> list[dict[str, Any]]:
     now = time.time()
-    paused = paused_services(scraper.config, now)
+    paused = paused_services(snap.config, now)
     rows = []
-    for name, cfg in scraper.config.services.items():
+    for name, cfg in snap.config.services.items():
         state = snap.services[name]
-        beats = {hb.name: round(now - scraper.heartbeats.states[hb.name].last_seen, 1)
-                 if scraper.heartbeats.states[hb.name].last_seen else None for hb in cfg.heartbeats}
+        beats = {hb: round(now - fed.last_seen, 1) if fed.last_seen else None for hb, fed in state.heartbeats.items()}
         rows.append({
             "service": name,
             "processes": len(state.processes),
@@ -178,7 +179,7 @@ def status_rows(scraper: Scraper, snap: Snapshot) -> list[dict[str, Any]]:
             "components": {k: round(v, 3) for k, v in state.components.items()},
             "failing_probes": {k: r.reason for k, r in state.probes.items() if not r.success},
             "heartbeat_age_seconds": beats,
-            "recent_log_matches": {k: v for k, v in scraper.log_totals[name].items() if v},
+            "recent_log_matches": {m.pattern: m.total for m in state.observed.log_matches if m.total},
             "paused": name in paused,
             "paused_until": paused.get(name),
         })
@@ -202,8 +203,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def run_once(config: Config, as_json: bool) -> int:
-    scraper, snap = asyncio.run(collect_once(config))
-    rows = status_rows(scraper, snap)
+    rows = status_rows(asyncio.run(collect_once(config)))
     if as_json:
         print(json.dumps({"services": rows}, indent=2))
     else:
@@ -215,10 +215,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = base_parser("caretaker-exporter", "Prometheus exporter for locally-run services.")
     parser.add_argument("--once", action="store_true",
                         help="collect once, print a status table and exit (0 all healthy, 1 not)")
-    parser.add_argument("--json", action="store_true", help="with --once: print JSON")
+    parser.add_argument("--processes", action="store_true",
+                        help="print each service's processes and the rule of its match each one met, and exit")
+    parser.add_argument("--json", action="store_true", help="with --once or --processes: print JSON")
     args = parser.parse_args(argv)
     config = load_or_exit(args.config, args.check_config)
-    setup_logging(args.log_level if not args.once else "ERROR")
+    setup_logging(args.log_level if not (args.once or args.processes) else "ERROR")
+    if args.processes:
+        raise SystemExit(run_processes(config, args.json))
     if args.once:
         raise SystemExit(run_once(config, args.json))
     host, port = config.exporter.listen_address, config.exporter.port

@@ -1,6 +1,7 @@
-"""Files, directories, filesystems and ports a service depends on.
+"""Files, directories and filesystems a service depends on.
 
-All functions are blocking (file system and ``/proc`` reads): call them from a thread.
+All functions are blocking (file system reads): call them from a thread. Ports and
+who holds them are process discovery: :mod:`exporter.sockets`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import json
 import os
 import pwd
 import stat
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -24,13 +24,9 @@ __all__ = [
     "FileChecker",
     "FileStatus",
     "Parsed",
-    "PortStatus",
     "check_directory",
     "check_parse",
-    "check_port",
-    "check_ports",
     "filesystem",
-    "listening_table",
 ]
 
 PARSE_LIMIT = 64 * 1024 * 1024
@@ -185,90 +181,3 @@ def filesystem(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
-
-
-# --- ports --------------------------------------------------------------------------
-
-TCP_LISTEN = "0A"
-
-
-@dataclass(frozen=True)
-class PortStatus:
-    listening: bool
-    conflict: bool
-    """Something listens on the port, and it is not one of the service's processes."""
-    holder_pid: int = 0
-    holder_comm: str = ""
-
-
-def listening_table(proc_root: str = "/proc") -> dict[int, set[int]]:
-    """``{port: socket inodes listening on it}`` for TCP (IPv4 and IPv6), from ``/proc/net/tcp{,6}``."""
-    table: dict[int, set[int]] = {}
-    for name in ("tcp", "tcp6"):
-        try:
-            with open(f"{proc_root}/net/{name}", encoding="ascii") as f:
-                next(f, None)
-                for line in f:
-                    fields = line.split()
-                    if len(fields) > 9 and fields[3] == TCP_LISTEN:
-                        table.setdefault(int(fields[1].rsplit(":", 1)[1], 16), set()).add(int(fields[9]))
-        except OSError:
-            continue
-    return table
-
-
-def socket_inodes(pid: int, proc_root: str = "/proc") -> set[int]:
-    out = set()
-    try:
-        with os.scandir(f"{proc_root}/{pid}/fd") as it:
-            for entry in it:
-                try:
-                    target = os.readlink(entry.path)
-                except OSError:
-                    continue
-                if target.startswith("socket:["):
-                    out.add(int(target[8:-1]))
-    except OSError:
-        pass
-    return out
-
-
-def _holder(inodes: set[int], proc_root: str) -> tuple[int, str]:
-    for name in os.listdir(proc_root):
-        if name.isdigit() and socket_inodes(int(name), proc_root) & inodes:
-            try:
-                comm = Path(proc_root, name, "comm").read_text().strip()
-            except OSError:
-                comm = ""
-            return int(name), comm
-    return 0, ""
-
-
-def check_ports(ports: Sequence[int], service_pids: Sequence[int], proc_root: str = "/proc",
-                table: Mapping[int, set[int]] | None = None) -> dict[int, PortStatus]:
-    """Who listens on each port: the service (fine), nobody, or someone else (a conflict).
-
-    ``table`` is :func:`listening_table`, when the caller checks several services.
-    The service's sockets are read only when something listens on one of its ports.
-    """
-    table = listening_table(proc_root) if table is None else table
-    out: dict[int, PortStatus] = {}
-    owned: set[int] | None = None
-    for port in ports:
-        inodes = table.get(port, set())
-        if not inodes:
-            out[port] = PortStatus(False, False)
-            continue
-        if owned is None:
-            owned = set().union(*(socket_inodes(pid, proc_root) for pid in service_pids))
-        if inodes & owned:
-            out[port] = PortStatus(True, False)
-        else:
-            pid, comm = _holder(inodes, proc_root)
-            out[port] = PortStatus(True, True, pid, comm)
-    return out
-
-
-def check_port(port: int, service_pids: Sequence[int], proc_root: str = "/proc") -> PortStatus:
-    """:func:`check_ports` for one port."""
-    return check_ports([port], service_pids, proc_root)[port]

@@ -56,8 +56,8 @@ class ProbeResult:
     """Empty on success, else one of :data:`REASONS`."""
     detail: str = ""
     """Human-readable, for logs and the audit trail; never used as a label."""
-    cert_expiry_seconds: float | None = None
-    """For https probes: the server certificate's notAfter, Unix seconds."""
+    cert_not_after: float | None = None
+    """For https probes: the server certificate's notAfter, Unix seconds (a timestamp)."""
 
 
 @dataclass(frozen=True)

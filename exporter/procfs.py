@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
 import re
 import time
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .config import Match, ServiceConfig
-from .files import listening_table, socket_inodes
+from .sockets import holders, listening_table, port_holders, socket_inodes
 
-__all__ = ["CpuAccountant", "ProcReader", "ProcessInfo", "ProcessTable", "ServiceMatcher", "scan_services"]
+__all__ = ["CpuAccountant", "Explained", "ProcReader", "ProcessInfo", "ProcessTable", "RuleMatch", "ServiceMatcher",
+           "keep_order", "scan_services"]
 
 _PF_KTHREAD = 0x00200000
 _NOT_RUNNING = frozenset("ZXxK")
@@ -379,10 +381,9 @@ class ProcessTable:
         Returns how many processes were read."""
         reads = 0
         found: set[int] = set()
-        for name in names:
-            pid = int(name)
-            if pid in self.excluded or not socket_inodes(pid, self.reader.root) & wanted:
-                continue
+        pids = (pid for pid in map(int, names) if pid not in self.excluded)
+        for pid, _ in holders(wanted, pids, self.reader.root):
+            name = str(pid)
             reads += 1
             info = self.reader.stat_any(pid)
             if info is None or info.state in _NOT_RUNNING:
@@ -400,6 +401,111 @@ def scan_services(reader: ProcReader, services: Mapping[str, ServiceConfig],
                   exclude_pids: Iterable[int] = (), with_fds: bool = True) -> dict[str, list[ProcessInfo]]:
     """One scan with nothing remembered (see :class:`ProcessTable`); every process is read."""
     return ProcessTable(reader, services, exclude_pids, with_fds).scan()
+
+
+def keep_order(procs: Iterable[ProcessInfo], pidfile_pid: int, port_holders: set[int]) -> list[ProcessInfo]:
+    """A service's processes in the order ``stop_duplicates`` keeps them: the one its
+    pidfile names first, then those holding its ports, then the oldest."""
+    return sorted(procs, key=lambda p: (p.pid != pidfile_pid, p.pid not in port_holders, p.start_ticks, p.pid))
+
+
+# --- why a process is a service's -------------------------------------------------------------
+
+START_WRAPPERS = frozenset({"prlimit", "setpriv"})
+"""The programs the receiver starts a service through (``prlimit -- setpriv -- argv``):
+each execs what follows at once, with the same pid."""
+
+
+@dataclass(frozen=True)
+class RuleMatch:
+    """One rule of a service's ``match`` that a process meets."""
+
+    rule: str
+    """``comm``, ``exe`` or ``cmdline`` (a regex), ``pidfile`` or ``port``."""
+    pattern: str
+    """The regex, the pidfile's path, or the port."""
+    matched: str = ""
+    """What the regex matched (``re.search``), for a regex rule."""
+    span: tuple[int, int] | None = None
+    """Where in the field it matched, ``[start, end)`` characters."""
+    selects: bool = True
+    """False for a pidfile or port beside regexes: it does not select the process, it
+    only makes ``stop_duplicates`` keep it first."""
+
+    def __str__(self) -> str:
+        if self.rule in ("comm", "exe", "cmdline"):
+            where = f" at {self.span[0]}-{self.span[1]}" if self.span and self.rule != "comm" else ""
+            return f"{self.rule}=~'{self.pattern}' matched '{self.matched}'{where}"
+        what = f"named by pidfile {self.pattern}" if self.rule == "pidfile" else f"holds port {self.pattern}"
+        return what if self.selects else f"{what} (kept first by stop_duplicates)"
+
+
+@dataclass(frozen=True)
+class Explained:
+    """A process of a service, with why it is the service's."""
+
+    process: ProcessInfo
+    exe: str | None
+    """``/proc/PID/exe`` read now; None when it cannot be read (another user's process)."""
+    rules: tuple[RuleMatch, ...]
+    hints: tuple[str, ...] = ()
+    """What looks wrong about the match, for a person (an unrelated program matched by
+    its command line, the receiver's start wrapper)."""
+
+
+def _regex_rule(rule: str, pattern: re.Pattern[str] | None, text: str | None) -> list[RuleMatch]:
+    found = pattern.search(text) if pattern is not None and text is not None else None
+    return [RuleMatch(rule, pattern.pattern, found.group(), found.span())] if pattern and found else []
+
+
+def _program(cfg: ServiceConfig, procs: Sequence[ProcessInfo]) -> str:
+    """The comm the service's processes should have: the one of the program it is started
+    with, else the one most of its processes have (``""``: unknown)."""
+    if cfg.start is not None and cfg.start.argv:
+        return posixpath.basename(cfg.start.argv[0])[:15]
+    comms = [p.comm for p in procs]
+    common = max(set(comms), key=comms.count, default="")
+    return common if comms.count(common) * 2 > len(comms) else ""
+
+
+def _hints(matcher: ServiceMatcher, p: ProcessInfo, exe: str | None, program: str) -> tuple[str, ...]:
+    if exe is not None and posixpath.basename(exe) in START_WRAPPERS:
+        return (f"{posixpath.basename(exe)} is the receiver's start wrapper: it execs the service at once with "
+                "the same pid; the cmdline matched for those microseconds",)
+    cmdline_only = matcher.cmdline is not None and matcher.comm is None and matcher.exe is None
+    if cmdline_only and program and not (p.comm.startswith(program) or program.startswith(p.comm)):
+        return (f"comm {p.comm!r} is not the service's program ({program}): only the cmdline regex matched it. "
+                "Another program that mentions the name (an editor, a script, a grep)? restart and stop_duplicates "
+                "would stop it too: add comm or exe to match, or anchor the regex",)
+    return ()
+
+
+def explain(table: ProcessTable, found: Mapping[str, Sequence[ProcessInfo]]) -> dict[str, list[Explained]]:
+    """Why each process of ``found`` (what ``table.scan()`` returned) is its service's:
+    the rules of the service's ``match`` it meets, read now (a process that changed since
+    the scan may meet fewer), and hints (see :class:`Explained`). Blocking: reads
+    ``/proc``, the pidfiles and the listening sockets."""
+    reader = table.reader
+    sockets = listening_table(reader.root) if any(cfg.ports or cfg.match.port for cfg in table.services.values()) \
+        else {}
+    out: dict[str, list[Explained]] = {}
+    for name, procs in found.items():
+        cfg, matcher = table.services[name], table.matchers[name]
+        named = read_pidfile(matcher.pidfile) if matcher.pidfile is not None else None
+        ports = dict.fromkeys((*cfg.ports, matcher.port) if matcher.port is not None else cfg.ports)
+        held = {port: port_holders((port,), [p.pid for p in procs], reader.root, sockets) for port in ports}
+        program = _program(cfg, procs)
+        out[name] = []
+        for p in procs:
+            exe = reader.exe(p.pid)
+            rules = (_regex_rule("comm", matcher.comm, p.comm) + _regex_rule("exe", matcher.exe, exe)
+                     + _regex_rule("cmdline", matcher.cmdline, p.cmdline))
+            if matcher.pidfile is not None and named is not None and named[0] == p.pid:
+                rules.append(RuleMatch("pidfile", matcher.pidfile, selects=not matcher.by_regex))
+            rules += [RuleMatch("port", str(port), selects=not matcher.by_regex and port == matcher.port)
+                      for port, pids in held.items() if p.pid in pids]
+            out[name].append(Explained(p, exe, tuple(rules), _hints(matcher, p, exe, program)))
+    return out
 
 
 class CpuAccountant:

@@ -12,53 +12,56 @@ The restart state machine, as a careful operator would do it::
       -> verify: processes within [min, max] and every probe passes, within verify_timeout
          (a start that exits at once fails at once, with the tail of its log)
 
-Signals go to a process's whole group only when the process leads its group (as a
-service that caretaker started does, or a daemon); otherwise to the process alone,
-so a service started from someone's shell never takes that shell down. Each target
-is checked to be the same process as scanned (pid and start time) through a pidfd
-before it is signalled, so a reused pid is never hit. Nothing here goes through a
-shell; argv comes from the config only, never from an alert.
+The other repairs on processes: ``stop_duplicates``, ``free_port`` and ``signal``.
+How processes are signalled, stopped and started (a pidfd check against pid reuse,
+groups only when a process leads its own) is :mod:`receiver.process`; what it cannot
+do fails the repair (:class:`RepairFailed`). Nothing here goes through a shell; argv
+comes from the config only, never from an alert.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
 import logging
 import os
-import pwd
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from exporter.config import Config, ConfigError, ServiceConfig, Start, read_secret
-from exporter.environment import minimal_environment
-from exporter.files import check_port, listening_table, socket_inodes
+from exporter.config import Config, ServiceConfig
 from exporter.probes import ProbeContext, run_probes
-from exporter.procfs import ProcessInfo, ProcReader, read_pidfile, scan_services
+from exporter.procfs import ProcessInfo, ProcReader, keep_order, read_pidfile, scan_services
+from exporter.sockets import check_port, port_holders
 
 from .family import FamilyTracker
+from .process import (
+    KILL_WAIT_SECONDS,
+    ChildReaper,
+    ProcessError,
+    describe,
+    run_command,
+    send_signal_each,
+    start_problems,
+    start_service,
+    stop_gracefully,
+)
 
-__all__ = ["ACTIONS", "ActionContext", "ChildReaper", "RepairFailed", "StepLog", "restart", "run_command"]
+# KILL_WAIT_SECONDS, ChildReaper and start_problems are receiver.process's: the executor
+# and the app import them from here, with what a repair needs.
+__all__ = ["ACTIONS", "KILL_WAIT_SECONDS", "ActionContext", "ActionFunc", "ChildReaper", "RepairFailed", "StepLog",
+           "failing_repair", "find_processes", "restart", "start_problems"]
 
 log = logging.getLogger(__name__)
 
-KILL_WAIT_SECONDS = 5.0
-POLL_SECONDS = 0.05
 VERIFY_POLL_SECONDS = 0.1
-SERVICE_UMASK = 0o022
-"""A started service's umask unless ``start.umask``: systemd's default for services,
-whatever the receiver's own (its unit sets 0077 for its private files)."""
 START_SETTLE_SECONDS = 0.3
 """How long a service the receiver just started must stay healthy to be verified."""
-OUTPUT_TAIL = 4096
 LOG_TAIL = 2048
 
 
@@ -73,47 +76,11 @@ class StepLog:
     steps: list[dict[str, Any]] = field(default_factory=list)
     on_step: Callable[[list[dict[str, Any]]], None] | None = None
 
-    def __call__(self, message: str, **data: Any) -> None:
+    def __call__(self, message: str, /, **data: Any) -> None:
         self.steps.append({"at": time.time(), "message": message, **data})
         log.info("%s", message)
         if self.on_step is not None:
             self.on_step(self.steps)
-
-
-class ChildReaper:
-    """Keeps the services the receiver started and reaps them when they exit.
-
-    Without it a service the receiver started and later killed would linger as a
-    zombie of the receiver. Only these Popen objects are waited for (never ``-1``).
-    When added from a running event loop, each child is watched through a pidfd, so
-    its exit is known (and reaped) at once and ``on_exit(name, child)`` is called: the
-    receiver never has to rediscover a process it started.
-    """
-
-    def __init__(self, on_exit: Callable[[str, subprocess.Popen[bytes]], None] | None = None) -> None:
-        self.children: list[subprocess.Popen[bytes]] = []
-        self.on_exit = on_exit
-
-    def add(self, child: subprocess.Popen[bytes], name: str = "") -> None:
-        self.children.append(child)
-        try:
-            loop = asyncio.get_running_loop()
-            pidfd = os.pidfd_open(child.pid)
-        except (RuntimeError, OSError):
-            return  # no loop, or already gone: reap() collects it
-
-        def exited() -> None:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-            child.poll()
-            self.reap()
-            if self.on_exit is not None:
-                self.on_exit(name, child)
-
-        loop.add_reader(pidfd, exited)
-
-    def reap(self) -> None:
-        self.children = [c for c in self.children if c.poll() is None]
 
 
 EvidenceFunc = Callable[[str, list[ProcessInfo], "StepLog"], Awaitable[None]]
@@ -158,175 +125,6 @@ async def find_processes(ctx: ActionContext, name: str) -> list[ProcessInfo]:
     found = await asyncio.to_thread(scan_services, ctx.reader, {name: ctx.config.services[name]},
                                     (os.getpid(),), False)
     return found[name]
-
-
-def _describe(p: ProcessInfo) -> dict[str, Any]:
-    return {"pid": p.pid, "pgid": p.pgid, "comm": p.comm, "state": p.state,
-            "rss_bytes": p.rss_bytes, "cpu_seconds": p.cpu_seconds,
-            "age_seconds": round(time.time() - p.start_time_seconds, 3)}
-
-
-def _same_process(reader: ProcReader, p: ProcessInfo) -> bool:
-    now = reader.stat(p.pid)
-    return now is not None and now.start_ticks == p.start_ticks
-
-
-def send_signal(reader: ProcReader, processes: list[ProcessInfo], sig: signal.Signals,
-                whole_groups: bool = True) -> list[str]:
-    """Signal each process, or the whole group it leads when ``whole_groups``.
-
-    Each target is opened as a pidfd and checked to be the process that was scanned
-    (same start time) before the signal goes out, so a reused pid is never hit. Our
-    own process group is never signalled as a group. Blocking but quick; a process
-    that is already gone is skipped. Returns what was done, one line each.
-    """
-    done: list[str] = []
-    own_group = os.getpgrp()
-    groups: set[int] = set()
-    for p in processes:
-        try:
-            pidfd = os.pidfd_open(p.pid)
-        except ProcessLookupError:
-            continue
-        try:
-            if not _same_process(reader, p):
-                continue  # the pid now belongs to someone else
-            if whole_groups and p.pgid == p.pid and p.pgid != own_group:
-                if p.pgid in groups:
-                    continue
-                groups.add(p.pgid)
-                os.killpg(p.pgid, sig)
-                done.append(f"{sig.name} to process group {p.pgid} ({p.comm})")
-            else:
-                signal.pidfd_send_signal(pidfd, sig)
-                done.append(f"{sig.name} to pid {p.pid} ({p.comm})")
-        except ProcessLookupError:
-            continue
-        finally:
-            os.close(pidfd)
-    return done
-
-
-def send_signal_each(reader: ProcReader, processes: list[ProcessInfo], sig: signal.Signals) -> list[str]:
-    """Like :func:`send_signal`, but never to a whole process group."""
-    return send_signal(reader, processes, sig, whole_groups=False)
-
-
-async def wait_gone(reader: ProcReader, processes: list[ProcessInfo], timeout: float) -> list[ProcessInfo]:
-    """Wait until none of ``processes`` runs (zombies count as gone); returns those left."""
-    deadline = time.monotonic() + timeout
-    left = processes
-    while True:
-        left = [p for p in left if _same_process(reader, p)]
-        if not left or time.monotonic() >= deadline:
-            return left
-        await asyncio.sleep(POLL_SECONDS)
-
-
-def _account(cfg: Start) -> tuple[pwd.struct_passwd | None, int | None]:
-    """The user and group a service runs as (``None``: the receiver's own)."""
-    user = None
-    if cfg.user is not None:
-        user = pwd.getpwuid(cfg.user) if isinstance(cfg.user, int) else pwd.getpwnam(cfg.user)
-    gid = None
-    if cfg.group is not None:
-        gid = cfg.group if isinstance(cfg.group, int) else grp.getgrnam(cfg.group).gr_gid
-    elif user is not None:
-        gid = user.pw_gid
-    return user, gid
-
-
-def start_problems(config: Config) -> list[str]:
-    """Why the receiver could not start some services as configured: a user or group it
-    cannot become (it is not root, and they are not its own). One ``place: message`` each."""
-    problems = []
-    euid, egid = os.geteuid(), os.getegid()
-    for name, cfg in config.services.items():
-        start = cfg.start
-        if start is None or start.argv is None or euid == 0:
-            continue
-        user, gid = _account(start)
-        if user is not None and user.pw_uid != euid:
-            problems.append(f"services.{name}.start.user: the receiver runs as uid {euid}, not root, and cannot "
-                            f"start processes as {user.pw_name} (uid {user.pw_uid})")
-        if gid is not None and gid != egid and gid not in os.getgroups():
-            problems.append(f"services.{name}.start.group: the receiver (gid {egid}) cannot start processes "
-                            f"with gid {gid}")
-    return problems
-
-
-def service_environment(config: Config, name: str) -> dict[str, str]:
-    """What a started service gets (see :class:`~exporter.config.Start`). Raises
-    ``ConfigError`` when a secret in ``start.env`` cannot be read."""
-    start = config.services[name].start
-    assert start is not None
-    user, _ = _account(start)
-    account = {"HOME": user.pw_dir, "USER": user.pw_name, "LOGNAME": user.pw_name} if user is not None else {}
-    given = {key: value if isinstance(value, str) else read_secret(value, config.base_dir)
-             for key, value in start.env.items()}
-    return minimal_environment(start.inherit_env, {**account, **given})
-
-
-def launch_argv(start: Start) -> list[str]:
-    """argv, wrapped so that the limits are set, then the privileges dropped, in the
-    child before it runs the service: ``prlimit ... -- setpriv ... -- argv``. Both are
-    util-linux programs that exec what follows (same pid); ``preexec_fn`` would not be
-    safe in the receiver, which runs threads, and Popen's own ``user=`` drops privileges
-    before a wrapper could raise a hard limit."""
-    assert start.argv is not None
-    argv = list(start.argv)
-    user, gid = _account(start)
-    if user is not None or gid is not None:
-        euid, egid = os.geteuid(), os.getegid()
-        uid = user.pw_uid if user is not None else euid
-        target_gid = gid if gid is not None else egid
-        if (uid, target_gid) != (euid, egid) or euid == 0:
-            groups = ["--init-groups"] if user is not None else ["--clear-groups"]
-            argv = ["setpriv", f"--reuid={uid}", f"--regid={target_gid}", *groups, "--", *argv]
-    limits = [f"--{key}={value}:{value}" for key, value in start.limits.model_dump().items() if value is not None]
-    if limits:
-        argv = ["prlimit", *limits, "--", *argv]
-    return argv
-
-
-def start_service(config: Config, name: str) -> subprocess.Popen[bytes]:
-    """Start the service detached: own session, stdin from /dev/null, output to its log
-    file (created for the service's user), as its user, with its limits, umask and a
-    clean environment (see :class:`~exporter.config.Start`).
-
-    The caller must reap the returned child (see :class:`ChildReaper`). Raises
-    ``RepairFailed`` if it cannot be started (missing program, bad cwd, unreadable secret...).
-    """
-    cfg = config.services[name]
-    assert cfg.start is not None and cfg.start.argv is not None, "start_service needs start.argv"
-    start = cfg.start
-    program = cfg.start.argv[0]
-    cwd = config.resolve(start.cwd) if start.cwd else config.base_dir
-    log_path = config.resolve(start.log_file) if start.log_file else None
-    try:
-        env = service_environment(config, name)
-    except ConfigError as err:
-        raise RepairFailed(f"cannot start {program!r}: {err}") from err
-    user, gid = _account(start)
-    try:
-        if log_path is not None:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            created = not log_path.exists()
-            out: Any = open(log_path, "ab")
-            if created and (user is not None or gid is not None) and os.geteuid() == 0:
-                os.chown(log_path, user.pw_uid if user is not None else -1, gid if gid is not None else -1)
-        else:
-            out = subprocess.DEVNULL
-        try:
-            child = subprocess.Popen(launch_argv(start), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                     stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-                                     umask=int(start.umask, 8) if start.umask else SERVICE_UMASK)
-        finally:
-            if out is not subprocess.DEVNULL:
-                out.close()
-    except OSError as err:
-        raise RepairFailed(f"cannot start {program!r}: {err}") from err
-    return child
 
 
 async def verify(ctx: ActionContext, name: str, timeout: float, step: StepLog,
@@ -387,61 +185,23 @@ def log_tail(config: Config, name: str, limit: int = LOG_TAIL) -> str:
         return ""
 
 
-async def stop_gracefully(ctx: ActionContext, name: str, procs: list[ProcessInfo], step: StepLog,
-                          whole_groups: bool = True) -> None:
-    """Stop signal, grace period, SIGKILL for what is left; ``RepairFailed`` if some survive.
-
-    ``whole_groups=False`` signals each pid alone (for stopping some processes of a
-    service while keeping others of the same group).
-    """
-    cfg = ctx.config.services[name]
-    stop_signal = signal.Signals[cfg.stop.signal]
-    send = send_signal if whole_groups else send_signal_each
-    for line in await asyncio.to_thread(send, ctx.reader, procs, stop_signal):
-        step(line)
-    if stop_signal != signal.SIGKILL and any(p.state in "Tt" for p in procs):
-        # A stopped (frozen) process acts on its stop signal only once continued.
-        for line in await asyncio.to_thread(send, ctx.reader, procs, signal.SIGCONT):
-            step(line)
-    left = await wait_gone(ctx.reader, procs, cfg.stop.grace_period)
-    if left:
-        step(f"{len(left)} processes still there after {cfg.stop.grace_period:g}s grace period",
-             processes=[_describe(p) for p in left])
-        for line in await asyncio.to_thread(send, ctx.reader, left, signal.SIGKILL):
-            step(line)
-        left = await wait_gone(ctx.reader, left, KILL_WAIT_SECONDS)
-        if left:
-            raise RepairFailed(f"processes {[p.pid for p in left]} survived SIGKILL "
-                               f"(states {[p.state for p in left]}; uninterruptible sleep?)")
-
-
-async def run_command(argv: list[str], timeout: float, cwd: Path | None = None) -> tuple[int, str]:
-    """Run argv (no shell) in its own process group, with a minimal environment (PATH,
-    LANG: never the receiver's credentials); ``(status, output tail)``.
-
-    On timeout the whole group is killed and ``RepairFailed`` is raised.
-    """
+@contextlib.contextmanager
+def failing_repair() -> Iterator[None]:
+    """A process that cannot be started or stopped, or a command that cannot be run in
+    time (:class:`~receiver.process.ProcessError`), fails the repair with that reason."""
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True, cwd=cwd, env=minimal_environment())
-    except OSError as err:
-        raise RepairFailed(f"cannot run {argv[0]!r}: {err.strerror}") from err
-    try:
-        async with asyncio.timeout(timeout):
-            out, _ = await proc.communicate()
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
-        raise RepairFailed(f"{argv[0]} did not finish within {timeout:g}s; killed") from None
-    except asyncio.CancelledError:  # the repair's deadline, or shutdown: nothing of it is left running
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await asyncio.shield(proc.wait())
-        raise
-    text = out.decode("utf-8", "replace")
-    return proc.returncode or 0, text[-OUTPUT_TAIL:]
+        yield
+    except ProcessError as err:
+        raise RepairFailed(str(err)) from err
+
+
+async def stop_service_processes(ctx: ActionContext, name: str, procs: list[ProcessInfo], step: StepLog,
+                                 whole_groups: bool = True) -> None:
+    """Stop ``procs`` with the service's ``stop`` signal and grace period (see
+    :func:`receiver.process.stop_gracefully`); ``RepairFailed`` if some survive SIGKILL."""
+    stop = ctx.config.services[name].stop
+    with failing_repair():
+        await stop_gracefully(ctx.reader, procs, signal.Signals[stop.signal], stop.grace_period, step, whole_groups)
 
 
 async def restart(ctx: ActionContext, name: str, step: StepLog) -> None:
@@ -454,9 +214,9 @@ async def restart(ctx: ActionContext, name: str, step: StepLog) -> None:
         return
     procs = await find_processes(ctx, name)
     if procs:
-        step(f"found {len(procs)} processes", processes=[_describe(p) for p in procs])
+        step(f"found {len(procs)} processes", processes=[describe(p) for p in procs])
         await ctx.keep_evidence(name, procs, step)
-        await stop_gracefully(ctx, name, procs, step)
+        await stop_service_processes(ctx, name, procs, step)
         step("all processes stopped")
     else:
         step("no processes running")
@@ -476,8 +236,8 @@ async def stop_leftovers(ctx: ActionContext, name: str, step: StepLog) -> None:
     if not left:
         return
     step(f"stopping {len(left)} leftover processes of the previous incarnation",
-         processes=[_describe(p) for p in left])
-    await stop_gracefully(ctx, name, left, step, whole_groups=False)
+         processes=[describe(p) for p in left])
+    await stop_service_processes(ctx, name, left, step, whole_groups=False)
     ctx.family.forget(name)
 
 
@@ -490,14 +250,15 @@ async def start_if_needed(ctx: ActionContext, name: str, step: StepLog) -> None:
     child = None
     if len(running) >= max(cfg.processes.min, 1):
         step(f"{len(running)} processes already running (started by someone else); not starting a second copy",
-             processes=[_describe(p) for p in running])
+             processes=[describe(p) for p in running])
     elif ctx.may_start is not None and not await ctx.may_start(name):
         raise RepairFailed("paused by an operator during the repair: not started")
     elif cfg.start.argv is None:
         await restart_managed(ctx, name, step)
         return
     else:
-        child = await asyncio.to_thread(start_service, ctx.config, name)
+        with failing_repair():
+            child = await asyncio.to_thread(start_service, ctx.config, name)
         ctx.reaper.add(child, name)
         step(f"started {' '.join(cfg.start.argv)} as pid {child.pid}")
     await verify(ctx, name, cfg.remediation.verify_timeout, step, child)
@@ -517,7 +278,8 @@ async def restart_managed(ctx: ActionContext, name: str, step: StepLog) -> None:
         assert sup is not None
         argv = ["supervisorctl", *(["-c", str(ctx.config.resolve(sup.config))] if sup.config else []),
                 "restart", sup.program]
-    status, output = await run_command(argv, cfg.start.timeout)
+    with failing_repair():
+        status, output = await run_command(argv, cfg.start.timeout)
     step(f"{' '.join(argv)}: exit status {status}", output=output)
     if status != 0 or "ERROR" in output:
         raise RepairFailed(f"{argv[0]} failed (exit status {status}): {output.strip()[-200:]}")
@@ -534,15 +296,15 @@ async def stop_duplicates(ctx: ActionContext, name: str, step: StepLog) -> None:
         step(f"{len(procs)} processes, max {cfg.processes.max}: nothing to stop")
         return
     ports = (*cfg.ports, cfg.match.port) if cfg.match.port else cfg.ports
-    holders = await asyncio.to_thread(_port_holders, ctx.reader.root, ports, procs) if ports else set()
+    holders = await asyncio.to_thread(port_holders, ports, [p.pid for p in procs], ctx.reader.root) if ports else set()
     named = read_pidfile(cfg.match.pidfile) if cfg.match.pidfile else None
     main_pid = named[0] if named else 0
-    ranked = sorted(procs, key=lambda p: (p.pid != main_pid, p.pid not in holders, p.start_ticks, p.pid))
+    ranked = keep_order(procs, main_pid, holders)
     keep, extra = ranked[:cfg.processes.max], ranked[cfg.processes.max:]
     step(f"keeping {[p.pid for p in keep]}, stopping {[p.pid for p in extra]}",
-         processes=[_describe(p) for p in procs])
+         processes=[describe(p) for p in procs])
     await ctx.keep_evidence(name, extra, step)
-    await stop_gracefully(ctx, name, extra, step, whole_groups=False)
+    await stop_service_processes(ctx, name, extra, step, whole_groups=False)
     await verify(ctx, name, cfg.remediation.verify_timeout, step)
 
 
@@ -564,19 +326,12 @@ async def free_port(ctx: ActionContext, name: str, step: StepLog) -> None:
             step(f"port {port}: the holder {status.holder_pid} is already gone")
             continue
         step(f"port {port} is held by pid {holder.pid} ({holder.comm}), not {name}: stopping it",
-             processes=[_describe(holder)])
+             processes=[describe(holder)])
         await ctx.keep_evidence(name, [holder], step)
-        await stop_gracefully(ctx, name, [holder], step, whole_groups=False)
+        await stop_service_processes(ctx, name, [holder], step, whole_groups=False)
         freed = True
     if freed or not own:
         await start_if_needed(ctx, name, step)
-
-
-def _port_holders(proc_root: str, ports: tuple[int, ...], procs: list[ProcessInfo]) -> set[int]:
-    """Pids among ``procs`` listening on any of ``ports`` (blocking: one read of each file)."""
-    table = listening_table(proc_root)
-    listening = set().union(*(table.get(port, set()) for port in ports))
-    return {p.pid for p in procs if listening & socket_inodes(p.pid, proc_root)} if listening else set()
 
 
 def _top_level(procs: list[ProcessInfo]) -> list[ProcessInfo]:

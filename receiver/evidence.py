@@ -7,6 +7,9 @@ processes the receiver writes ``EVIDENCE_DIR/<time>-<service>.json`` with:
 - each process: pid, ppid, state, wchan (``/proc/PID/wchan``: where it sleeps in the
   kernel), CPU seconds, RSS, age, threads, command line, and its children;
 - for a Python process, when ``py-spy`` is installed, ``py-spy dump`` of its stacks.
+  A process is Python's by its executable (``/proc/PID/exe``: ``python3``,
+  ``python3.11``, ``pypy3``...), not its name: gunicorn, uvicorn and celery run as
+  ``python3.11`` with comm ``gunicorn``, ``uvicorn``, ``celery`` (their script's name).
 
 The directory is kept under ``evidence.max_bytes`` by deleting the oldest files. The
 audit entry's step names the file.
@@ -18,6 +21,7 @@ import asyncio
 import json
 import logging
 import os
+import posixpath
 import shutil
 import sys
 import time
@@ -29,7 +33,8 @@ from exporter.config import Config
 from exporter.private import private_dir, write_private
 from exporter.procfs import ProcessInfo, ProcReader
 
-from .actions import StepLog, run_command
+from .actions import StepLog
+from .process import run_command
 
 __all__ = ["EvidenceKeeper"]
 
@@ -54,6 +59,19 @@ def tail(path: Path, lines: int) -> list[str]:
             return [line.decode("utf-8", "replace").rstrip("\n") for line in deque(f, maxlen=lines)]
     except OSError as err:
         return [f"(cannot read {path}: {err.strerror})"]
+
+
+PYTHON_EXECUTABLES = ("python", "pypy")
+"""How the basename of a Python interpreter's executable starts (CPython, PyPy)."""
+
+
+def is_python(reader: ProcReader, p: ProcessInfo) -> bool:
+    """Whether ``p`` runs a Python interpreter, by its executable; by its name when the
+    executable cannot be read (another user's process without CAP_SYS_PTRACE)."""
+    exe = reader.exe(p.pid)
+    if exe is None:
+        return p.comm.startswith(PYTHON_EXECUTABLES)
+    return posixpath.basename(exe.removesuffix(" (deleted)")).startswith(PYTHON_EXECUTABLES)
 
 
 def process_facts(reader: ProcReader, p: ProcessInfo) -> dict[str, Any]:
@@ -102,7 +120,7 @@ class EvidenceKeeper:
         py_spy = find_py_spy() if spec.py_spy else None
         if py_spy:
             for p in procs:
-                if p.comm.startswith("python"):
+                if is_python(self.reader, p):
                     try:
                         # --nonblocking reads the stacks without pausing the process (and works on
                         # one that is already stopped, where a pausing dump fails).

@@ -39,9 +39,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from exporter.files import FileChecker, check_directory, check_ports, filesystem
+from exporter.files import FileChecker, check_directory, filesystem
 from exporter.probes import ProbeResult, run_probe, run_probes
 from exporter.procfs import ProcessInfo
+from exporter.sockets import check_ports
 
 from .actions import ActionContext, find_processes
 

@@ -40,7 +40,8 @@ from exporter.config import Config, FileCheck
 from exporter.files import check_parse
 from exporter.private import private_dir, write_private
 
-from .actions import ActionContext, ActionFunc, RepairFailed, StepLog, find_processes, run_command, send_signal_each
+from .actions import ActionContext, ActionFunc, RepairFailed, StepLog, failing_repair, find_processes
+from .process import run_command, send_signal_each
 
 __all__ = ["ACTIONS", "BackupKeeper"]
 
@@ -379,7 +380,8 @@ async def run_exec(ctx: ActionContext, name: str, step: StepLog) -> None:
     spec = ctx.config.services[name].remediation.exec
     assert spec is not None
     argv = exec_argv(spec.argv, dict(spec.labels), dict(ctx.labels))
-    status, output = await run_command(argv, spec.timeout, ctx.config.base_dir)
+    with failing_repair():
+        status, output = await run_command(argv, spec.timeout, ctx.config.base_dir)
     step(f"ran {argv[0]} ({len(argv) - 1} arguments): exit status {status}", output=output)
     if status != 0:
         raise RepairFailed(f"{argv[0]} exited with status {status}")

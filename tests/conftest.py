@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from exporter.procfs import ProcReader, scan_services
-from receiver.actions import send_signal
+from receiver.process import send_signal
 
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

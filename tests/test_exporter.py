@@ -40,6 +40,12 @@ def make_config(services: dict[str, Any], tmp_path: Path) -> Any:
     return parse_config({"services": services}, base_dir=tmp_path)
 
 
+def config_with(service: dict[str, Any], tmp_path: Path, **exporter: Any) -> Any:
+    """One service ``svc`` whose processes never run, with ``service``'s settings."""
+    return parse_config({"exporter": {"state_file": "state.json", **exporter},
+                         "services": {"svc": {"match": {"comm": "^nothing-matches$"}, **service}}}, base_dir=tmp_path)
+
+
 @pytest.fixture
 def client_for(exporter_for: Any, fake_proc: FakeProc) -> Callable[..., Any]:
     """An exporter client reading the fake /proc tree unless another reader is given."""
@@ -54,6 +60,10 @@ async def scrape(client: TestClient[web.Request, web.Application], timeout: str 
     assert resp.status == 200
     assert resp.headers["Content-Type"].startswith("text/plain; version=")
     return await resp.text()
+
+
+async def scrape_samples(client: TestClient[web.Request, web.Application]) -> Samples:
+    return samples(await scrape(client))
 
 
 async def test_every_series_exists_from_the_first_scrape_with_zero(client_for: Any, tmp_path: Path) -> None:
@@ -226,3 +236,28 @@ async def test_scan_timeout_keeps_previous_view_and_counts_error(client_for: Any
     data = samples(await scrape(client, timeout="1"))
     assert value(data, "caretaker_service_processes", service_name="w") == 1
     assert value(data, "caretaker_exporter_errors_total", reason="scan_timeout") == 1
+
+
+async def test_promtool_clean_on_a_scrape_with_every_kind_of_series(exporter_for: Any, tmp_path: Path) -> None:
+    promtool = require_binary("promtool")
+    (tmp_path / "s.json").write_text("{}")
+    (tmp_path / "app.log").write_text("")
+    config = config_with({
+        "probes": [{"name": "tcp", "type": "tcp", "port": free_port()},
+                   {"name": "web", "type": "http", "url": f"https://127.0.0.1:{free_port()}/"},
+                   {"name": "cmd", "type": "exec", "argv": ["true"]}],
+        "heartbeats": [{"name": "hb", "timeout": "10s"}], "logs": [{"path": "app.log"}],
+        "files": [{"path": "s.json", "format": "json"}], "directories": [{"path": "."}], "data_paths": ["."],
+        "ports": [free_port()], "limits": {"memory_bytes": 10**9, "open_fds": 100}}, tmp_path)
+    client = await exporter_for(config)
+    await client.post("/heartbeat/hb")
+    text = await (await client.get("/metrics")).text()
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and not (result.stdout + result.stderr), result.stdout + result.stderr
+    names = {k[0] for k in samples(text)}
+    for expected in ("caretaker_probe_failure_reason", "caretaker_probe_tls_cert_expiry_timestamp_seconds",
+                     "caretaker_heartbeat_process_alive", "caretaker_log_pattern_matches_total",
+                     "caretaker_file_valid", "caretaker_filesystem_avail_bytes", "caretaker_service_port_conflict",
+                     "caretaker_service_memory_limit_bytes"):
+        assert expected in names, expected
+

@@ -95,8 +95,8 @@ async def test_state_evidence_and_backups_are_private(receiver_for: Any, tmp_pat
     import stat
 
     from exporter.heartbeats import HeartbeatStore
-    from receiver.actions import start_service
     from receiver.app import EXECUTOR_KEY
+    from receiver.process import start_service
 
     from .test_receiver import AUTH, notification
     from .test_reconcile import alert, config_for, sleeper, wait_audit

@@ -157,8 +157,8 @@ async def test_https_probe_reports_certificate_expiry(https_server: tuple[int, P
     ok = await check({"type": "http", "url": f"https://127.0.0.1:{port}/health", "ca_file": str(cert)}, ctx)
     assert ok.success, ok.detail
     decoded = ssl._ssl._test_decode_cert(str(cert))  # type: ignore[attr-defined]
-    assert ok.cert_expiry_seconds == ssl.cert_time_to_seconds(decoded["notAfter"])
-    assert 29 * 86400 < ok.cert_expiry_seconds - time.time() < 31 * 86400
+    assert ok.cert_not_after == ssl.cert_time_to_seconds(decoded["notAfter"])
+    assert 29 * 86400 < ok.cert_not_after - time.time() < 31 * 86400
     untrusted = await check({"type": "http", "url": f"https://127.0.0.1:{port}/health"}, ctx)
     assert (untrusted.success, untrusted.reason) == (False, "tls")
 

@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 
 from exporter.config import parse_config
 from exporter.procfs import ProcReader, scan_services
-from receiver.actions import start_service
 from receiver.app import EXECUTOR_KEY, REGISTRY_KEY, create_app
+from receiver.process import start_service
 
 from .conftest import Children, free_port, port_open, require_binary, settle, stop_config_services, wait_for
 from .test_receiver import AUTH, TOKEN, alert, incident, notification

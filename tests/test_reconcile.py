@@ -18,8 +18,8 @@ import pytest
 
 from exporter.config import parse_config
 from exporter.procfs import ProcReader, scan_services
-from receiver.actions import start_service
 from receiver.app import EXECUTOR_KEY
+from receiver.process import start_service
 from receiver.store import NewAlert, Store
 
 from .conftest import AUTH_TOKEN, REPO, free_port, port_open, require_binary, settle, stop_config_services, wait_for

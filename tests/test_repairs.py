@@ -210,7 +210,7 @@ async def test_evidence_of_a_frozen_python_process(run: Any, tmp_path: Path, pyt
         "logs": [{"path": "app.log"}], "stop": {"grace_period": 0.5},
         "remediation": {"allow": ["restart"], "verify_timeout": 10}},
         evidence={"log_lines": 5, "max_bytes": 10**6})
-    from receiver.actions import start_service
+    from receiver.process import start_service
     child = start_service(config, "svc")
     wait_for(lambda: procs_of(config), 5)
     if user is not None:  # really another user's process (once setpriv has exec'd it, same pid)
@@ -230,6 +230,26 @@ async def test_evidence_of_a_frozen_python_process(run: Any, tmp_path: Path, pyt
     assert proc["wchan"] and proc["cmdline"].endswith(mark)
     assert evidence["logs"][str(log)] == [f"line {i}" for i in range(95, 100)]
     assert "<module> (<string>:2)" in evidence["py_spy"][str(child.pid)]  # where the frozen process was
+
+
+async def test_evidence_has_the_stacks_of_a_python_process_whatever_its_name(tmp_path: Path, children: Children,
+                                                                            python: str) -> None:
+    """gunicorn, uvicorn and celery run as python3.x, named (comm) after their script:
+    py-spy is chosen by the executable. prctl(PR_SET_NAME) names this one gunicorn."""
+    script = ("import ctypes, time\nctypes.CDLL(None).prctl(15, b'gunicorn', 0, 0, 0)\n"
+              "while True: time.sleep(1)\n")
+    named = children.start([python, "-c", script, marker()])
+    other = children.start(["sleep", "60"])
+    wait_for(lambda: Path(f"/proc/{named.pid}/comm").read_text() == "gunicorn\n", 5, what="the new name")
+    reader = ProcReader()
+    procs = [reader.stat(named.pid), reader.stat(other.pid)]
+    assert [p.comm for p in procs if p is not None] == ["gunicorn", "sleep"]
+    steps = StepLog()
+    await EvidenceKeeper(config_for(tmp_path, {"match": {"comm": "x"}}), tmp_path / "ev", reader)(
+        "svc", [p for p in procs if p is not None], steps)
+    evidence = json.loads(Path(steps.steps[-1]["evidence"]).read_text())
+    assert set(evidence["py_spy"]) == {str(named.pid)}  # not sleep: no Python there
+    assert "<module> (<string>:3)" in evidence["py_spy"][str(named.pid)]
 
 
 def test_evidence_directory_is_bounded(tmp_path: Path) -> None:

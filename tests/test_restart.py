@@ -19,8 +19,9 @@ from aiohttp.test_utils import TestClient
 
 from exporter.config import parse_config
 from exporter.procfs import ProcReader, scan_services
-from receiver.actions import ActionContext, RepairFailed, StepLog, restart, start_service
+from receiver.actions import ActionContext, RepairFailed, StepLog, restart
 from receiver.app import REGISTRY_KEY
+from receiver.process import start_service
 from receiver.store import NewAlert, Store
 
 from .conftest import free_port, settle, stop_config_services, wait_for

@@ -20,7 +20,8 @@ import pytest
 from exporter.config import ConfigError, parse_config
 from exporter.environment import minimal_environment
 from exporter.procfs import ProcReader, scan_services
-from receiver.actions import ActionContext, StepLog, launch_argv, restart, start_problems
+from receiver.actions import ActionContext, StepLog, restart
+from receiver.process import launch_argv, start_problems
 
 from .conftest import REPO, stop_config_services
 
