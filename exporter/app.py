@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="collect once, print a status table and exit (0 all healthy, 1 not)")
     parser.add_argument("--json", action="store_true", help="with --once: print JSON")
     args = parser.parse_args(argv)
-    config = load_or_exit(args.config, args.check_config)
+    config = load_or_exit(args.config, args.check_config, warn=True)
     setup_logging(args.log_level if not args.once else "ERROR")
     if args.once:
         raise SystemExit(run_once(config, args.json))
