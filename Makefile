@@ -2,6 +2,7 @@
 #   make run    the local stack (Redis + demo web app, watched and healed), Ctrl+C stops it
 #   make test   the whole test suite, against the real Prometheus, Alertmanager, Redis
 # Also: make demo (break things in a running stack), make lint, make check-config,
+#       make docs (docs/configuration.md and docs/caretaker.schema.json, from the config models),
 #       make bench (scrape, webhook), make bench-heal (heal time vs supervisord and monit).
 
 VENV ?= .venv
@@ -12,7 +13,7 @@ TEST_PACKAGES := $(STACK_PACKAGES) promtool:prometheus amtool:prometheus-alertma
 	postgres:postgresql openssl:openssl supervisord:supervisor supervisorctl:supervisor \
 	prometheus-process-exporter:prometheus-process-exporter systemd-analyze:systemd
 
-.PHONY: run demo test lint bench bench-heal check-config packages-stack packages-test clean
+.PHONY: run demo test lint docs bench bench-heal check-config packages-stack packages-test clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -39,6 +40,9 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check exporter receiver demo tests bench grafana
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy bench/*.py demo/*.py grafana/*.py
+
+docs: $(VENV)/.installed
+	$(PY) -m exporter.config.docs
 
 bench: $(VENV)/.installed
 	@scripts/ensure-packages.sh wrk:wrk prometheus-process-exporter:prometheus-process-exporter redis-server:redis-server

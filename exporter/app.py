@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="print each service's processes and the rule of its match each one met, and exit")
     parser.add_argument("--json", action="store_true", help="with --once or --processes: print JSON")
     args = parser.parse_args(argv)
-    config = load_or_exit(args.config, args.check_config)
+    config = load_or_exit(args.config, args.check_config, warn=True)
     setup_logging(args.log_level if not (args.once or args.processes) else "ERROR")
     if args.processes:
         raise SystemExit(run_processes(config, args.json))

@@ -44,7 +44,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import ValidationError
 
-from exporter.cli import EXIT_CONFIG, base_parser, load_or_exit, setup_logging
+from exporter.cli import base_parser, load_or_exit, setup_logging
 from exporter.config import Config, ConfigError, parse_duration, read_secret
 from exporter.procfs import ProcReader
 
@@ -432,16 +432,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = base_parser("caretaker-receiver", "Alertmanager webhook receiver that repairs services.")
     parser.add_argument("--dry-run", action="store_true", help="decide and record, but repair nothing")
     args = parser.parse_args(argv)
-    config = load_or_exit(args.config, False)
-    refused = start_problems(config)
-    if refused:
-        print(f"{args.config}: invalid configuration for this receiver:", file=sys.stderr)
-        for problem in refused:
-            print(f"  {problem}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG)
-    if args.check_config:
-        print(f"{args.config}: valid ({len(config.services)} services: {', '.join(config.services)})")
-        raise SystemExit(0)
+    config = load_or_exit(args.config, args.check_config, refusals=start_problems, warn=True)
     setup_logging(args.log_level)
     quiet_protocol_errors()
     try:
