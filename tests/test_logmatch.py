@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -162,3 +163,44 @@ REAL_LINES = [
 def test_default_pack_on_real_lines(line: str, expected: set[str]) -> None:
     assert set(count(LineMatcher(DEFAULT), line.encode())) == expected
     assert set(reference(DEFAULT, [line.encode()])) == expected
+
+
+# --- the follower's lines: partial lines, runaway lines ------------------------------------
+
+def test_a_runaway_line_counts_as_a_line(tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    log.write_text("")
+    f = LogFollower(log, patterns(boom=r"BOOM"))
+    f.poll()
+    with open(log, "a") as out:
+        out.write("BOOM " + "x" * 70_000)  # over MAX_LINE, no newline yet
+    assert (f.poll(), f.lines) == ({"boom": 1}, 1)
+    with open(log, "a") as out:
+        out.write("\nBOOM\nBO")
+    assert (f.poll(), f.lines) == ({"boom": 1}, 3)  # the rest of the runaway line (empty), then BOOM
+    f.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(["BOOM", "boom", "x", " ", "\n", "\n\n", "Traceback (most recent call last):\n",
+                                 "OSError: [Errno 28] No space left on device", "\xe9"]), max_size=40),
+       st.lists(st.integers(1, 30), min_size=1, max_size=10))
+def test_counts_do_not_depend_on_how_the_writes_are_cut(pieces: list[str], cuts: list[int]) -> None:
+    data = "".join(pieces).encode()
+    pats = [*patterns(boom=r"BOOM"), *DEFAULT]
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "app.log"
+        log.write_bytes(b"")
+        f = LogFollower(log, pats)
+        f.poll()
+        total: Counter[str] = Counter()
+        at, i = 0, 0
+        while at < len(data):
+            step = cuts[i % len(cuts)]
+            with open(log, "ab") as out:
+                out.write(data[at:at + step])
+            at, i = at + step, i + 1
+            total.update(f.poll())
+        f.close()
+    whole = data.split(b"\n")[:-1]  # the lines that got their newline
+    assert (total, f.lines) == (reference(pats, whole), len(whole))
