@@ -3,7 +3,7 @@
 #   make test   the whole test suite, against the real Prometheus, Alertmanager, Redis
 # Also: make demo (break things in a running stack), make lint, make check-config,
 #       make docs (docs/configuration.md and docs/caretaker.schema.json, from the config models),
-#       make bench (scrape, webhook), make bench-heal (heal time vs supervisord and monit).
+#       make bench (scrape, logs, webhook, fuzz), make bench-heal (heal time vs supervisord and monit).
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -47,6 +47,7 @@ docs: $(VENV)/.installed
 bench: $(VENV)/.installed
 	@scripts/ensure-packages.sh wrk:wrk prometheus-process-exporter:prometheus-process-exporter redis-server:redis-server
 	$(PY) bench/scrape.py
+	$(PY) bench/logs.py
 	$(PY) bench/webhook.py
 	$(PY) bench/fuzz.py
 

@@ -12,6 +12,12 @@ Fairness: caretaker runs without probes (process accounting only, as process-exp
 does); both get a few warm-up scrapes; the idle processes are older than caretaker's
 "young process" window when measuring, as most processes on a machine are. Every
 process the benchmark starts is in its own process group and is stopped by group.
+
+A third row, ``caretaker example``, is the exporter running the repository's example
+config (``caretaker.yml``, pointed at the benchmark's Redis and web app: a tcp and an
+http probe, both services' logs followed with the default pattern pack, the web app
+writing its access log there): what ``make run`` runs. Its RSS is the figure that
+counts for "what does caretaker cost to run"; the ratio row compares the first row.
 Bounded: at most ``--scrapes`` per exporter and count.
 """
 
@@ -72,8 +78,9 @@ class Group:
 
     def start(self, argv: list[str], **kw: object) -> subprocess.Popen[bytes]:
         kw.setdefault("stdout", subprocess.DEVNULL)
-        p: subprocess.Popen[bytes] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                                      start_new_session=True, **kw)  # type: ignore[call-overload]
+        kw.setdefault("stderr", subprocess.DEVNULL)
+        p: subprocess.Popen[bytes] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True,
+                                                      **kw)  # type: ignore[call-overload]
         self.procs.append(p)
         return p
 
@@ -129,7 +136,24 @@ def measure(url: str, pid: int, scrapes: int) -> dict[str, float]:
             "cpu": cpu, "rss": rss_bytes(pid)}
 
 
-def run(counts: list[int], scrapes: int, young_wait: float) -> list[tuple[int, dict[str, float], dict[str, float]]]:
+def example_config(tmp: Path, exporter_port: int, redis_port: int, web_port: int) -> Path:
+    """The repository's caretaker.yml with the benchmark's ports; its relative paths
+    (``.run/...``) resolve under ``tmp``, where the config is written."""
+    text = (REPO / "caretaker.yml").read_text()
+    for old, new in (("16379", redis_port), ("8940", web_port), ("port: 8930", f"port: {exporter_port}"),
+                     ("port: 8931", f"port: {free_port()}")):
+        if old not in text:
+            raise SystemExit(f"caretaker.yml changed: no {old!r} to point at the benchmark's services")
+        text = text.replace(old, str(new))
+    path = tmp / "example.yml"
+    path.write_text(text)
+    return path
+
+
+Row = tuple[int, dict[str, float], dict[str, float], dict[str, float]]
+
+
+def run(counts: list[int], scrapes: int, young_wait: float) -> list[Row]:
     pe_bin = shutil.which("prometheus-process-exporter") or shutil.which("process-exporter")
     redis_bin = shutil.which("redis-server")
     if not pe_bin or not redis_bin:
@@ -138,8 +162,12 @@ def run(counts: list[int], scrapes: int, young_wait: float) -> list[tuple[int, d
     services = Group()
     redis_port, web_port = free_port(), free_port()
     marker = f"bench-worker-{os.getpid()}"
-    services.start([redis_bin, "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "", "--dir", str(tmp)])
-    services.start([sys.executable, str(REPO / "demo" / "webapp.py"), "--port", str(web_port)])
+    logs = tmp / ".run" / "logs"  # where the example config follows the services' logs
+    logs.mkdir(parents=True)
+    services.start([redis_bin, "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "", "--dir", str(tmp),
+                    "--logfile", str(logs / "redis.log")])
+    with open(logs / "webapp.log", "ab") as web_log:
+        services.start([sys.executable, str(REPO / "demo" / "webapp.py"), "--port", str(web_port)], stderr=web_log)
     services.start([sys.executable, "-c", "import time\nwhile True: time.sleep(1)", marker])
     rules = {
         "redis": {"comm": "^redis-server$", "cmdline": f":{redis_port}\\b"},
@@ -157,7 +185,7 @@ def run(counts: list[int], scrapes: int, young_wait: float) -> list[tuple[int, d
                     assert spawner.stdout is not None
                     spawner.stdout.readline()
                 time.sleep(young_wait)  # idle processes older than caretaker's young window
-                ct_port, pe_port = free_port(), free_port()
+                ct_port, pe_port, ex_port = free_port(), free_port(), free_port()
                 config = {"exporter": {"port": ct_port}, "receiver": {"state_file": str(tmp / "state.sqlite")},
                           "services": {name: {"match": m, "processes": {"min": 1, "max": 1}}
                                        for name, m in rules.items()}}
@@ -168,13 +196,18 @@ def run(counts: list[int], scrapes: int, young_wait: float) -> list[tuple[int, d
                 (tmp / "process-exporter.yml").write_text(yaml.safe_dump(pe_config))
                 ct = exporters.start([sys.executable, "-m", "exporter.app", "--config", str(tmp / "caretaker.yml"),
                                       "--log-level", "WARNING"], cwd=REPO)
+                example = example_config(tmp, ex_port, redis_port, web_port)
+                ex = exporters.start([sys.executable, "-m", "exporter.app", "--config", str(example),
+                                      "--log-level", "WARNING"], cwd=REPO)
                 pe = exporters.start([pe_bin, "-config.path", str(tmp / "process-exporter.yml"),
                                       "-web.listen-address", f"127.0.0.1:{pe_port}"])
                 ct_url, pe_url = f"http://127.0.0.1:{ct_port}/metrics", f"http://127.0.0.1:{pe_port}/metrics"
-                wait_http(ct_url)
-                wait_http(pe_url)
+                ex_url = f"http://127.0.0.1:{ex_port}/metrics"
+                for url in (ct_url, pe_url, ex_url):
+                    wait_http(url)
                 procs = len([d for d in os.listdir("/proc") if d.isdigit()])
-                rows.append((procs, measure(ct_url, ct.pid, scrapes), measure(pe_url, pe.pid, scrapes)))
+                rows.append((procs, measure(ct_url, ct.pid, scrapes), measure(pe_url, pe.pid, scrapes),
+                             measure(ex_url, ex.pid, scrapes)))
             finally:
                 exporters.stop()
                 idle.stop()
@@ -199,12 +232,16 @@ def main() -> None:
     print(f"{'processes':>9} | {'exporter':<17} | {'p50 ms':>7} | {'p99 ms':>7} | "
           f"{'CPU ms/scrape':>13} | {'RSS MiB':>7}")
     print("-" * 76)
-    for procs, ct, pe in rows:
-        for name, m in (("caretaker", ct), ("process-exporter", pe)):
-            print(f"{procs:>9} | {name:<17} | {m['p50'] * 1e3:7.2f} | {m['p99'] * 1e3:7.2f} | "
-                  f"{m['cpu'] * 1e3:13.2f} | {m['rss'] / 2**20:7.1f}")
+    def line(procs: str, name: str, m: dict[str, float]) -> None:
+        print(f"{procs:>9} | {name:<17} | {m['p50'] * 1e3:7.2f} | {m['p99'] * 1e3:7.2f} | "
+              f"{m['cpu'] * 1e3:13.2f} | {m['rss'] / 2**20:7.1f}")
+
+    for procs, ct, pe, ex in rows:
+        line(str(procs), "caretaker", ct)
+        line("", "process-exporter", pe)
         print(f"{'':>9} | {'ratio':<17} | {ct['p50'] / pe['p50']:7.2f} | {ct['p99'] / pe['p99']:7.2f} | "
               f"{ct['cpu'] / pe['cpu'] if pe['cpu'] else float('nan'):13.2f} | {ct['rss'] / pe['rss']:7.2f}")
+        line("", "caretaker example", ex)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -150,6 +149,8 @@ async def collect_once(config: Config) -> Snapshot:
 def paused_services(config: Config, now: float) -> dict[str, float | None]:
     """Services an operator paused in the receiver, with when the pause ends (None: until
     resumed), read from the receiver's state file (read-only; ``{}`` when it has none)."""
+    import sqlite3  # noqa: PLC0415 - only --once reads it; the server never needs sqlite3 (1.3 MiB)
+
     path = config.resolve(config.receiver.state_file)
     if not path.is_file():
         return {}
