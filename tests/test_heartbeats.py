@@ -139,8 +139,8 @@ async def serving_exporter(config: Any) -> AsyncIterator[tuple[str, HeartbeatSto
     """The real exporter app listening on ``config.exporter.port``: (its URL, its heartbeat store)."""
     runner = web.AppRunner(create_app(config))
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", config.exporter.port).start()
-    try:
+    try:  # cleaned up even when the port cannot be bound: its client session is closed
+        await web.TCPSite(runner, "127.0.0.1", config.exporter.port).start()
         yield f"http://127.0.0.1:{config.exporter.port}", runner.app[SCRAPER_KEY].heartbeats
     finally:
         await runner.cleanup()
