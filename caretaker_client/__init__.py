@@ -2,3 +2,5 @@
 
 Importable without caretaker's ``exporter`` or ``receiver`` packages on the path.
 """
+
+from .heartbeat import Heartbeat as Heartbeat

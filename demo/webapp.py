@@ -2,6 +2,9 @@
 
 Standard library only, so any ``python3`` runs it. ``GET /health`` answers 200 while
 the app is responsive; ``GET /`` says hello. SIGTERM shuts it down gracefully.
+With ``--heartbeat NAME`` its serving loop also beats a caretaker heartbeat (once per
+turn of ``serve_forever``, reported to ``$CARETAKER_EXPORTER_URL``); that needs the
+``caretaker_client`` package importable.
 Freeze it with ``kill -STOP PID`` to see caretaker notice the failing probe and
 restart it (SIGTERM, then SIGKILL after the grace period, since a stopped process
 cannot act on SIGTERM).
@@ -16,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -41,12 +45,25 @@ class Handler(BaseHTTPRequestHandler):
         sys.stderr.write(f"{self.log_date_time_string()} {self.address_string()} {format % args}\n")
 
 
+class Server(ThreadingHTTPServer):
+    beat: Callable[[], None] | None = None
+
+    def service_actions(self) -> None:  # called by serve_forever once per turn of its loop
+        if self.beat is not None:
+            self.beat()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=8940)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--heartbeat", metavar="NAME", help="beat this caretaker heartbeat from the serving loop")
     args = parser.parse_args()
-    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    server = Server((args.host, args.port), Handler)
+    if args.heartbeat:
+        from caretaker_client import Heartbeat  # noqa: PLC0415 - only then: without it any python3 runs the demo
+
+        server.beat = Heartbeat(args.heartbeat, interval=5.0).start().beat
 
     def stop(signum: int, frame: object) -> None:
         print(f"webapp: got signal {signum}, shutting down", file=sys.stderr, flush=True)

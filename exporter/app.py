@@ -3,9 +3,11 @@
 - ``GET /metrics``: Prometheus text format. Each scrape runs one collection bounded by
   the timeout Prometheus sends in ``X-Prometheus-Scrape-Timeout-Seconds`` (less a
   margin for rendering), capped by ``exporter.max_scrape_timeout``.
-- ``POST /heartbeat/{name}`` and ``POST /heartbeat/{name}/fail``, optional ``?pid=N``:
-  feed a configured heartbeat (200), 404 for a name the config does not have, 400 for
-  a bad pid. See :mod:`exporter.heartbeats`.
+- ``POST /heartbeat/{name}`` and ``POST /heartbeat/{name}/fail``, optional ``?pid=N``
+  and ``&beats=N`` (the work-loop beats since the previous report, as
+  :mod:`caretaker_client.heartbeat` sends them; counted for a heartbeat, not for a
+  failure): feed a configured heartbeat (200), 404 for a name the config does not
+  have, 400 for a bad pid or beats. See :mod:`exporter.heartbeats`.
 - ``GET /-/healthy``.
 
 ``caretaker-exporter --once [--json]`` runs one collection and prints a status table
@@ -42,6 +44,8 @@ log = logging.getLogger(__name__)
 SCRAPER_KEY = web.AppKey("scraper", Scraper)
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 RENDER_MARGIN_SECONDS = 0.25
+MAX_BEATS = 2**53
+"""Most beats one heartbeat report may vouch for (an exact float, for the counter)."""
 
 
 def scrape_deadline(request: web.Request, cap: float) -> float:
@@ -73,8 +77,18 @@ async def heartbeat(request: web.Request) -> web.Response:
         if not pid_text.isdigit() or not 0 < int(pid_text) < 2**22:
             return web.json_response({"status": "error", "error": "pid must be a positive process id"}, status=400)
         pid = int(pid_text)
+    beats_text = request.query.get("beats")
+    beats = 0
+    if beats_text is not None:
+        if not beats_text.isdigit() or not 0 < int(beats_text) <= MAX_BEATS:
+            return web.json_response({"status": "error", "error": "beats must be a positive count of work-loop "
+                                      f"beats since the previous report, at most {MAX_BEATS}"}, status=400)
+        beats = int(beats_text)
     store = scraper.heartbeats
-    await asyncio.to_thread(store.fail if request.match_info.get("fail") else store.beat, name, pid)
+    if request.match_info.get("fail"):
+        await asyncio.to_thread(store.fail, name, pid)
+    else:
+        await asyncio.to_thread(store.beat, name, pid, beats)
     return web.json_response({"status": "success"})
 
 

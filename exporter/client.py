@@ -1,15 +1,14 @@
-"""Feed a caretaker heartbeat from your app, in two lines, without ever hurting it.
+"""Deprecated: use :mod:`caretaker_client` (``Heartbeat("NAME").start()`` and
+``heartbeat.beat()`` in the work loop).
 
-Threads (Flask, workers, scripts)::
+``feed()`` and ``feed_async()`` post a heartbeat every ``interval`` seconds from a
+thread or task of their own, whatever the app's work loop is doing: they prove that
+the process runs, not that it makes progress. A worker whose loop deadlocked keeps
+feeding them, and ``CaretakerHeartbeatMissing`` never fires. They are kept, unchanged
+in what they send, so that existing apps keep working, and issue a
+``DeprecationWarning``. ``send`` is :func:`caretaker_client.heartbeat.send`.
 
-    from exporter.client import feed
-    feed("worker")            # POSTs /heartbeat/worker?pid=... every 10 s in a daemon thread
-
-asyncio (uvicorn, aiohttp)::
-
-    from exporter.client import feed_async
-    app.state.heartbeat = asyncio.create_task(feed_async("api"))   # keep the task
-
+The URL defaults to ``$CARETAKER_EXPORTER_URL``, else ``http://127.0.0.1:8930``.
 Neither blocks the app nor raises into it: a failed POST is logged at DEBUG and
 retried at the next interval. Standard library only.
 """
@@ -17,40 +16,24 @@ retried at the next interval. Standard library only.
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
 import threading
-import urllib.parse
-import urllib.request
+import warnings
 
-__all__ = ["Feeder", "feed", "feed_async", "send"]
+from caretaker_client.heartbeat import DEFAULT_URL, exporter_url, send
 
-log = logging.getLogger(__name__)
+__all__ = ["DEFAULT_URL", "Feeder", "feed", "feed_async", "send"]
 
-DEFAULT_URL = "http://127.0.0.1:8930"
-
-
-def send(name: str, url: str = DEFAULT_URL, fail: bool = False, pid: int | None = None, timeout: float = 2.0) -> bool:
-    """One heartbeat (or failure report). True when the exporter took it; never raises."""
-    if not url.startswith(("http://", "https://")):
-        log.debug("caretaker heartbeat %s not sent: %r is not an http(s) URL", name, url)
-        return False
-    path = f"/heartbeat/{urllib.parse.quote(name, safe='')}{'/fail' if fail else ''}"
-    query = f"?pid={pid if pid is not None else os.getpid()}"
-    request = urllib.request.Request(url.rstrip("/") + path + query, data=b"", method="POST")  # noqa: S310
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - http(s) checked above
-            return bool(200 <= resp.status < 300)
-    except Exception as err:  # the app must never be hurt by its watchdog
-        log.debug("caretaker heartbeat %s not sent: %s", name, err)
-        return False
+DEPRECATED = ("exporter.client feeds a heartbeat from its own thread and cannot prove that the app's work loop "
+              "makes progress; use caretaker_client.Heartbeat and call beat() from the loop")
 
 
 class Feeder:
-    """Sends a heartbeat every ``interval`` seconds from a daemon thread."""
+    """Sends a heartbeat every ``interval`` seconds from a daemon thread (deprecated: it
+    cannot prove progress; see :class:`caretaker_client.Heartbeat`)."""
 
-    def __init__(self, name: str, url: str = DEFAULT_URL, interval: float = 10.0) -> None:
-        self.name, self.url, self.interval = name, url, interval
+    def __init__(self, name: str, url: str | None = None, interval: float = 10.0) -> None:
+        warnings.warn(DEPRECATED, DeprecationWarning, stacklevel=2)
+        self.name, self.url, self.interval = name, exporter_url() if url is None else url, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"caretaker-heartbeat-{name}", daemon=True)
 
@@ -68,14 +51,21 @@ class Feeder:
             self._stop.wait(self.interval)
 
 
-def feed(name: str, url: str = DEFAULT_URL, interval: float = 10.0) -> Feeder:
-    """Start feeding heartbeat ``name``; returns the running :class:`Feeder`."""
-    return Feeder(name, url, interval).start()
+def feed(name: str, url: str | None = None, interval: float = 10.0) -> Feeder:
+    """Start feeding heartbeat ``name``; returns the running :class:`Feeder` (deprecated:
+    it cannot prove progress)."""
+    warnings.warn(DEPRECATED, DeprecationWarning, stacklevel=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return Feeder(name, url, interval).start()
 
 
-async def feed_async(name: str, url: str = DEFAULT_URL, interval: float = 10.0) -> None:
-    """Feed heartbeat ``name`` forever (cancel the task to stop). The POST runs in a
-    thread, so a slow exporter never stalls the event loop."""
+async def feed_async(name: str, url: str | None = None, interval: float = 10.0) -> None:
+    """Feed heartbeat ``name`` forever (cancel the task to stop); the POST runs in a
+    thread. Deprecated: it cannot prove progress; see
+    :meth:`caretaker_client.Heartbeat.run_async`."""
+    warnings.warn(DEPRECATED, DeprecationWarning, stacklevel=2)
+    url = exporter_url() if url is None else url
     while True:
         await asyncio.to_thread(send, name, url)
         await asyncio.sleep(interval)

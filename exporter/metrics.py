@@ -173,6 +173,10 @@ class HeartbeatCollector(SnapshotCollector):
         caretaker_heartbeat_last_failure_timestamp_seconds{heartbeat="worker",service_name="worker"} 0.0
         caretaker_heartbeat_pid{heartbeat="worker",service_name="worker"} 4242.0
         caretaker_heartbeat_process_alive{heartbeat="worker",service_name="worker"} 1.0
+        caretaker_heartbeat_beats_total{heartbeat="worker",service_name="worker"} 5120.0
+
+    ``beats_total`` counts the work-loop beats the app's reports vouched for
+    (:mod:`caretaker_client`); it stays 0 for an app that feeds without proving progress.
     """
 
     def collect(self) -> Iterator[Metric]:
@@ -185,6 +189,9 @@ class HeartbeatCollector(SnapshotCollector):
         pid = _gauge("caretaker_heartbeat_pid", "Pid that last reported the heartbeat; 0 none.", "heartbeat")
         alive = _gauge("caretaker_heartbeat_process_alive",
                        "1 when the process that reported the heartbeat still runs.", "heartbeat")
+        beats = CounterMetricFamily("caretaker_heartbeat_beats",
+                                    "Work-loop beats the app's heartbeats vouched for; 0 for a plain feed.",
+                                    labels=["service_name", "heartbeat"])
         for name, cfg in snap.config.services.items():
             state = snap.services[name]
             for hb in cfg.heartbeats:
@@ -195,7 +202,8 @@ class HeartbeatCollector(SnapshotCollector):
                 failure.add_metric(labels, fed.last_failure)
                 pid.add_metric(labels, fed.pid)
                 alive.add_metric(labels, 1.0 if state.observed.heartbeats_alive.get(hb.name) else 0.0)
-        yield from (last, timeout, failure, pid, alive)
+                beats.add_metric(labels, fed.beats)
+        yield from (last, timeout, failure, pid, alive, beats)
 
 
 class LogCollector(SnapshotCollector):

@@ -9,8 +9,9 @@ The restart state machine, as a careful operator would do it::
          outlived it, e.g. PostgreSQL backends of a SIGKILLed postmaster), gracefully
       -> if the service already runs its min processes: do not start a second copy
       -> start argv detached (own session; stdout/stderr to log_file)
-      -> verify: processes within [min, max] and every probe passes, within verify_timeout
-         (a start that exits at once fails at once, with the tail of its log)
+      -> verify: processes within [min, max], every probe passes, and each of the
+         service's heartbeats is fed by the new incarnation (after the start), within
+         verify_timeout (a start that exits at once fails at once, with the tail of its log)
 
 The other repairs on processes: ``stop_duplicates``, ``free_port`` and ``signal``.
 How processes are signalled, stopped and started (a pidfd check against pid reuse,
@@ -39,6 +40,7 @@ from exporter.probes import ProbeContext, run_probes
 from exporter.procfs import ProcessInfo, ProcReader, keep_order, read_pidfile, scan_services
 from exporter.sockets import check_port, port_holders
 
+from . import heartbeats
 from .family import FamilyTracker
 from .process import (
     KILL_WAIT_SECONDS,
@@ -128,8 +130,12 @@ async def find_processes(ctx: ActionContext, name: str) -> list[ProcessInfo]:
 
 
 async def verify(ctx: ActionContext, name: str, timeout: float, step: StepLog,
-                 child: subprocess.Popen[bytes] | None = None) -> None:
-    """Wait until the service runs ``[min, max]`` processes and all probes pass.
+                 child: subprocess.Popen[bytes] | None = None, heartbeats_since: float | None = None) -> None:
+    """Wait until the service runs ``[min, max]`` processes and all probes pass and, when
+    ``heartbeats_since`` is given (Unix seconds: when a restart started the service), until
+    each of its heartbeats has been fed after that, by the new incarnation (read from the
+    exporter's state file, which it saves at most once a second: :mod:`receiver.heartbeats`).
+    A heartbeat that turns fresh is a step, ``heartbeat NAME fresh after Ns``.
 
     Raises ``RepairFailed`` with the last problem seen when ``timeout`` runs out, or
     at once if the started child exited with an error and nothing runs.
@@ -138,11 +144,14 @@ async def verify(ctx: ActionContext, name: str, timeout: float, step: StepLog,
     deadline = time.monotonic() + timeout
     problem = "not checked"
     healthy_since: float | None = None
+    waiting = [hb.name for hb in cfg.heartbeats] if heartbeats_since is not None else []
+    fed: list[str] = []
     while True:
         procs = await find_processes(ctx, name)
         n = len(procs)
         if not cfg.processes.min <= n <= cfg.processes.max:
             problem = f"{n} processes, expected {cfg.processes.min}..{cfg.processes.max}"
+            healthy_since = None
             if child is not None and n == 0 and child.poll() not in (None, 0):
                 tail = await asyncio.to_thread(log_tail, ctx.config, name)
                 raise RepairFailed(f"started process exited with status {child.returncode}; {problem}"
@@ -154,16 +163,29 @@ async def verify(ctx: ActionContext, name: str, timeout: float, step: StepLog,
             if not failing:
                 now = time.monotonic()
                 healthy_since = now if healthy_since is None else healthy_since
+                if waiting:
+                    assert heartbeats_since is not None
+                    fresh, problem = await asyncio.to_thread(heartbeats.fed_since, ctx.config, waiting,
+                                                             heartbeats_since)
+                    for hb, state in fresh.items():
+                        step(f"heartbeat {hb} fresh after {state.last_seen - heartbeats_since:.1f}s", heartbeat=hb,
+                             fed_at=state.last_seen, pid=state.pid)
+                    fed += fresh
+                    waiting = [hb for hb in waiting if hb not in fresh]
                 # A process that dies right after its start (a port in use, a bad config)
                 # is often still there at the first look: a fresh start must stay healthy
                 # a moment, as supervisord's startsecs asks.
-                if child is None or now - healthy_since >= START_SETTLE_SECONDS or timeout <= 0:
-                    step(f"verified: {n} processes, probes passing: {', '.join(results) or 'none configured'}")
+                settled = child is None or now - healthy_since >= START_SETTLE_SECONDS or timeout <= 0
+                if settled and not waiting:
+                    step(f"verified: {n} processes, probes passing: {', '.join(results) or 'none configured'}"
+                         + (f", heartbeats fed: {', '.join(fed)}" if fed else ""))
                     return
-                await asyncio.sleep(VERIFY_POLL_SECONDS)
-                continue
-            problem = "; ".join(f"probe {k}: {r.reason} ({r.detail})" for k, r in failing.items())
-        healthy_since = None
+                if not waiting:
+                    await asyncio.sleep(VERIFY_POLL_SECONDS)
+                    continue
+            else:
+                problem = "; ".join(f"probe {k}: {r.reason} ({r.detail})" for k, r in failing.items())
+                healthy_since = None
         if time.monotonic() >= deadline:
             tail = await asyncio.to_thread(log_tail, ctx.config, name) if child is not None else ""
             raise RepairFailed(f"not healthy within {timeout:g}s: {problem}"
@@ -242,9 +264,11 @@ async def stop_leftovers(ctx: ActionContext, name: str, step: StepLog) -> None:
 
 
 async def start_if_needed(ctx: ActionContext, name: str, step: StepLog) -> None:
-    """Start the service unless it already runs its min processes (never a second copy), then verify."""
+    """Start the service unless it already runs its min processes (never a second copy), then verify
+    (its heartbeats too: each must be fed after this point, by the new incarnation)."""
     cfg = ctx.config.services[name]
     assert cfg.start is not None
+    since = time.time()
     ctx.reaper.reap()
     running = await find_processes(ctx, name)
     child = None
@@ -261,11 +285,12 @@ async def start_if_needed(ctx: ActionContext, name: str, step: StepLog) -> None:
             child = await asyncio.to_thread(start_service, ctx.config, name)
         ctx.reaper.add(child, name)
         step(f"started {' '.join(cfg.start.argv)} as pid {child.pid}")
-    await verify(ctx, name, cfg.remediation.verify_timeout, step, child)
+    await verify(ctx, name, cfg.remediation.verify_timeout, step, child, heartbeats_since=since)
 
 
 async def restart_managed(ctx: ActionContext, name: str, step: StepLog) -> None:
-    """``systemctl restart UNIT`` or ``supervisorctl restart PROGRAM``, then verify."""
+    """``systemctl restart UNIT`` or ``supervisorctl restart PROGRAM``, then verify (its
+    heartbeats too: each must be fed after the command was run)."""
     cfg = ctx.config.services[name]
     assert cfg.start is not None
     procs = await find_processes(ctx, name)
@@ -278,12 +303,13 @@ async def restart_managed(ctx: ActionContext, name: str, step: StepLog) -> None:
         assert sup is not None
         argv = ["supervisorctl", *(["-c", str(ctx.config.resolve(sup.config))] if sup.config else []),
                 "restart", sup.program]
+    since = time.time()
     with failing_repair():
         status, output = await run_command(argv, cfg.start.timeout)
     step(f"{' '.join(argv)}: exit status {status}", output=output)
     if status != 0 or "ERROR" in output:
         raise RepairFailed(f"{argv[0]} failed (exit status {status}): {output.strip()[-200:]}")
-    await verify(ctx, name, cfg.remediation.verify_timeout, step)
+    await verify(ctx, name, cfg.remediation.verify_timeout, step, heartbeats_since=since)
 
 
 async def stop_duplicates(ctx: ActionContext, name: str, step: StepLog) -> None:

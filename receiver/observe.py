@@ -14,7 +14,8 @@ CaretakerProbeFailing           the probe (label ``probe``, else any) fails
                                 ``receiver.confirm.probe_failures`` times in a row, or
                                 the service is down
 CaretakerHeartbeatMissing       the heartbeat (label ``heartbeat``) is older than its
-                                timeout in the exporter's state file, or the service is down
+                                timeout in the exporter's state file (read by
+                                :mod:`receiver.heartbeats`), or the service is down
 CaretakerMemoryAboveLimit       resident memory above ``limits.memory_bytes``
 CaretakerFdExhaustion           a process holds over 90% of ``limits.open_fds``
 CaretakerPortConflict           a declared port is held by a process not of the service
@@ -33,7 +34,6 @@ is not fixed by a restart (``escalate`` says so).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +44,7 @@ from exporter.probes import ProbeResult, run_probe, run_probes
 from exporter.procfs import ProcessInfo
 from exporter.sockets import check_ports
 
+from . import heartbeats
 from .actions import ActionContext, find_processes
 
 __all__ = ["ESCALATING_REASONS", "Observation", "observe"]
@@ -124,25 +125,6 @@ async def _confirm_probe(ctx: ActionContext, service: str, name: str | None,
     return False, last, ""
 
 
-def _heartbeat_late(ctx: ActionContext, service: str, name: str | None, now: float) -> tuple[bool | None, str]:
-    """Read the exporter's heartbeat state (blocking, small file)."""
-    cfg = ctx.config.services[service]
-    beats = [hb for hb in cfg.heartbeats if name is None or hb.name == name]
-    if not beats:
-        return None, "no such heartbeat"
-    path = ctx.config.resolve(ctx.config.exporter.state_file)
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8")).get("heartbeats", {})
-    except (OSError, ValueError, AttributeError) as err:
-        return None, f"cannot read the exporter's heartbeat state {path}: {err}"
-    late = []
-    for hb in beats:
-        last = float((saved.get(hb.name) or {}).get("last_seen", 0.0))
-        if not last or now - last > hb.timeout:
-            late.append(f"{hb.name} last seen {now - last:.0f}s ago" if last else f"{hb.name} never seen")
-    return bool(late), "; ".join(late) or "heartbeats fresh"
-
-
 def _specific(ctx: ActionContext, service: str, alertname: str, labels: Mapping[str, str],
               procs: list[ProcessInfo], now: float) -> tuple[bool | None, str]:
     """The condition of alerts about files, ports, disks and resources (blocking)."""
@@ -181,7 +163,7 @@ def _specific(ctx: ActionContext, service: str, alertname: str, labels: Mapping[
         return most > FD_RATIO * cfg.limits.open_fds, f"at most {most} open fds in a process, limit " \
                                                       f"{cfg.limits.open_fds}"
     if alertname == "CaretakerHeartbeatMissing":
-        return _heartbeat_late(ctx, service, labels.get("heartbeat"), now)
+        return heartbeats.late(config, service, labels.get("heartbeat"), now)
     return None, f"{alertname or 'this alert'}: its condition cannot be observed by the receiver"
 
 

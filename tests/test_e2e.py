@@ -23,7 +23,6 @@ import redis
 import yaml
 
 from demo.stack import Stack
-from exporter.client import send
 from exporter.config import Config
 from exporter.procfs import ProcReader, scan_services
 
@@ -102,10 +101,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 "limits": {"memory_bytes": 2**30, "open_fds": 10000},
             },
             "webapp": {
-                "match": {"cmdline": f"webapp\\.py --port {ports['webapp']}$"},
+                "match": {"cmdline": f"webapp\\.py --port {ports['webapp']} --heartbeat webapp-loop$"},
                 "probes": [{"name": "health", "type": "http", "url": f"http://127.0.0.1:{ports['webapp']}/health",
                             "timeout": "1s"}],
-                "start": {"argv": [sys.executable, str(REPO / "demo" / "webapp.py"), "--port", str(ports["webapp"])],
+                "start": {"argv": [sys.executable, str(REPO / "demo" / "webapp.py"), "--port", str(ports["webapp"]),
+                                   "--heartbeat", "webapp-loop"],
+                          "env": {"CARETAKER_EXPORTER_URL": f"http://127.0.0.1:{ports['exporter']}"},
                           "log_file": "logs/webapp.log"},
                 "stop": {"grace_period": "2s"},
                 "remediation": {"allow": ["restart"], "verify_timeout": "15s"},
@@ -125,11 +126,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         stack.wait_ready()
         assert stack.token_path is not None
         e = Env(stack, ports, stack.token_path.read_text().strip())
-        assert send("webapp-loop", f"http://127.0.0.1:{ports['exporter']}")
         wait_for(lambda: len(e.query('up{job=~"caretaker-exporter|caretaker-receiver"} == 1')) == 2, 30, 0.2,
                  what="Prometheus scraping both caretaker programs")
         wait_for(lambda: len(e.query("caretaker_service_health_ratio == 1")) == 2, 30, 0.2,
-                 what="both services healthy in Prometheus")
+                 what="both services healthy in Prometheus (the webapp's loop beating its heartbeat)")
         yield e
     finally:
         stack.stop()
@@ -188,9 +188,12 @@ def test_frozen_webapp_is_confirmed_continued_stopped_and_restarted(env: Env) ->
     assert messages[term + 1].startswith("SIGCONT")  # so it can act on SIGTERM at once
     assert not any("SIGKILL" in m for m in messages)
     assert messages[-1].startswith("verified")
+    # verified only once the new incarnation's serving loop had beaten its heartbeat
+    assert messages[-2].startswith("heartbeat webapp-loop fresh after"), messages
     with urllib.request.urlopen(f"http://127.0.0.1:{env.ports['webapp']}/health", timeout=2) as resp:
         health = json.load(resp)
     assert health["status"] == "ok" and health["pid"] != old.pid
+    assert entry["steps"][-2]["pid"] == health["pid"]  # the heartbeat came from the new process
     print(f"webapp healed: frozen -> repaired in {entry['finished_at'] - broken_at:.2f}s")
 
 
