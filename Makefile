@@ -37,7 +37,7 @@ test: packages-test $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check exporter receiver demo tests bench grafana
+	$(VENV)/bin/ruff check exporter receiver caretaker_client demo tests bench grafana
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy bench/*.py demo/*.py grafana/*.py
 
