@@ -40,8 +40,10 @@ meanwhile (its heartbeat lapsed) and another worker took it, this one leaves it 
 and logs a warning.
 
 **Never hurting the app**: Redis errors are logged, never raised into the app's work
-(a claim that cannot be registered lets the work go ahead untracked); every command
-has a 2 s timeout; the heartbeat is refreshed from one daemon thread per process.
+(a claim that cannot be registered lets the work go ahead untracked); the default
+client gives every command 2 s and no retry, so a Redis that does not answer costs 2 s
+when a claim is registered and 2 s when it ends; the heartbeat is refreshed from one
+daemon thread per process, so the work itself never waits for Redis.
 
 Redis: ``redis=`` a redis-py client, else the URL in ``CARETAKER_CLAIMS_REDIS_URL``
 (``redis://[:password@]host:port/db``, ``rediss://`` for TLS), else
@@ -147,7 +149,7 @@ class _Process:
     """What one process shares between its claims; a forked child starts afresh."""
 
     owner: str
-    client: Any = None
+    clients: dict[str, Any] = field(default_factory=dict)
     keepers: dict[int, _Keeper] = field(default_factory=dict)
 
 
@@ -179,15 +181,20 @@ def owner_id() -> str:
 
 
 def _default_client() -> redis.Redis:
+    """One client per process and URL: a 2 s timeout per command, no retries, so that a
+    Redis that does not answer costs the app 2 s at most per claim it registers or ends."""
     import redis  # noqa: PLC0415 - the package is importable without redis-py until a claim is made
+    from redis.backoff import NoBackoff  # noqa: PLC0415
+    from redis.retry import Retry  # noqa: PLC0415
 
     state = _here()
+    url = os.environ.get(ENV_URL) or DEFAULT_URL
     with _lock:
-        if state.client is None:
-            url = os.environ.get(ENV_URL) or DEFAULT_URL
-            state.client = redis.Redis.from_url(url, socket_timeout=COMMAND_TIMEOUT,
-                                                socket_connect_timeout=COMMAND_TIMEOUT)
-        client: redis.Redis = state.client
+        if url not in state.clients:
+            state.clients[url] = redis.Redis.from_url(url, socket_timeout=COMMAND_TIMEOUT,
+                                                      socket_connect_timeout=COMMAND_TIMEOUT,
+                                                      retry=Retry(NoBackoff(), 0))
+        client: redis.Redis = state.clients[url]
         return client
 
 
