@@ -20,10 +20,10 @@ WORKER = REPO / "tests" / "claims_worker.py"
 
 
 def claims_config(port: int, tmp_path: Path, service: str = "worker", **claims: Any) -> Config:
-    """One service ``service`` (its processes never run) with ``claims: {port, **claims}``
-    that allows ``release_claims``."""
+    """One service ``service`` (no process of it runs, and none need to) with
+    ``claims: {port, **claims}`` that allows ``release_claims``."""
     return parse_config({"exporter": {"state_file": "state.json"}, "receiver": {"state_file": "state.sqlite"},
-                         "services": {service: {"match": {"comm": "^nothing-matches$"},
+                         "services": {service: {"match": {"comm": "^nothing-matches$"}, "processes": {"min": 0},
                                                 "claims": {"port": port, **claims},
                                                 "remediation": {"allow": ["release_claims"]}}}},
                         base_dir=tmp_path)
