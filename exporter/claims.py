@@ -17,10 +17,12 @@ and judges it:
   (``bad_pid``). Invalid claims are counted, never released: nothing proves them orphaned.
 
 The scan uses ``SSCAN``/``ZSCAN`` (never ``KEYS``) in batches of :data:`SCAN_BATCH`
-ids, each batch one pipelined round of ``HMGET`` and one of ``EXISTS`` for the
-heartbeat keys not seen yet in this scan; ``/proc`` is read once per distinct pid. It
-is blocking (run it in a thread) and bounded by a deadline. redis-py is imported when
-the first client is made, so an exporter without ``claims`` never loads it.
+ids, each batch one pipelined round of ``HMGET``, then ``/proc`` (once per distinct
+pid), then ``EXISTS`` for the heartbeat keys of the claims whose owner is not alive here
+(a live owner decides alone; each key is asked once per scan): one ``EXISTS`` of them
+all, and one per key, pipelined, only when some exist and some do not.
+It is blocking (run it in a thread) and bounded by a deadline. redis-py is imported
+when the first client is made, so an exporter without ``claims`` never loads it.
 
 The exporter renders :class:`ClaimsSeen` (:class:`~exporter.metrics.ClaimsCollector`);
 the receiver scans again before it releases anything (``receiver/claims.py``).
@@ -185,7 +187,7 @@ class Liveness:
 
 @dataclass(slots=True)
 class _Read:
-    """A claim's fields as read, before its heartbeat is known."""
+    """A claim's fields as read, before its owner is looked up."""
 
     item_id: bytes
     owner: bytes | None
@@ -194,7 +196,11 @@ class _Read:
     pid: bytes | None
     host: str
     invalid: str
+    """Why it cannot be judged (``no_item``...); empty when it can."""
+    expired: bool
+    """Older than ``max_age``."""
     heartbeat_key: bytes | None
+    """Its heartbeat key, for a claim that is neither invalid nor expired."""
 
 
 def _key(pattern: bytes, item_id: bytes, owner: bytes | None) -> bytes:
@@ -202,18 +208,19 @@ def _key(pattern: bytes, item_id: bytes, owner: bytes | None) -> bytes:
     return key.replace(b"{owner}", owner) if owner is not None else key
 
 
-def _read(spec: Claims, item_id: bytes, values: list[bytes | None], now: float) -> _Read:
+def _read(spec: Claims, heartbeat_pattern: bytes | None, item_id: bytes, values: list[bytes | None],
+          now: float) -> _Read:
     owner, claim_time = values[0], values[1]
     pid = values[2] if spec.pid_field is not None else None
     host = _text(values[-1] or b"") if spec.host_field is not None else ""
     claimed_at = parse_claim_time(claim_time, spec.claim_time_format) or 0.0
-    invalid = ("no_item" if all(v is None for v in values) else "no_owner" if not owner
+    invalid = ("no_item" if values.count(None) == len(values) else "no_owner" if not owner
                else "bad_claim_time" if not claimed_at else "")
-    expired = spec.max_age is not None and now - claimed_at > spec.max_age
+    expired = spec.max_age is not None and not invalid and now - claimed_at > spec.max_age
     heartbeat = None
-    if spec.heartbeat_key is not None and not invalid and not expired:
-        heartbeat = _key(spec.heartbeat_key.encode(), item_id, owner)
-    return _Read(item_id, owner, claim_time, claimed_at, pid, host, invalid, heartbeat)
+    if heartbeat_pattern is not None and not invalid and not expired:
+        heartbeat = _key(heartbeat_pattern, item_id, owner)
+    return _Read(item_id, owner, claim_time, claimed_at, pid, host, invalid, expired, heartbeat)
 
 
 def _pid(raw: bytes | None) -> int | None:
@@ -221,63 +228,87 @@ def _pid(raw: bytes | None) -> int | None:
     return int(text) if text.isdigit() and 1 < int(text) < MAX_PID else None
 
 
-def judge(spec: Claims, read: _Read, beating: bool | None, liveness: Liveness, now: float) -> Claim:
-    """The verdict on one claim (module docstring). ``beating``: whether its heartbeat key
-    exists; ``None`` when there is none to check."""
-    def verdict(state: Literal["active", "orphaned", "invalid"], reason: str, checked: bool = False) -> Claim:
-        return Claim(read.item_id, state, reason, read.owner, read.claim_time, read.claimed_at,
-                     read.heartbeat_key if checked else None)
+Owner = Literal["alive", "dead", "reused", "remote", "bad_pid", "unknown"]
+"""What this host says of a claim's owner: its process is ``alive``, ``dead`` or its pid
+``reused``; it is on another host (``remote``, not looked up); its pid does not parse;
+or there is no pid field (``unknown``)."""
 
-    if read.invalid:
-        return verdict("invalid", read.invalid)
-    if spec.max_age is not None and now - read.claimed_at > spec.max_age:
-        return verdict("orphaned", "max_age")
-    if beating:
-        return verdict("active", "heartbeat")
+
+def owner_of(spec: Claims, read: _Read, liveness: Liveness) -> Owner:
     if not liveness.is_local(read.host):
-        return verdict("orphaned", "heartbeat_absent", True) if beating is False else verdict("active", "remote_owner")
-    if spec.pid_field is not None:
-        pid = _pid(read.pid)
-        if pid is None:
-            return verdict("invalid", "bad_pid")
-        owner = liveness.owner(pid, read.claimed_at)
-        if owner == "alive":
-            return verdict("active", "owner_alive")
-        return verdict("orphaned", "owner_dead" if owner == "dead" else "pid_reused", True)
-    if beating is False:
-        return verdict("orphaned", "heartbeat_absent", True)
-    return verdict("active", "within_max_age")
+        return "remote"
+    if spec.pid_field is None:
+        return "unknown"
+    pid = _pid(read.pid)
+    return "bad_pid" if pid is None else liveness.owner(pid, read.claimed_at)
+
+
+_ORPHANED_BECAUSE = {"dead": "owner_dead", "reused": "pid_reused", "remote": "heartbeat_absent",
+                     "unknown": "heartbeat_absent"}
+
+
+Verdict = tuple[Literal["active", "orphaned", "invalid"], str, bool]
+"""``(state, reason, the heartbeat's absence is part of it)``."""
+
+
+def judge(read: _Read, owner: Owner | None, beating: bool | None) -> Verdict:
+    """The verdict on one claim (module docstring). ``owner``: :func:`owner_of` (``None``
+    for an invalid or expired claim); ``beating``: whether its heartbeat key exists,
+    ``None`` when it was not looked up (there is none, or the owner is alive)."""
+    if read.invalid:
+        return "invalid", read.invalid, False
+    if read.expired:
+        return "orphaned", "max_age", False
+    if owner == "alive":
+        return "active", "owner_alive", False
+    if beating:
+        return "active", "heartbeat", False
+    if owner == "bad_pid":
+        return "invalid", "bad_pid", False
+    if owner in ("dead", "reused") or (beating is False and owner is not None):
+        return "orphaned", _ORPHANED_BECAUSE[owner or "unknown"], beating is False
+    return "active", "remote_owner" if owner == "remote" else "within_max_age", False
 
 
 class _Tally:
-    """Counts, the oldest ``keep`` orphans (a bounded heap), the first invalid claims."""
+    """Counts, the oldest ``keep`` orphans (a bounded heap), the first invalid claims. A
+    :class:`Claim` is made only for what is kept."""
 
     def __init__(self, keep: int) -> None:
         self.keep = keep
-        self.counts: Counter[str] = Counter()
+        self.counts = {"active": 0, "orphaned": 0, "invalid": 0}
         self.oldest = 0.0
         self.heap: list[tuple[float, int, Claim]] = []  # (-claimed_at, n, claim): the newest on top
         self.invalid: list[Claim] = []
         self._n = itertools.count()
 
-    def add(self, claim: Claim) -> None:
-        self.counts[claim.state] += 1
-        if claim.state == "invalid" and len(self.invalid) < INVALID_EXAMPLES:
-            self.invalid.append(claim)
-        if claim.state != "orphaned":
+    def add(self, read: _Read, verdict: Verdict) -> None:
+        state = verdict[0]
+        self.counts[state] += 1
+        if state == "active":
             return
-        self.oldest = claim.claimed_at if not self.oldest else min(self.oldest, claim.claimed_at)
-        if self.keep:
-            entry = (-claim.claimed_at, next(self._n), claim)
+        if state == "invalid":
+            if len(self.invalid) < INVALID_EXAMPLES:
+                self.invalid.append(_claim(read, verdict))
+            return
+        self.oldest = read.claimed_at if not self.oldest else min(self.oldest, read.claimed_at)
+        if self.keep and (len(self.heap) < self.keep or read.claimed_at < -self.heap[0][0]):
+            entry = (-read.claimed_at, next(self._n), _claim(read, verdict))
             if len(self.heap) < self.keep:
                 heapq.heappush(self.heap, entry)
             else:
-                heapq.heappushpop(self.heap, entry)
+                heapq.heapreplace(self.heap, entry)
 
     def seen(self, duration: float) -> ClaimsSeen:
         orphans = tuple(c for _, _, c in sorted(self.heap, key=lambda e: (-e[0], e[1])))
         return ClaimsSeen(self.counts["active"], self.counts["orphaned"], self.counts["invalid"], self.oldest,
                           orphans, tuple(self.invalid), duration)
+
+
+def _claim(read: _Read, verdict: Verdict) -> Claim:
+    state, reason, checked = verdict
+    return Claim(read.item_id, state, reason, read.owner, read.claim_time, read.claimed_at,
+                 read.heartbeat_key if checked else None)
 
 
 def scan_claims(client: redis.Redis, spec: Claims, liveness: Liveness, deadline: float, keep: int = 0) -> ClaimsSeen:
@@ -309,6 +340,7 @@ def _scan(client: redis.Redis, spec: Claims, liveness: Liveness, deadline: float
     now = time.time()
     fields = list(spec.claim_fields)
     item_pattern = spec.item_key.encode()
+    heartbeat_pattern = spec.heartbeat_key.encode() if spec.heartbeat_key is not None else None
     tally = _Tally(keep)
     seen: set[bytes] = set()
     beating: dict[bytes, bool] = {}
@@ -329,20 +361,32 @@ def _scan(client: redis.Redis, spec: Claims, liveness: Liveness, deadline: float
                 for item_id in ids:
                     pipe.hmget(_key(item_pattern, item_id, None), fields)
                 rows = pipe.execute()
-            reads = [_read(spec, item_id, row, now) for item_id, row in zip(ids, rows, strict=True)]
-            unknown = list(dict.fromkeys(r.heartbeat_key for r in reads
-                                         if r.heartbeat_key is not None and r.heartbeat_key not in beating))
+            reads = [_read(spec, heartbeat_pattern, item_id, row, now) for item_id, row in zip(ids, rows, strict=True)]
+            owners = [None if r.invalid or r.expired else owner_of(spec, r, liveness) for r in reads]
+            # A live owner decides alone: its heartbeat is looked up only when it is not alive here.
+            asked = [r.heartbeat_key if r.heartbeat_key is not None and owner != "alive" else None
+                     for r, owner in zip(reads, owners, strict=True)]
+            unknown = list(dict.fromkeys(k for k in asked if k is not None and k not in beating))
             if unknown:
-                with client.pipeline(transaction=False) as pipe:
-                    for key in unknown:
-                        pipe.exists(key)
-                    beating.update(zip(unknown, (bool(n) for n in pipe.execute()), strict=True))
-            for r in reads:
-                tally.add(judge(spec, r, beating[r.heartbeat_key] if r.heartbeat_key is not None else None,
-                                liveness, now))
+                beating.update(zip(unknown, _exist(client, unknown), strict=True))
+            for r, owner, heartbeat in zip(reads, owners, asked, strict=True):
+                tally.add(r, judge(r, owner, beating[heartbeat] if heartbeat is not None else None))
         if int(cursor) == 0:
             break
     return tally.seen(time.monotonic() - started)
+
+
+def _exist(client: redis.Redis, keys: list[bytes]) -> list[bool]:
+    """Whether each key exists. One ``EXISTS`` of them all (a count) settles a batch where
+    none or all do (the usual case: the heartbeats of dead owners are all gone); a mixed
+    batch asks each key, pipelined."""
+    count = int(client.exists(*keys))
+    if count in (0, len(keys)):
+        return [bool(count)] * len(keys)
+    with client.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.exists(key)
+        return [bool(n) for n in pipe.execute()]
 
 
 def connect(spec: Claims, base_dir: Path) -> redis.Redis:
@@ -373,16 +417,19 @@ class ClaimsWatch:
         self.errors: Counter[str] = Counter(dict.fromkeys(SCAN_ERROR_REASONS, 0))
         self._client: redis.Redis | None = None
 
-    def scan(self, deadline: float) -> ClaimsSeen:
-        """Scan (blocking) until ``deadline`` or ``claims.timeout``, whichever is first.
-        Never raises: a failure is counted and logged, and the last view is returned."""
-        deadline = min(deadline, time.monotonic() + self.spec.timeout)
+    def scan(self, scrape_deadline: float) -> ClaimsSeen:
+        """Scan (blocking) within ``claims.timeout``. Never raises: a failure is counted and
+        logged, and the last view is returned. A scan that ends after ``scrape_deadline``
+        (``time.monotonic()``) still replaces the view, for the next scrape, and is counted
+        as a ``timeout``: the scrape that asked for it showed the view before."""
         try:
             if self._client is None:
                 self._client = connect(self.spec, self.base_dir)
-            self.seen = scan_claims(self._client, self.spec, Liveness(self.reader), deadline)
-            if time.monotonic() > deadline:  # its last batch came too late for the scrape that asked
-                self.failed("timeout", "the scan finished after its deadline; the next scrape shows it")
+            self.seen = scan_claims(self._client, self.spec, Liveness(self.reader),
+                                    time.monotonic() + self.spec.timeout)
+            if time.monotonic() > scrape_deadline:
+                self.failed("timeout", f"the scan took {self.seen.duration_seconds:.2f}s, more than the scrape "
+                                       "allowed; the next scrape shows it")
         except ClaimsScanError as err:
             self.failed(err.reason, err.detail)
             if err.reason in ("connection", "auth"):

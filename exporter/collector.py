@@ -150,8 +150,9 @@ class Scraper:
 
     async def _scan_claims(self, name: str, deadline: float) -> ClaimsSeen:
         """The service's claims, scanned in a thread, at most one scan at a time (a scrape
-        while one runs waits for it), as seen at ``deadline``; a scan that ends later
-        counts itself as a timeout (:meth:`ClaimsWatch.scan`) and serves the next scrape."""
+        while one runs waits for it), as seen at ``deadline``. A scan that is not done by
+        then goes on (within ``claims.timeout``), counts itself as a timeout and serves the
+        next scrape (:meth:`ClaimsWatch.scan`)."""
         watch = self.claims[name]
         scan = self._claims_scans.get(name)
         if scan is None or scan.done():

@@ -92,8 +92,8 @@ class Claims(RedisConnection):
     db: int = Field(default=0, ge=0)
     """Redis database number."""
     timeout: PositiveSeconds = 5.0
-    """How long one scan may take (a scrape's own deadline may leave it less); also the
-    socket timeout of each Redis command."""
+    """How long one scan may take, and each Redis command. A scan that is not done when
+    the scrape must answer goes on and serves the next scrape (counted as a ``timeout``)."""
     claimed_key: KeyName = Field(default="processing_issues", examples=["processing_issues"])
     """Key of the set (or sorted set) of the ids being worked on."""
     claimed_type: Literal["set", "zset"] = "set"
