@@ -324,8 +324,9 @@ def scan_claims(client: redis.Redis, spec: Claims, liveness: Liveness, deadline:
         return _scan(client, spec, liveness, deadline, keep)
     except errors.TimeoutError as err:
         raise ClaimsScanError("timeout", f"Redis did not answer in time: {err}") from err
-    except (errors.AuthenticationError, errors.AuthenticationWrongNumberOfArgsError) as err:
-        raise ClaimsScanError("auth", str(err)) from err
+    except (errors.AuthenticationError, errors.AuthenticationWrongNumberOfArgsError,
+            errors.NoPermissionError) as err:
+        raise ClaimsScanError("auth", f"{type(err).__name__}: {err}") from err
     except errors.ConnectionError as err:
         raise ClaimsScanError("connection", str(err)) from err
     except errors.ResponseError as err:
@@ -400,7 +401,7 @@ def connect(spec: Claims, base_dir: Path) -> redis.Redis:
                        password=read_secret(spec.password, base_dir) if spec.password is not None else None,
                        ssl=spec.tls, ssl_ca_certs=str(resolve_path(base_dir, spec.ca_file)) if spec.ca_file else None,
                        socket_timeout=spec.timeout, socket_connect_timeout=spec.timeout,
-                       retry=Retry(NoBackoff(), 0), client_name="caretaker-claims")
+                       retry=Retry(NoBackoff(), 0))
 
 
 class ClaimsWatch:

@@ -334,3 +334,25 @@ async def test_a_frozen_redis_costs_the_scrape_its_deadline_and_the_late_scan_se
         await asyncio.sleep(0.2)
         data = samples(await scrape(client))
     assert late(data) == 1
+
+
+async def test_the_exporter_needs_only_read_commands(redis_port: int, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    r = redis.Redis(port=redis_port)
+    r.acl_setuser("reader", enabled=True, passwords=["+read-pw"], keys=["*"],
+                  commands=["+sscan", "+zscan", "+hmget", "+exists"])
+    r.acl_setuser("blind", enabled=True, passwords=["+blind-pw"], keys=["*"], commands=["+sscan", "+hmget"])
+    put_claim(r, "1", "w-dead", dead_pid(), time.time() - 5)
+    monkeypatch.setenv("CLAIMS_PW", "read-pw")
+    spec = claims_config(redis_port, tmp_path, username="reader",
+                         password={"env": "CLAIMS_PW"}).services["worker"].claims
+    assert spec is not None
+    seen = scan_claims(connect(spec, tmp_path), spec, Liveness(), time.monotonic() + 5)
+    assert seen.counts() == {"active": 0, "orphaned": 1, "invalid": 0}
+    monkeypatch.setenv("CLAIMS_PW", "blind-pw")
+    spec = claims_config(redis_port, tmp_path, username="blind",
+                         password={"env": "CLAIMS_PW"}).services["worker"].claims
+    assert spec is not None
+    with pytest.raises(ClaimsScanError) as err:
+        scan_claims(connect(spec, tmp_path), spec, Liveness(), time.monotonic() + 5)
+    assert err.value.reason == "auth" and "exists" in err.value.detail, err.value.detail

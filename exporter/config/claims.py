@@ -87,7 +87,9 @@ class Claims(RedisConnection):
     With ``max_age``, an older claim is orphaned whatever its owner says. A claim that
     cannot be judged (no item hash, no owner, a pid or claim time that does not parse) is
     counted as ``invalid`` and never released. Scanned with ``SSCAN``/``ZSCAN`` and
-    pipelined ``HMGET``/``EXISTS``, never ``KEYS``."""
+    pipelined ``HMGET``/``EXISTS``, never ``KEYS``: the exporter's Redis user needs only
+    those; the receiver's also ``EVALSHA`` and ``SCRIPT`` (the release is a Lua
+    script) and the writes of the release. Not for Redis Cluster."""
 
     db: int = Field(default=0, ge=0)
     """Redis database number."""
