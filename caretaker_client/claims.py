@@ -233,19 +233,15 @@ class _Keeper:
 
     def _run(self) -> None:
         while True:
+            self.wake.clear()  # before reading the keys: a claim added after this wakes the wait below
             with self.lock:
                 keys = {key: min(counts) for key, counts in self.ttls.items()}
-            if not keys:
-                self.wake.wait(MAX_REFRESH_INTERVAL)
-                self.wake.clear()
-                continue
             for key, ttl in keys.items():
                 try:
                     self.client.set(key, str(int(time.time())), px=int(ttl * 1000))
                 except Exception as err:  # never into the app; the next round tries again
                     log.warning("caretaker claims: heartbeat %s not refreshed: %s", key, err)
-            self.wake.wait(min(MAX_REFRESH_INTERVAL, min(keys.values()) / 3))
-            self.wake.clear()
+            self.wake.wait(min(MAX_REFRESH_INTERVAL, *(ttl / 3 for ttl in keys.values())))
 
 
 def _keeper(client: redis.Redis) -> _Keeper:
