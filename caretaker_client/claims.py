@@ -241,7 +241,7 @@ class _Keeper:
                     self.client.set(key, str(int(time.time())), px=int(ttl * 1000))
                 except Exception as err:  # never into the app; the next round tries again
                     log.warning("caretaker claims: heartbeat %s not refreshed: %s", key, err)
-            self.wake.wait(min(MAX_REFRESH_INTERVAL, *(ttl / 3 for ttl in keys.values())))
+            self.wake.wait(min([MAX_REFRESH_INTERVAL, *(ttl / 3 for ttl in keys.values())]))
 
 
 def _keeper(client: redis.Redis) -> _Keeper:
