@@ -3,7 +3,7 @@
 #   make test   the whole test suite, against the real Prometheus, Alertmanager, Redis
 # Also: make demo (break things in a running stack), make lint, make check-config,
 #       make docs (docs/configuration.md and docs/caretaker.schema.json, from the config models),
-#       make bench (scrape, logs, webhook, fuzz), make bench-heal (heal time vs supervisord and monit).
+#       make bench (scrape, logs, webhook, fuzz, claims), make bench-heal (heal time vs supervisord and monit).
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -50,6 +50,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/logs.py
 	$(PY) bench/webhook.py
 	$(PY) bench/fuzz.py
+	$(PY) bench/claims.py
 
 bench-heal: $(VENV)/.installed
 	@scripts/ensure-packages.sh $(STACK_PACKAGES) monit:monit supervisord:supervisor

@@ -10,16 +10,19 @@ snapshot when it is taken; the collectors read nothing else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import time
 from collections import Counter
+from typing import Any
 
 import aiohttp
 from prometheus_client import CollectorRegistry
 
 from . import health, metrics
+from .claims import ClaimsSeen, ClaimsWatch
 from .config import Config
 from .files import FileChecker, check_directory, filesystem
 from .heartbeats import HeartbeatStore
@@ -66,6 +69,9 @@ class Scraper:
         self.file_checkers = {name: {f.path: FileChecker(f, config.resolve(f.path)) for f in cfg.files}
                               for name, cfg in config.services.items()}
         self.errors: Counter[str] = Counter(dict.fromkeys(ERROR_REASONS, 0))
+        self.claims = {name: ClaimsWatch(name, cfg.claims, config.base_dir, self.reader)
+                       for name, cfg in config.services.items() if cfg.claims is not None}
+        self._claims_scans: dict[str, asyncio.Future[ClaimsSeen]] = {}
         self.snapshot = self._first_snapshot(time.time())
         self._probe_ctx: ProbeContext | None = None
         self._running: asyncio.Task[Snapshot] | None = None
@@ -85,13 +91,20 @@ class Scraper:
             services[name] = ServiceState(
                 observed=Observed(log_matches=self._log_matches(name)),
                 heartbeats={hb.name: dataclasses.replace(self.heartbeats.states[hb.name]) for hb in cfg.heartbeats},
-                components=dict.fromkeys(parts, 0.0))
+                components=dict.fromkeys(parts, 0.0), **self._claims_state(name, ClaimsSeen()))
         return Snapshot(self.config, services, errors=dict(self.errors), errors_since=now)
+
+    def _claims_state(self, name: str, seen: ClaimsSeen) -> dict[str, Any]:
+        """``ServiceState``'s claims fields: none for a service without ``claims:``."""
+        watch = self.claims.get(name)
+        return {} if watch is None else {"claims": seen, "claims_errors": dict(watch.errors)}
 
     def close(self) -> None:
         for followers in self.followers.values():
             for f in followers:
                 f.close()
+        for watch in self.claims.values():
+            watch.close()
 
     def _log_matches(self, name: str) -> tuple[LogMatches, ...]:
         totals = self.log_totals[name]
@@ -135,6 +148,19 @@ class Scraper:
             log.error("process scan failed: %s", err)
         return None
 
+    async def _scan_claims(self, name: str, deadline: float) -> ClaimsSeen:
+        """The service's claims, scanned in a thread, at most one scan at a time (a scrape
+        while one runs waits for it), as seen at ``deadline``. A scan that is not done by
+        then goes on (within ``claims.timeout``), counts itself as a timeout and serves the
+        next scrape (:meth:`ClaimsWatch.scan`)."""
+        watch = self.claims[name]
+        scan = self._claims_scans.get(name)
+        if scan is None or scan.done():
+            scan = self._claims_scans[name] = asyncio.get_running_loop().run_in_executor(None, watch.scan, deadline)
+        with contextlib.suppress(TimeoutError):
+            return await asyncio.wait_for(asyncio.shield(scan), max(0.0, deadline - time.monotonic()))
+        return watch.seen
+
     # --- one collection -----------------------------------------------------------------
     async def collect(self, deadline_seconds: float) -> Snapshot:
         """A fresh snapshot, gathered within ``deadline_seconds`` (a timed-out scan
@@ -154,6 +180,7 @@ class Scraper:
         probe_ctx = self._probe_ctx
         probe_tasks = {name: asyncio.create_task(run_probes(cfg.probes, probe_ctx, deadline_seconds))
                        for name, cfg in self.config.services.items()}
+        claims_tasks = {name: asyncio.create_task(self._scan_claims(name, deadline)) for name in self.claims}
         result = await blocking
         previous = self.snapshot.services
         now = time.time()
@@ -173,8 +200,10 @@ class Scraper:
             beats = [self.heartbeats.healthy(hb.name, hb.timeout, now, observed.heartbeats_alive.get(hb.name, False))
                      for hb in cfg.heartbeats]
             parts = health.components(cfg, procs, probes, integrity, beats)
+            claims = await claims_tasks[name] if name in claims_tasks else ClaimsSeen()
             services[name] = ServiceState(procs, cpu_total, probes, observed, fed, parts,
-                                          health.score(parts, self.config.weights_for(name)))
+                                          health.score(parts, self.config.weights_for(name)),
+                                          **self._claims_state(name, claims))
         self.snapshot = Snapshot(self.config, services, time.monotonic() - started, time.time(),
                                  dict(self.errors), self.snapshot.errors_since)
         return self.snapshot

@@ -23,6 +23,7 @@ from .sockets import PortStatus
 
 __all__ = [
     "STATUSES",
+    "ClaimsCollector",
     "ExporterCollector",
     "FileCollector",
     "HealthCollector",
@@ -326,9 +327,45 @@ class HealthCollector(SnapshotCollector):
         yield from (ratio, parts)
 
 
+class ClaimsCollector(SnapshotCollector):
+    """Work items claimed in Redis, for services with ``claims:`` (:mod:`exporter.claims`)::
+
+        caretaker_claims{service_name="worker",state="active"} 3.0
+        caretaker_claims{service_name="worker",state="orphaned"} 1.0
+        caretaker_claims{service_name="worker",state="invalid"} 0.0
+        caretaker_claims_oldest_orphan_timestamp_seconds{service_name="worker"} 1.7637e+09
+        caretaker_claims_scan_errors_total{reason="timeout",service_name="worker"} 0.0
+        caretaker_claims_scan_errors_created{reason="timeout",service_name="worker"} 1.7637e+09
+
+    As the last scan that finished found them (a failed scan leaves them as they were,
+    and is counted); the oldest orphan's claim time is 0 when none is orphaned.
+    ``state``: :data:`~exporter.claims.STATES`; ``reason``:
+    :data:`~exporter.claims.SCAN_ERROR_REASONS`.
+    """
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.latest()
+        claims = _gauge("caretaker_claims", "Claimed work items by state: active (the owner lives), orphaned "
+                        "(heartbeat gone and owner dead), invalid (cannot be judged).", "state")
+        oldest = _gauge("caretaker_claims_oldest_orphan_timestamp_seconds",
+                        "Claim time of the oldest orphaned claim, Unix seconds; 0 when none.")
+        errors = CounterMetricFamily("caretaker_claims_scan_errors", "Scans of the claims that failed, by reason.",
+                                     labels=["service_name", "reason"])
+        for name in snap.config.services:
+            state = snap.services[name]
+            if state.claims is None:
+                continue
+            for claim_state, count in state.claims.counts().items():
+                claims.add_metric([name, claim_state], count)
+            oldest.add_metric([name], state.claims.oldest_orphan)
+            for reason, count in state.claims_errors.items():
+                errors.add_metric([name, reason], count, created=snap.errors_since)
+        yield from (claims, oldest, errors)
+
+
 COLLECTORS: tuple[type[SnapshotCollector], ...] = (
     ExporterCollector, ProcessCollector, ProbeCollector, HeartbeatCollector, LogCollector, FileCollector,
-    PortCollector, HealthCollector)
+    PortCollector, HealthCollector, ClaimsCollector)
 
 
 def register(registry: CollectorRegistry, latest: Callable[[], Snapshot]) -> None:

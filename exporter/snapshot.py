@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from .claims import ClaimsSeen
 from .config import Config
 from .files import DirStatus, FileStatus
 from .heartbeats import HeartbeatState
@@ -59,6 +60,11 @@ class ServiceState:
     """Each of the service's heartbeats as fed when the snapshot was taken."""
     components: dict[str, float] = field(default_factory=dict)
     health: float = 0.0
+    claims: ClaimsSeen | None = None
+    """The last scan of the service's claims that finished; ``None`` without ``claims:``."""
+    claims_errors: dict[str, int] = field(default_factory=dict)
+    """Scans of its claims that failed since the exporter started, by reason (every
+    reason of :data:`~exporter.claims.SCAN_ERROR_REASONS` a key, with ``claims:``)."""
 
 
 @dataclass(frozen=True)

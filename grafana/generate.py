@@ -118,6 +118,12 @@ def service() -> Board:
                                               "{{service_name}} :{{port}}")])
     b.panel("Repairs (last hour)", "timeseries", [(
         f"service_name:caretaker_remediations:increase1h{{{SVC}}}", "{{action}} {{result}}")])
+    b.panel("Work claims by state", "timeseries", [
+        (f"caretaker_claims{{{SVC}}}", "{{service_name}} {{state}}"),
+        (f"sum by (service_name) (increase(caretaker_claims_scan_errors_total{{{SVC}}}[$__rate_interval])) > 0",
+         "{{service_name}} scan errors")],
+        description="Items claimed in Redis (claims:): active, orphaned (the owner is gone; release_claims gives "
+                    "them back), invalid (cannot be judged); and failed scans.")
     return b
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from exporter.config import REMEDIATION_ACTIONS
 
-from . import actions, repairs
+from . import actions, claims, repairs
 from .actions import ActionContext, ActionFunc, RepairFailed, StepLog
 
 __all__ = ["CATALOGUE", "run_action"]
 
-CATALOGUE: dict[str, ActionFunc] = {**actions.ACTIONS, **repairs.ACTIONS}
+CATALOGUE: dict[str, ActionFunc] = {**actions.ACTIONS, **repairs.ACTIONS, **claims.ACTIONS}
 assert set(CATALOGUE) == set(REMEDIATION_ACTIONS), "the config's actions and the catalogue must agree"
 
 

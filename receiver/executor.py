@@ -76,7 +76,7 @@ MAX_PROBLEMS_PER_LOOK = 500
 """Open problems of one service read per look, oldest first (a flood of distinct
 alerts must not make each look read them all)."""
 ACTION_ORDER = ("ensure_paths", "restore_file", "clean", "rotate_logs", "free_port", "stop_duplicates", "restart",
-                "signal", "vacuum", "http", "exec")
+                "signal", "vacuum", "http", "exec", "release_claims")
 """Several open problems of one service are worked on in this order of their first step:
 what the service needs to start (paths, a valid state file, disk space, its port) first,
 then the service itself, then what acts on a running service."""

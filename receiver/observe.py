@@ -22,6 +22,8 @@ CaretakerPortConflict           a declared port is held by a process not of the 
 CaretakerFileCorrupt, ...Missing a declared file is missing or does not parse
 CaretakerDirectoryMissing       a declared directory is missing or has the wrong mode
 CaretakerDiskAlmostFull         a data path's filesystem has under 10% free
+CaretakerClaimsOrphaned         some of the service's claims are orphaned now (a scan of
+                                them, with the owners' pids looked up here)
 ==============================  ==========================================================
 
 For any other alert the condition cannot be observed (``holds`` is ``None``): the
@@ -46,6 +48,7 @@ from exporter.sockets import check_ports
 
 from . import heartbeats
 from .actions import ActionContext, find_processes
+from .claims import orphaned_now
 
 __all__ = ["ESCALATING_REASONS", "Observation", "observe"]
 
@@ -164,6 +167,8 @@ def _specific(ctx: ActionContext, service: str, alertname: str, labels: Mapping[
                                                       f"{cfg.limits.open_fds}"
     if alertname == "CaretakerHeartbeatMissing":
         return heartbeats.late(config, service, labels.get("heartbeat"), now)
+    if alertname == "CaretakerClaimsOrphaned" and cfg.claims is not None:
+        return orphaned_now(cfg.claims, config.base_dir, ctx.reader)
     return None, f"{alertname or 'this alert'}: its condition cannot be observed by the receiver"
 
 

@@ -165,6 +165,14 @@ def redis_server(children: Children, tmp_path: Path) -> Callable[[int], subproce
     return start
 
 
+@pytest.fixture
+def redis_port(redis_server: Callable[[int], subprocess.Popen[bytes]]) -> int:
+    """The port of a fresh, empty Redis started for the test."""
+    port = free_port()
+    redis_server(port)
+    return port
+
+
 def stop_config_services(config: Any) -> None:
     """Stop every process the config's services match (what the receiver may have started)."""
     reader = ProcReader()

@@ -51,6 +51,8 @@ def test_amtool_check_config() -> None:
     ("alertname=CaretakerServiceDown service_name=redis remediation=restart severity=critical",
      "caretaker,people-critical"),
     ("alertname=CaretakerDiskAlmostFull service_name=redis remediation=clean severity=warning", "caretaker,people"),
+    ("alertname=CaretakerClaimsOrphaned service_name=worker remediation=release_claims severity=warning",
+     "caretaker,people"),
     ("alertname=CaretakerProbeSlow service_name=redis severity=warning", "people"),
     ("alertname=CaretakerRepairsExhausted service_name=redis severity=critical", "people-critical"),
     ("alertname=SomethingElse severity=info", "people"),
@@ -102,7 +104,7 @@ def test_every_alert_is_actionable(rule: dict[str, object]) -> None:
     assert anchor in headings, f"docs/runbook.md has no section #{anchor}"
     if "remediation" in labels:
         assert labels["remediation"] in ("restart", "stop_duplicates", "restore_file", "ensure_paths", "clean",
-                                         "free_port")
+                                         "free_port", "release_claims")
 
 
 def test_dashboards_are_generated_from_grafana_generate_py() -> None:

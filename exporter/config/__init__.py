@@ -14,7 +14,7 @@ or an environment variable named in the config.
 One module per job:
 
 - :mod:`.types`: units (durations, bytes), reusable field types, the base model;
-- :mod:`.service`, :mod:`.probes`, :mod:`.remediation`: ``services.<name>``;
+- :mod:`.service`, :mod:`.probes`, :mod:`.remediation`, :mod:`.claims`: ``services.<name>``;
 - :mod:`.receiver`: the ``receiver`` section; :mod:`.matchers`: Alertmanager's
   matcher grammar for its ``rules``;
 - :mod:`.model`: the whole file (:class:`Config`) and checks across services;
@@ -28,12 +28,13 @@ One module per job:
 
 from __future__ import annotations
 
+from .claims import Claims, ClaimsRelease
 from .errors import ConfigError
 from .loader import load_config, parse_config
 from .machine import machine_problems
 from .matchers import Matcher, parse_matchers
 from .model import DEFAULT_EXPORTER_PORT, Config, ExporterConfig, dependency_order, dependency_problems
-from .probes import ExecProbe, HttpProbe, PostgresProbe, Probe, RedisProbe, TcpProbe
+from .probes import ExecProbe, HttpProbe, PostgresProbe, Probe, RedisConnection, RedisProbe, TcpProbe
 from .receiver import (
     DEFAULT_RECEIVER_PORT,
     Attempts,
@@ -89,6 +90,8 @@ __all__ = [
     "Attempts",
     "Backoff",
     "BasicAuth",
+    "Claims",
+    "ClaimsRelease",
     "CleanRule",
     "Config",
     "ConfigError",
@@ -116,6 +119,7 @@ __all__ = [
     "Probe",
     "Processes",
     "ReceiverConfig",
+    "RedisConnection",
     "RedisProbe",
     "RedisState",
     "Regex",

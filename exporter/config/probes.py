@@ -10,7 +10,7 @@ from pydantic import Field
 from .secrets import Secret
 from .types import FilePath, Model, Name, Port, PositiveSeconds, Regex
 
-__all__ = ["ExecProbe", "HttpProbe", "PostgresProbe", "Probe", "RedisProbe", "TcpProbe"]
+__all__ = ["ExecProbe", "HttpProbe", "PostgresProbe", "Probe", "RedisConnection", "RedisProbe", "TcpProbe"]
 
 HttpUrl = Annotated[str, Field(pattern=r"^https?://[^\s]+$")]
 StatusCode = Annotated[int, Field(ge=100, le=599)]
@@ -61,11 +61,10 @@ class TcpProbe(_ProbeBase):
     """Searched in the reply (its first 4 KiB, read until it matches or the peer closes)."""
 
 
-class RedisProbe(_ProbeBase):
-    """``PING`` a Redis server (redis-py), optionally with a password and TLS."""
+class RedisConnection(Model):
+    """Where a Redis server is and how to log in: the keys a redis probe and ``claims``
+    share."""
 
-    type: Literal["redis"]
-    """The kind of probe."""
     host: str = "127.0.0.1"
     """Host name or address of the server."""
     port: Port = 6379
@@ -78,6 +77,13 @@ class RedisProbe(_ProbeBase):
     """Connect with TLS."""
     ca_file: FilePath | None = Field(default=None, examples=["certs/ca.pem"])
     """CA certificates (PEM) that verify the server with ``tls``; default: the system's."""
+
+
+class RedisProbe(RedisConnection, _ProbeBase):
+    """``PING`` a Redis server (redis-py), optionally with a password and TLS."""
+
+    type: Literal["redis"]
+    """The kind of probe."""
 
 
 class PostgresProbe(_ProbeBase):

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
+from .claims import Claims
 from .machine import service_problems
 from .probes import Probe
 from .remediation import Remediation
@@ -345,6 +346,9 @@ class ServiceConfig(Model):
     """Resource limits of the health score."""
     health_weights: HealthWeights | None = None
     """This service's weights; default: the top-level ``health_weights``."""
+    claims: Claims | None = None
+    """Work items its workers claim in Redis: orphaned claims (their owner died) are
+    counted (``caretaker_claims``) and ``release_claims`` gives them back."""
     depends_on: tuple[Name, ...] = Field(default=(), examples=[["redis"]])
     """Services this one needs (names of other services). While one of them is unhealthy,
     this service is not repaired: its problems wait (``dependency_unhealthy``) without
@@ -377,7 +381,8 @@ class ServiceConfig(Model):
         needs = {"free_port": (self.ports and self.start, "ports and a start command"),
                  "ensure_paths": (self.directories, "directories"),
                  "restore_file": ([f for f in self.files if f.format or f.default], "files with a format or default"),
-                 "rotate_logs": (self.logs or (self.start and self.start.log_file), "logs or start.log_file")}
+                 "rotate_logs": (self.logs or (self.start and self.start.log_file), "logs or start.log_file"),
+                 "release_claims": (self.claims, "claims block")}
         for action, (present, what) in needs.items():
             if action in allow and not present:
                 yield f"remediation.allow has {action!r} but the service has no {what}"

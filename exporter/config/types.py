@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 Action = Literal["restart", "stop_duplicates", "free_port", "rotate_logs", "clean", "ensure_paths", "restore_file",
-                 "vacuum", "http", "exec", "signal"]
+                 "vacuum", "http", "exec", "signal", "release_claims"]
 REMEDIATION_ACTIONS: tuple[str, ...] = get_args(Action)
 """Repairs the receiver knows. A service may allow only these."""
 ProbeType = Literal["http", "tcp", "redis", "postgres", "exec"]

@@ -1,0 +1,367 @@
+"""Claim work items in Redis so that caretaker can give back the ones a dead worker held.
+
+An app that has an item's id, in two lines::
+
+    from caretaker_client.claims import claim
+    with claim(item_id):      # registers the claim, keeps its heartbeat fresh, completes it on exit
+        handle(item_id)
+
+A worker that takes its items from the queue (pop and claim in one atomic step, so a
+worker killed in between loses nothing)::
+
+    from caretaker_client.claims import take
+    while True:
+        job = take(timeout=5)         # None when the queue stayed empty (or Redis is unreachable)
+        if job is not None:
+            with job:
+                handle(job.item_id)
+
+The layout (:class:`Layout`) is the one caretaker's ``claims:`` configuration assumes
+by default, so ``claims: {port: 6379}`` watches it::
+
+    processing_issues   SET     ids of the items being worked on
+    issue:{id}          HASH    status=processing, processId, pid, host, startTime (ISO 8601, UTC)
+    heartbeat:{owner}   STRING  with a TTL (30 min), refreshed from a daemon thread
+    task_queue          LIST    producers LPUSH, workers (take) RPOP; released items are RPUSHed
+
+The owner (``processId``) is unique to the process (host name, pid and a random part),
+so a later process that gets the same pid never keeps a dead one's claims alive.
+
+**On exit** without an exception the claim is *completed*: the id leaves the claimed
+set and ``status`` becomes ``done``. An exception means the work was not done: by
+default (``on_error="release"``) the claim is released as caretaker would release it
+(claim fields deleted, ``status=queued``, the id pushed back to the queue), so another
+worker tries again; ``on_error="fail"`` sets ``status=failed`` and takes it out of the
+claimed set without queueing it again (an item that fails every time would otherwise
+go round forever). ``KeyboardInterrupt`` and ``SystemExit`` (the process is being
+stopped) always release. The exception is raised again either way. Completing or
+releasing happens only if the claim is still this process's: if caretaker released it
+meanwhile (its heartbeat lapsed) and another worker took it, this one leaves it alone
+and logs a warning.
+
+**Never hurting the app**: Redis errors are logged, never raised into the app's work
+(a claim that cannot be registered lets the work go ahead untracked); the default
+client gives every command 2 s and no retry, so a Redis that does not answer costs 2 s
+when a claim is registered and 2 s when it ends; the heartbeat is refreshed from one
+daemon thread per process, so the work itself never waits for Redis.
+
+Redis: ``redis=`` a redis-py client, else the URL in ``CARETAKER_CLAIMS_REDIS_URL``
+(``redis://[:password@]host:port/db``, ``rediss://`` for TLS), else
+``redis://127.0.0.1:6379/0``. The scripts name keys they build from the layout, so a
+Redis Cluster is not supported. Needs redis-py only (imported on first use); nothing of
+caretaker's ``exporter`` or ``receiver``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import redis
+
+__all__ = ["DEFAULT_URL", "ENV_URL", "Claim", "Layout", "claim", "owner_id", "take"]
+
+log = logging.getLogger(__name__)
+
+ENV_URL = "CARETAKER_CLAIMS_REDIS_URL"
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_HEARTBEAT_TTL = 1800.0
+COMMAND_TIMEOUT = 2.0
+MAX_REFRESH_INTERVAL = 60.0
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where claims live: caretaker's ``claims:`` defaults (give the same names there)."""
+
+    claimed_key: str = "processing_issues"
+    item_key: str = "issue:{id}"
+    owner_field: str = "processId"
+    pid_field: str = "pid"
+    host_field: str = "host"
+    time_field: str = "startTime"
+    status_field: str = "status"
+    heartbeat_key: str = "heartbeat:{owner}"
+    queue_key: str = "task_queue"
+
+    def item(self, item_id: str) -> str:
+        return self.item_key.replace("{id}", item_id)
+
+    def heartbeat(self, owner: str, item_id: str) -> str:
+        return self.heartbeat_key.replace("{owner}", owner).replace("{id}", item_id)
+
+
+DEFAULT_LAYOUT = Layout()
+
+# Keys are built in the scripts from the layout's patterns (plain text replacement).
+_LUA_KEYS = """
+local function plain(s, pattern, value)
+  local i, j = string.find(s, pattern, 1, true)
+  while i do
+    s = string.sub(s, 1, i - 1) .. value .. string.sub(s, j + 1)
+    i, j = string.find(s, pattern, i + #value, true)
+  end
+  return s
+end
+"""
+# KEYS[1] claimed set, KEYS[2] queue. ARGV: item pattern, heartbeat pattern, ttl ms, then the
+# item's field/value pairs, the owner's first (ARGV[5] is the owner). Returns the id taken, or false.
+_TAKE = _LUA_KEYS + """
+local id = redis.call("RPOP", KEYS[2])
+if not id then return false end
+local fields = {}
+for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call("SADD", KEYS[1], id)
+redis.call("HSET", plain(ARGV[1], "{id}", id), unpack(fields))
+redis.call("SET", plain(plain(ARGV[2], "{owner}", ARGV[5]), "{id}", id), ARGV[5], "PX", ARGV[3])
+return id
+"""
+# KEYS[1] claimed set, KEYS[2] item, KEYS[3] queue. ARGV: id, owner field, owner, mode, status
+# field, then the claim fields to delete on release. Returns 1 when done, 0 when the claim
+# is no longer this owner's.
+_FINISH = """
+if redis.call("SISMEMBER", KEYS[1], ARGV[1]) == 0 or redis.call("HGET", KEYS[2], ARGV[2]) ~= ARGV[3] then
+  return 0
+end
+redis.call("SREM", KEYS[1], ARGV[1])
+if ARGV[4] == "release" then
+  for i = 6, #ARGV do redis.call("HDEL", KEYS[2], ARGV[i]) end
+  redis.call("HSET", KEYS[2], ARGV[5], "queued")
+  redis.call("RPUSH", KEYS[3], ARGV[1])
+else
+  redis.call("HSET", KEYS[2], ARGV[5], ARGV[4])
+end
+return 1
+"""
+
+@dataclass
+class _Process:
+    """What one process shares between its claims; a forked child starts afresh."""
+
+    owner: str
+    clients: dict[str, Any] = field(default_factory=dict)
+    keepers: dict[int, _Keeper] = field(default_factory=dict)
+
+
+_process: dict[int, _Process] = {}
+_lock = threading.Lock()
+
+
+def _forget_parent() -> None:
+    global _lock  # noqa: PLW0603 - a lock held by a thread of the parent would never be released in the child
+    _lock = threading.Lock()
+    _process.clear()
+
+
+os.register_at_fork(after_in_child=_forget_parent)
+
+
+def _here() -> _Process:
+    pid = os.getpid()
+    with _lock:
+        state = _process.get(pid)
+        if state is None:
+            state = _process[pid] = _Process(f"{socket.gethostname()}-{pid}-{secrets.token_hex(3)}")
+        return state
+
+
+def owner_id() -> str:
+    """This process's owner id: ``host-pid-random``, new in a forked child."""
+    return _here().owner
+
+
+def _default_client() -> redis.Redis:
+    """One client per process and URL: a 2 s timeout per command, no retries, so that a
+    Redis that does not answer costs the app 2 s at most per claim it registers or ends."""
+    import redis  # noqa: PLC0415 - the package is importable without redis-py until a claim is made
+    from redis.backoff import NoBackoff  # noqa: PLC0415
+    from redis.retry import Retry  # noqa: PLC0415
+
+    state = _here()
+    url = os.environ.get(ENV_URL) or DEFAULT_URL
+    with _lock:
+        if url not in state.clients:
+            state.clients[url] = redis.Redis.from_url(url, socket_timeout=COMMAND_TIMEOUT,
+                                                      socket_connect_timeout=COMMAND_TIMEOUT,
+                                                      retry=Retry(NoBackoff(), 0))
+        client: redis.Redis = state.clients[url]
+        return client
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class _Keeper:
+    """Refreshes the heartbeat keys of a process's open claims from one daemon thread,
+    every third of the shortest TTL (at most every minute)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.ttls: dict[str, Counter[float]] = {}
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def add(self, key: str, ttl: float) -> None:
+        with self.lock:
+            self.ttls.setdefault(key, Counter())[ttl] += 1
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="caretaker-claims-heartbeat", daemon=True)
+                self.thread.start()
+        self.wake.set()
+
+    def remove(self, key: str, ttl: float) -> None:
+        with self.lock:
+            counts = self.ttls.get(key)
+            if counts is not None:
+                counts[ttl] -= 1
+                if counts[ttl] <= 0:
+                    del counts[ttl]
+                if not counts:
+                    del self.ttls[key]
+
+    def _run(self) -> None:
+        while True:
+            self.wake.clear()  # before reading the keys: a claim added after this wakes the wait below
+            with self.lock:
+                keys = {key: min(counts) for key, counts in self.ttls.items()}
+            for key, ttl in keys.items():
+                try:
+                    self.client.set(key, str(int(time.time())), px=int(ttl * 1000))
+                except Exception as err:  # never into the app; the next round tries again
+                    log.warning("caretaker claims: heartbeat %s not refreshed: %s", key, err)
+            self.wake.wait(min([MAX_REFRESH_INTERVAL, *(ttl / 3 for ttl in keys.values())]))
+
+
+def _keeper(client: redis.Redis) -> _Keeper:
+    state = _here()
+    with _lock:
+        found = state.keepers.get(id(client))
+        if found is None or found.client is not client:
+            found = state.keepers[id(client)] = _Keeper(client)
+        return found
+
+
+class Claim:
+    """A claim on one item (a context manager): :func:`claim` and :func:`take` make them.
+
+    ``registered`` says whether Redis holds it (False when Redis could not be reached:
+    the work goes ahead untracked)."""
+
+    def __init__(self, item_id: str, redis: redis.Redis | None = None, layout: Layout = DEFAULT_LAYOUT,
+                 heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL, on_error: Literal["release", "fail"] = "release",
+                 fields: dict[str, str] | None = None, owner: str | None = None) -> None:
+        if heartbeat_ttl <= 0:
+            raise ValueError("heartbeat_ttl must be more than 0 seconds")
+        self.item_id = item_id
+        self.client = redis if redis is not None else _default_client()
+        self.layout = layout
+        self.heartbeat_ttl = heartbeat_ttl
+        self.on_error = on_error
+        self.fields = dict(fields or {})
+        self.owner = owner or owner_id()
+        self.registered = False
+        self.result: str | None = None
+        """After exit: ``done``, ``released``, ``failed``, ``lost`` (no longer ours), or
+        ``error`` (Redis failed)."""
+
+    @property
+    def heartbeat_key(self) -> str:
+        return self.layout.heartbeat(self.owner, self.item_id)
+
+    def claim_fields(self) -> dict[str, str]:
+        """The item's fields a claim sets, the owner's first."""
+        lay = self.layout
+        return {lay.owner_field: self.owner, lay.status_field: "processing", lay.pid_field: str(os.getpid()),
+                lay.host_field: socket.gethostname(), lay.time_field: _now_iso(), **self.fields}
+
+    def register(self) -> bool:
+        """SADD, HSET and the heartbeat in one transaction; False (logged) when Redis failed."""
+        lay = self.layout
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.sadd(lay.claimed_key, self.item_id)
+                fields: dict[Any, Any] = self.claim_fields()
+                pipe.hset(lay.item(self.item_id), mapping=fields)
+                pipe.set(self.heartbeat_key, str(int(time.time())), px=int(self.heartbeat_ttl * 1000))
+                pipe.execute()
+        except Exception as err:
+            log.warning("caretaker claims: could not claim %s, working on it untracked: %s", self.item_id, err)
+            return False
+        self.registered = True
+        return True
+
+    def __enter__(self) -> Claim:
+        if not self.registered:
+            self.register()
+        if self.registered:
+            _keeper(self.client).add(self.heartbeat_key, self.heartbeat_ttl)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> Literal[False]:
+        if not self.registered:
+            return False
+        _keeper(self.client).remove(self.heartbeat_key, self.heartbeat_ttl)
+        mode = "done" if kind is None else self.on_error if issubclass(kind, Exception) else "release"
+        self.result = self._finish("failed" if mode == "fail" else mode)
+        return False  # an exception of the app's goes on
+
+    def _finish(self, mode: str) -> str:
+        lay = self.layout
+        try:
+            ours = self.client.eval(_FINISH, 3, lay.claimed_key, lay.item(self.item_id), lay.queue_key,
+                                    self.item_id, lay.owner_field, self.owner, mode, lay.status_field,
+                                    lay.owner_field, lay.pid_field, lay.host_field, lay.time_field)
+        except Exception as err:
+            log.warning("caretaker claims: could not mark %s %s: %s", self.item_id, mode, err)
+            return "error"
+        if not ours:
+            log.warning("caretaker claims: %s is no longer claimed by %s (released while its heartbeat lapsed?); "
+                        "left as it is", self.item_id, self.owner)
+            return "lost"
+        return {"done": "done", "release": "released"}.get(mode, mode)
+
+
+def claim(item_id: str, **options: Any) -> Claim:
+    """A claim on ``item_id``, registered when the ``with`` block is entered; options
+    as :class:`Claim` (``redis``, ``layout``, ``heartbeat_ttl`` seconds, ``on_error``,
+    ``fields`` to set on the item, e.g. ``{"taskType": "summarize"}``)."""
+    return Claim(item_id, **options)
+
+
+def take(timeout: float = 5.0, poll: float = 0.2, **options: Any) -> Claim | None:
+    """Pop an id from the queue's right end and claim it, atomically (a Lua script).
+
+    Polls every ``poll`` seconds for up to ``timeout`` seconds; returns the registered
+    :class:`Claim` (use it in ``with``), or ``None`` when the queue stayed empty or Redis
+    could not be reached (logged). Options as :class:`Claim`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = Claim("", **options)
+        lay = job.layout
+        values = [v for pair in job.claim_fields().items() for v in pair]
+        try:
+            taken = job.client.eval(_TAKE, 2, lay.claimed_key, lay.queue_key, lay.item_key, lay.heartbeat_key,
+                                    str(int(job.heartbeat_ttl * 1000)), *values)
+        except Exception as err:
+            log.warning("caretaker claims: could not take work from %s: %s", lay.queue_key, err)
+            return None
+        if taken is not None:
+            job.item_id = taken.decode() if isinstance(taken, bytes) else str(taken)
+            job.registered = True
+            return job
+        if time.monotonic() + poll > deadline:
+            return None
+        time.sleep(poll)

@@ -1,0 +1,449 @@
+"""Work claims in Redis: which are held by a live owner, which are orphaned.
+
+A worker that takes a job from Redis marks it claimed (``services.<name>.claims``
+says where: the set of claimed ids, each item's hash and its owner, pid, host and
+claim time fields, the owner's heartbeat key). :func:`scan_claims` reads every claim
+and judges it:
+
+- **orphaned** when the owner's heartbeat key is gone *and* its process is not alive
+  on this host: the pid does not run, or runs a process that started after the claim
+  (a reused pid; start times from ``/proc/PID/stat``, known to about a second). An
+  owner on another host is judged by its heartbeat alone. With ``max_age``, an older
+  claim is orphaned whatever its owner says;
+- **active** otherwise (the heartbeat is there, or the owner runs);
+- **invalid** when a field the verdict needs cannot be used: the item's hash is gone
+  (``no_item``), it has no owner (``no_owner``), its claim time does not parse
+  (``bad_claim_time``), or its pid does not parse and the pid is what decides
+  (``bad_pid``). Invalid claims are counted, never released: nothing proves them orphaned.
+
+The scan uses ``SSCAN``/``ZSCAN`` (never ``KEYS``) in batches of :data:`SCAN_BATCH`
+ids, each batch one pipelined round of ``HMGET``, then ``/proc`` (once per distinct
+pid), then ``EXISTS`` for the heartbeat keys of the claims whose owner is not alive here
+(a live owner decides alone; each key is asked once per scan): one ``EXISTS`` of them
+all, and one per key, pipelined, only when some exist and some do not.
+It is blocking (run it in a thread) and bounded by a deadline. redis-py is imported
+when the first client is made, so an exporter without ``claims`` never loads it.
+
+The exporter renders :class:`ClaimsSeen` (:class:`~exporter.metrics.ClaimsCollector`);
+the receiver scans again before it releases anything (``receiver/claims.py``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import socket
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from .config import Claims, ConfigError, read_secret
+from .config.types import resolve_path
+from .procfs import PIDFILE_SLACK_SECONDS, ProcessInfo, ProcReader
+
+if TYPE_CHECKING:
+    import redis
+
+__all__ = ["SCAN_BATCH", "SCAN_ERROR_REASONS", "STATES", "Claim", "ClaimsScanError", "ClaimsSeen", "ClaimsWatch",
+           "Liveness", "connect", "parse_claim_time", "scan_claims", "this_host"]
+
+log = logging.getLogger(__name__)
+
+STATES = ("active", "orphaned", "invalid")
+"""The ``state`` label of ``caretaker_claims``."""
+SCAN_ERROR_REASONS = ("timeout", "connection", "auth", "error")
+"""Why a scan failed (``caretaker_claims_scan_errors_total{reason}``): it ran out of
+time, Redis could not be reached, refused the credentials, or answered with an error
+(``WRONGTYPE``: ``claimed_key`` is not a set)."""
+SCAN_BATCH = 500
+"""Ids asked for per ``SSCAN``/``ZSCAN`` call (its ``COUNT`` hint) and pipelined together."""
+INVALID_EXAMPLES = 10
+"""Invalid claims kept (the first found), to show which they are."""
+MAX_PID = 1 << 22
+"""Above Linux's largest ``pid_max`` (2^22)."""
+
+
+def this_host() -> str:
+    """The name a claim's host field must hold for its owner to be judged on this host:
+    the host name, as the client writes it (``socket.gethostname()``)."""
+    return socket.gethostname()
+
+
+def parse_claim_time(raw: bytes | None, fmt: str) -> float | None:
+    """Unix seconds from a claim time field; ``None`` when missing or not in ``fmt``.
+
+    ``iso8601``: what :meth:`datetime.fromisoformat` reads (``2026-12-02T13:02:04.123Z``,
+    ``+01:00``; without an offset, UTC); ``epoch_seconds``, ``epoch_ms``: a number."""
+    if raw is None:
+        return None
+    try:
+        text = raw.decode("ascii").strip()
+        if fmt == "iso8601":
+            when = datetime.fromisoformat(text)
+            value = (when if when.tzinfo is not None else when.replace(tzinfo=UTC)).timestamp()
+        else:
+            value = float(text) / (1000.0 if fmt == "epoch_ms" else 1.0)
+    except (UnicodeDecodeError, ValueError, OverflowError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "backslashreplace")
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """One claim as judged by one scan. Raw values are the bytes Redis holds, so a
+    release can check that they have not changed."""
+
+    item_id: bytes
+    state: Literal["active", "orphaned", "invalid"]
+    reason: str
+    """Why: ``heartbeat``, ``owner_alive``, ``remote_owner``, ``within_max_age`` (active);
+    ``owner_dead``, ``pid_reused``, ``heartbeat_absent``, ``max_age`` (orphaned);
+    ``no_item``, ``no_owner``, ``bad_claim_time``, ``bad_pid`` (invalid)."""
+    owner: bytes | None = None
+    claim_time: bytes | None = None
+    claimed_at: float = 0.0
+    """Unix seconds; 0 when unknown."""
+    heartbeat_key: bytes | None = None
+    """The heartbeat key found absent, when the verdict rests on it (a release checks it
+    is still absent); ``None`` otherwise."""
+
+    @property
+    def id_text(self) -> str:
+        return _text(self.item_id)
+
+    def describe(self) -> str:
+        """``17 (owner_dead, owner w-1, claimed 2026-12-02T13:02:04Z)``, for the audit trail."""
+        owner = f", owner {_text(self.owner)}" if self.owner is not None else ""
+        when = (f", claimed {datetime.fromtimestamp(self.claimed_at, UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}"
+                if self.claimed_at else "")
+        return f"{self.id_text} ({self.reason}{owner}{when})"
+
+
+@dataclass(frozen=True)
+class ClaimsSeen:
+    """What one scan of a service's claims found."""
+
+    active: int = 0
+    orphaned: int = 0
+    invalid: int = 0
+    oldest_orphan: float = 0.0
+    """Claim time of the oldest orphaned claim, Unix seconds; 0 when there is none."""
+    orphans: tuple[Claim, ...] = ()
+    """The oldest orphaned claims, oldest first, as many as the scan was asked to keep."""
+    invalid_examples: tuple[Claim, ...] = ()
+    """The first invalid claims found (at most :data:`INVALID_EXAMPLES`)."""
+    duration_seconds: float = 0.0
+
+    def counts(self) -> dict[str, int]:
+        """Claims by state (every state of :data:`STATES` a key)."""
+        return {"active": self.active, "orphaned": self.orphaned, "invalid": self.invalid}
+
+    def summary(self) -> str:
+        return (f"{self.orphaned + self.active + self.invalid} claims: {self.orphaned} orphaned, "
+                f"{self.active} active, {self.invalid} invalid")
+
+
+class ClaimsScanError(Exception):
+    """A scan that did not finish; ``reason`` is one of :data:`SCAN_ERROR_REASONS`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class Liveness:
+    """Whether a claim's owner process runs on this host: its pid runs a process that
+    started before the claim (within :data:`~exporter.procfs.PIDFILE_SLACK_SECONDS`).
+    ``/proc`` is read once per pid for the life of the object: make one per scan."""
+
+    def __init__(self, reader: ProcReader | None = None, host: str | None = None) -> None:
+        self.reader = reader or ProcReader()
+        self.host = this_host() if host is None else host
+        self._seen: dict[int, ProcessInfo | None] = {}
+
+    def is_local(self, host: str) -> bool:
+        """An empty host field means this host."""
+        return not host or host == self.host
+
+    def owner(self, pid: int, claimed_at: float) -> Literal["alive", "dead", "reused"]:
+        if pid not in self._seen:
+            self._seen[pid] = self.reader.stat(pid)  # None: gone, a zombie, or a kernel thread
+        info = self._seen[pid]
+        if info is None:
+            return "dead"
+        return "alive" if info.start_time_seconds <= claimed_at + PIDFILE_SLACK_SECONDS else "reused"
+
+
+@dataclass(slots=True)
+class _Read:
+    """A claim's fields as read, before its owner is looked up."""
+
+    item_id: bytes
+    owner: bytes | None
+    claim_time: bytes | None
+    claimed_at: float
+    pid: bytes | None
+    host: str
+    invalid: str
+    """Why it cannot be judged (``no_item``...); empty when it can."""
+    expired: bool
+    """Older than ``max_age``."""
+    heartbeat_key: bytes | None
+    """Its heartbeat key, for a claim that is neither invalid nor expired."""
+
+
+def _key(pattern: bytes, item_id: bytes, owner: bytes | None) -> bytes:
+    key = pattern.replace(b"{id}", item_id)
+    return key.replace(b"{owner}", owner) if owner is not None else key
+
+
+def _read(spec: Claims, heartbeat_pattern: bytes | None, item_id: bytes, values: list[bytes | None],
+          now: float) -> _Read:
+    owner, claim_time = values[0], values[1]
+    pid = values[2] if spec.pid_field is not None else None
+    host = _text(values[-1] or b"") if spec.host_field is not None else ""
+    claimed_at = parse_claim_time(claim_time, spec.claim_time_format) or 0.0
+    invalid = ("no_item" if values.count(None) == len(values) else "no_owner" if not owner
+               else "bad_claim_time" if not claimed_at else "")
+    expired = spec.max_age is not None and not invalid and now - claimed_at > spec.max_age
+    heartbeat = None
+    if heartbeat_pattern is not None and not invalid and not expired:
+        heartbeat = _key(heartbeat_pattern, item_id, owner)
+    return _Read(item_id, owner, claim_time, claimed_at, pid, host, invalid, expired, heartbeat)
+
+
+def _pid(raw: bytes | None) -> int | None:
+    text = (raw or b"").strip()
+    return int(text) if text.isdigit() and 1 < int(text) < MAX_PID else None
+
+
+Owner = Literal["alive", "dead", "reused", "remote", "bad_pid", "unknown"]
+"""What this host says of a claim's owner: its process is ``alive``, ``dead`` or its pid
+``reused``; it is on another host (``remote``, not looked up); its pid does not parse;
+or there is no pid field (``unknown``)."""
+
+
+def owner_of(spec: Claims, read: _Read, liveness: Liveness) -> Owner:
+    if not liveness.is_local(read.host):
+        return "remote"
+    if spec.pid_field is None:
+        return "unknown"
+    pid = _pid(read.pid)
+    return "bad_pid" if pid is None else liveness.owner(pid, read.claimed_at)
+
+
+_ORPHANED_BECAUSE = {"dead": "owner_dead", "reused": "pid_reused", "remote": "heartbeat_absent",
+                     "unknown": "heartbeat_absent"}
+
+
+Verdict = tuple[Literal["active", "orphaned", "invalid"], str, bool]
+"""``(state, reason, the heartbeat's absence is part of it)``."""
+
+
+def judge(read: _Read, owner: Owner | None, beating: bool | None) -> Verdict:
+    """The verdict on one claim (module docstring). ``owner``: :func:`owner_of` (``None``
+    for an invalid or expired claim); ``beating``: whether its heartbeat key exists,
+    ``None`` when it was not looked up (there is none, or the owner is alive)."""
+    if read.invalid:
+        return "invalid", read.invalid, False
+    if read.expired:
+        return "orphaned", "max_age", False
+    if owner == "alive":
+        return "active", "owner_alive", False
+    if beating:
+        return "active", "heartbeat", False
+    if owner == "bad_pid":
+        return "invalid", "bad_pid", False
+    if owner in ("dead", "reused") or (beating is False and owner is not None):
+        return "orphaned", _ORPHANED_BECAUSE[owner or "unknown"], beating is False
+    return "active", "remote_owner" if owner == "remote" else "within_max_age", False
+
+
+class _Tally:
+    """Counts, the oldest ``keep`` orphans (a bounded heap), the first invalid claims. A
+    :class:`Claim` is made only for what is kept."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.counts = {"active": 0, "orphaned": 0, "invalid": 0}
+        self.oldest = 0.0
+        self.heap: list[tuple[float, int, Claim]] = []  # (-claimed_at, n, claim): the newest on top
+        self.invalid: list[Claim] = []
+        self._n = itertools.count()
+
+    def add(self, read: _Read, verdict: Verdict) -> None:
+        state = verdict[0]
+        self.counts[state] += 1
+        if state == "active":
+            return
+        if state == "invalid":
+            if len(self.invalid) < INVALID_EXAMPLES:
+                self.invalid.append(_claim(read, verdict))
+            return
+        self.oldest = read.claimed_at if not self.oldest else min(self.oldest, read.claimed_at)
+        if self.keep and (len(self.heap) < self.keep or read.claimed_at < -self.heap[0][0]):
+            entry = (-read.claimed_at, next(self._n), _claim(read, verdict))
+            if len(self.heap) < self.keep:
+                heapq.heappush(self.heap, entry)
+            else:
+                heapq.heapreplace(self.heap, entry)
+
+    def seen(self, duration: float) -> ClaimsSeen:
+        orphans = tuple(c for _, _, c in sorted(self.heap, key=lambda e: (-e[0], e[1])))
+        return ClaimsSeen(self.counts["active"], self.counts["orphaned"], self.counts["invalid"], self.oldest,
+                          orphans, tuple(self.invalid), duration)
+
+
+def _claim(read: _Read, verdict: Verdict) -> Claim:
+    state, reason, checked = verdict
+    return Claim(read.item_id, state, reason, read.owner, read.claim_time, read.claimed_at,
+                 read.heartbeat_key if checked else None)
+
+
+def scan_claims(client: redis.Redis, spec: Claims, liveness: Liveness, deadline: float, keep: int = 0) -> ClaimsSeen:
+    """Read and judge every claim (blocking) before ``deadline`` (``time.monotonic()``).
+
+    ``keep``: how many orphaned claims to return (the oldest); 0 for counts only.
+    Raises :class:`ClaimsScanError` when Redis fails or the deadline passes; an id the
+    scan meets twice (``SSCAN`` may return one twice) is counted once.
+    """
+    import redis.exceptions as errors  # noqa: PLC0415 - redis-py is loaded only where claims are configured
+
+    try:
+        return _scan(client, spec, liveness, deadline, keep)
+    except errors.TimeoutError as err:
+        raise ClaimsScanError("timeout", f"Redis did not answer in time: {err}") from err
+    except (errors.AuthenticationError, errors.AuthenticationWrongNumberOfArgsError,
+            errors.NoPermissionError) as err:
+        raise ClaimsScanError("auth", f"{type(err).__name__}: {err}") from err
+    except errors.ConnectionError as err:
+        raise ClaimsScanError("connection", str(err)) from err
+    except errors.ResponseError as err:
+        auth = "NOAUTH" in str(err) or "WRONGPASS" in str(err) or "NOPERM" in str(err)
+        raise ClaimsScanError("auth" if auth else "error", str(err)) from err
+    except (errors.RedisError, OSError) as err:
+        raise ClaimsScanError("error", f"{type(err).__name__}: {err}") from err
+
+
+def _scan(client: redis.Redis, spec: Claims, liveness: Liveness, deadline: float, keep: int) -> ClaimsSeen:
+    started = time.monotonic()
+    now = time.time()
+    fields = list(spec.claim_fields)
+    item_pattern = spec.item_key.encode()
+    heartbeat_pattern = spec.heartbeat_key.encode() if spec.heartbeat_key is not None else None
+    tally = _Tally(keep)
+    seen: set[bytes] = set()
+    beating: dict[bytes, bool] = {}
+    cursor = 0
+    while True:
+        if time.monotonic() > deadline:
+            raise ClaimsScanError("timeout", f"the scan did not finish in time ({len(seen)} claims read)")
+        if spec.claimed_type == "zset":
+            cursor, pairs = client.zscan(spec.claimed_key, cursor, count=SCAN_BATCH)
+            batch: Sequence[object] = [member for member, _score in pairs]
+        else:
+            cursor, batch = client.sscan(spec.claimed_key, cursor, count=SCAN_BATCH)
+        # The client does not decode (decode_responses=False): ids are bytes, kept exact.
+        ids = [i for i in dict.fromkeys(batch) if isinstance(i, bytes) and i not in seen]
+        seen.update(ids)
+        if ids:
+            with client.pipeline(transaction=False) as pipe:
+                for item_id in ids:
+                    pipe.hmget(_key(item_pattern, item_id, None), fields)
+                rows = pipe.execute()
+            reads = [_read(spec, heartbeat_pattern, item_id, row, now) for item_id, row in zip(ids, rows, strict=True)]
+            owners = [None if r.invalid or r.expired else owner_of(spec, r, liveness) for r in reads]
+            # A live owner decides alone: its heartbeat is looked up only when it is not alive here.
+            asked = [r.heartbeat_key if r.heartbeat_key is not None and owner != "alive" else None
+                     for r, owner in zip(reads, owners, strict=True)]
+            unknown = list(dict.fromkeys(k for k in asked if k is not None and k not in beating))
+            if unknown:
+                beating.update(zip(unknown, _exist(client, unknown), strict=True))
+            for r, owner, heartbeat in zip(reads, owners, asked, strict=True):
+                tally.add(r, judge(r, owner, beating[heartbeat] if heartbeat is not None else None))
+        if int(cursor) == 0:
+            break
+    return tally.seen(time.monotonic() - started)
+
+
+def _exist(client: redis.Redis, keys: list[bytes]) -> list[bool]:
+    """Whether each key exists. One ``EXISTS`` of them all (a count) settles a batch where
+    none or all do (the usual case: the heartbeats of dead owners are all gone); a mixed
+    batch asks each key, pipelined."""
+    count = int(client.exists(*keys))
+    if count in (0, len(keys)):
+        return [bool(count)] * len(keys)
+    with client.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.exists(key)
+        return [bool(n) for n in pipe.execute()]
+
+
+def connect(spec: Claims, base_dir: Path) -> redis.Redis:
+    """A redis-py client for ``spec`` (imports redis-py). Commands time out after
+    ``spec.timeout`` and are not retried. Raises ``ConfigError`` for an unreadable secret."""
+    import redis  # noqa: PLC0415 - redis-py is loaded only where claims are configured
+    from redis.backoff import NoBackoff  # noqa: PLC0415
+    from redis.retry import Retry  # noqa: PLC0415
+
+    return redis.Redis(host=spec.host, port=spec.port, db=spec.db, username=spec.username,
+                       password=read_secret(spec.password, base_dir) if spec.password is not None else None,
+                       ssl=spec.tls, ssl_ca_certs=str(resolve_path(base_dir, spec.ca_file)) if spec.ca_file else None,
+                       socket_timeout=spec.timeout, socket_connect_timeout=spec.timeout,
+                       retry=Retry(NoBackoff(), 0))
+
+
+class ClaimsWatch:
+    """One service's claims as the exporter shows them: the last scan that finished
+    (:attr:`seen`; all 0 before the first) and scan errors by reason (:attr:`errors`).
+    A failed scan leaves the last view in place, as a timed-out process scan does."""
+
+    def __init__(self, service: str, spec: Claims, base_dir: Path, reader: ProcReader | None = None) -> None:
+        self.service = service
+        self.spec = spec
+        self.base_dir = base_dir
+        self.reader = reader or ProcReader()
+        self.seen = ClaimsSeen()
+        self.errors: Counter[str] = Counter(dict.fromkeys(SCAN_ERROR_REASONS, 0))
+        self._client: redis.Redis | None = None
+
+    def scan(self, scrape_deadline: float) -> ClaimsSeen:
+        """Scan (blocking) within ``claims.timeout``. Never raises: a failure is counted and
+        logged, and the last view is returned. A scan that ends after ``scrape_deadline``
+        (``time.monotonic()``) still replaces the view, for the next scrape, and is counted
+        as a ``timeout``: the scrape that asked for it showed the view before."""
+        try:
+            if self._client is None:
+                self._client = connect(self.spec, self.base_dir)
+            self.seen = scan_claims(self._client, self.spec, Liveness(self.reader),
+                                    time.monotonic() + self.spec.timeout)
+            if time.monotonic() > scrape_deadline:
+                self.failed("timeout", f"the scan took {self.seen.duration_seconds:.2f}s, more than the scrape "
+                                       "allowed; the next scrape shows it")
+        except ClaimsScanError as err:
+            self.failed(err.reason, err.detail)
+            if err.reason in ("connection", "auth"):
+                self.close()  # the next scan connects again (and reads the secret again)
+        except ConfigError as err:
+            self.failed("auth", str(err))
+        return self.seen
+
+    def failed(self, reason: str, detail: str) -> None:
+        self.errors[reason] += 1
+        log.warning("claims of %s: scan failed (%s): %s", self.service, reason, detail)
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()

@@ -1,0 +1,75 @@
+"""Helpers of the claims tests: a config with ``claims:``, claims written as a worker
+of the issue's layout writes them, and the real worker program."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from exporter.config import Config, parse_config
+
+from .conftest import REPO, Children
+
+WORKER = REPO / "tests" / "claims_worker.py"
+
+
+def claims_config(port: int, tmp_path: Path, service: str = "worker", **claims: Any) -> Config:
+    """One service ``service`` (no process of it runs, and none need to) with
+    ``claims: {port, **claims}`` that allows ``release_claims``."""
+    return parse_config({"exporter": {"state_file": "state.json"}, "receiver": {"state_file": "state.sqlite"},
+                         "services": {service: {"match": {"comm": "^nothing-matches$"}, "processes": {"min": 0},
+                                                "claims": {"port": port, **claims},
+                                                "remediation": {"allow": ["release_claims"]}}}},
+                        base_dir=tmp_path)
+
+
+def iso(when: float) -> str:
+    """ISO 8601 in UTC with milliseconds, as JavaScript's ``toISOString()`` writes it."""
+    return datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def put_claim(r: redis.Redis, item_id: str, owner: str, pid: int | str | None, claimed_at: float | str,
+              host: str | None = None, heartbeat_ttl: float | None = None, **extra: str) -> None:
+    """A claim in the issue's layout: the id in ``processing_issues``, ``issue:{id}`` with
+    ``status=processing``, the owner, pid, host and claim time (a float is written as
+    ISO 8601), and ``heartbeat:{owner}`` if ``heartbeat_ttl`` is given."""
+    fields: dict[str, str] = {"status": "processing", "processId": owner, "taskType": "summarize", **extra}
+    fields["startTime"] = iso(claimed_at) if isinstance(claimed_at, float) else claimed_at
+    if pid is not None:
+        fields["pid"] = str(pid)
+    if host is not None:
+        fields["host"] = host
+    with r.pipeline(transaction=True) as pipe:
+        pipe.sadd("processing_issues", item_id)
+        pipe.hset(f"issue:{item_id}", mapping=fields)  # type: ignore[arg-type]
+        if heartbeat_ttl is not None:
+            pipe.set(f"heartbeat:{owner}", "1", px=int(heartbeat_ttl * 1000))
+        pipe.execute()
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped) just now."""
+    proc = subprocess.Popen(["true"])
+    proc.wait(10)
+    return proc.pid
+
+
+def worker_env(port: int) -> dict[str, str]:
+    return {**os.environ, "CARETAKER_CLAIMS_REDIS_URL": f"redis://127.0.0.1:{port}/0"}
+
+
+def start_worker(children: Children, port: int, tag: str, *args: str, log: Path | None = None) -> Any:
+    """The real worker program (tests/claims_worker.py), its output to ``log``."""
+    out = open(log, "ab") if log is not None else None  # the child has its own copy once started
+    try:
+        return children.start([sys.executable, str(WORKER), "--tag", tag, *args], env=worker_env(port),
+                               **({"stdout": out, "stderr": out} if out is not None else {}))
+    finally:
+        if out is not None:
+            out.close()
