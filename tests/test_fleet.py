@@ -1,0 +1,290 @@
+"""Many hosts (docs/fleet.md): each receiver repairs only its own host.
+
+Unit: the host check in decide(), the config keys. With real processes: a receiver in
+fleet mode records and skips what names another host or none, repairs what names its
+own; a Redis shared by several hosts keeps each host's budget apart; a real
+Alertmanager silences only this host's alerts. Assets: the fleet Prometheus config
+(promtool), the route generator (scripts/fleet-alertmanager.py), the dashboards' host
+variable. End to end: three hosts on loopback, one Prometheus, two clustered
+Alertmanagers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+
+from exporter.config import ConfigError, parse_config
+from receiver.alertmanager import host_matcher, silence
+from receiver.app import REGISTRY_KEY
+from receiver.payload import SKIP_REASONS, Alert, decide
+
+from .conftest import AUTH_TOKEN, REPO, Children, free_port, port_open, require_binary, settle, wait_for
+from .test_receiver import AUTH, alert, notification
+from .test_reconcile import config_for, pids, sleeper
+
+SCRIPT = REPO / "scripts" / "fleet-alertmanager.py"
+FLEET = REPO / "prometheus" / "fleet"
+
+
+def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO, check=False, **kwargs)
+
+
+# --- the host check (receiver/payload.py decide) ---------------------------------------------
+
+def one_service(**receiver: Any) -> Any:
+    return parse_config({"receiver": {"host": "web-1", **receiver},
+                         "services": {"redis": {"match": {"comm": "^redis-server$"},
+                                                "start": {"argv": ["redis-server"]},
+                                                "remediation": {"allow": ["restart"]}}}})
+
+
+@pytest.mark.parametrize(("fleet", "host", "status", "reason"), [
+    (False, None, "firing", ""),                # a single host: an alert without the label is its own
+    (False, "web-1", "firing", ""),
+    (False, "web-2", "firing", "other_host"),   # ...but one naming another host never is
+    (False, "", "firing", ""),                  # an empty label is no label, as in Prometheus
+    (False, "web-2", "resolved", "other_host"),  # nor its resolved notification (it closes nothing here)
+    (False, "web-1", "resolved", "resolved"),
+    (True, None, "firing", "no_host"),
+    (True, "", "firing", "no_host"),
+    (True, None, "resolved", "no_host"),
+    (True, "web-1", "firing", ""),
+    (True, "WEB-1", "firing", "other_host"),    # names are compared exactly
+    (True, "web-2", "firing", "other_host"),
+])
+def test_decide_acts_only_on_this_hosts_alerts(fleet: bool, host: str | None, status: str, reason: str) -> None:
+    labels = {"alertname": "CaretakerServiceDown", "service_name": "redis", "remediation": "restart"}
+    if host is not None:
+        labels["host"] = host
+    a = Alert.model_validate(alert("f1", status=status, **labels))
+    decision = decide(a, one_service(fleet=fleet))
+    assert decision.reason == reason
+    assert (decision.service_name, decision.action) == ("redis", "restart")  # the audit row still names them
+
+
+def test_another_hosts_alert_is_other_host_whatever_else_is_wrong_with_it() -> None:
+    a = Alert.model_validate(alert("f1", service_name="ghost", remediation="restart", host="web-2"))
+    assert decide(a, one_service()).reason == "other_host"
+    assert {"other_host", "no_host"} <= set(SKIP_REASONS)
+
+
+def test_host_defaults_to_the_machines_name_and_is_checked() -> None:
+    config = parse_config({"services": {"a": {"match": {"comm": "x"}}}})
+    assert config.receiver.host == socket.gethostname()
+    assert config.receiver.fleet is False
+    with pytest.raises(ConfigError) as err:
+        parse_config({"receiver": {"host": "web 1", "fleet": "sometimes"}, "services": {"a": {"match": {"comm": "x"}}}})
+    text = str(err.value)
+    assert "receiver.host" in text and "receiver.fleet" in text
+
+
+# --- a receiver in fleet mode, with real processes ----------------------------------------------
+
+async def until(predicate: Any, timeout: float, what: str) -> None:
+    """wait_for, without blocking the event loop the receiver under test runs on."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+def skipped(client: Any, reason: str) -> float | None:
+    value: float | None = client.server.app[REGISTRY_KEY].get_sample_value(
+        "caretaker_alerts_skipped_total", {"service_name": "svc", "reason": reason})
+    return value
+
+
+async def test_fleet_receiver_skips_other_hosts_and_unlabelled_alerts_and_repairs_its_own(
+        receiver_for: Any, tmp_path: Path) -> None:
+    config = config_for(tmp_path, {"svc": sleeper()}, host="web-1", fleet=True)
+    client = await receiver_for(config)
+    misrouted = [alert(f"m{i}", service_name="svc", remediation="restart", host="web-2") for i in range(3)]
+    resp = await client.post("/alerts", json=notification(*misrouted, alert("n1", service_name="svc",
+                                                                            remediation="restart")), headers=AUTH)
+    assert (await resp.json())["skipped"] == 4
+    entries = await settle(client)
+    assert pids(config, "svc") == [], "nothing started for another host's alert"
+    rows = {e["reason"]: e for e in entries}
+    assert set(rows) == {"other_host", "no_host"}  # one audit row per reason and hour, with a count
+    assert (rows["other_host"]["times_seen"], rows["other_host"]["decision"]) == (3, "skipped")
+    assert rows["other_host"]["service_name"] == "svc" and rows["other_host"]["action"] == "restart"
+    assert (skipped(client, "other_host"), skipped(client, "no_host")) == (3, 1)
+    problems = (await (await client.get("/api/v1/problems", headers=AUTH)).json())
+    assert problems["data"] == [] and problems["host"] == "web-1"
+
+    # The same alert naming this host is repaired; another host's resolved notification
+    # with the same fingerprint closes nothing here.
+    await client.post("/alerts", json=notification(alert("own", service_name="svc", remediation="restart",
+                                                         host="web-1")), headers=AUTH)
+    await until(lambda: len(pids(config, "svc")) == 1, 20, "the service started")
+    await client.post("/alerts", json=notification(alert("own", status="resolved", service_name="svc",
+                                                         remediation="restart", host="web-2")), headers=AUTH)
+    await settle(client)
+    (problem,) = (await (await client.get("/api/v1/problems", headers=AUTH)).json())["data"]
+    assert problem["fingerprint"] == "own" and problem["state"] == "open"
+    assert skipped(client, "other_host") == 4
+
+
+async def test_single_host_receiver_takes_unlabelled_alerts_but_not_another_hosts(
+        receiver_for: Any, tmp_path: Path) -> None:
+    config = config_for(tmp_path, {"svc": sleeper()}, host="web-1")
+    client = await receiver_for(config)
+    await client.post("/alerts", json=notification(alert("o1", service_name="svc", remediation="restart",
+                                                         host="web-2")), headers=AUTH)
+    await settle(client)
+    assert pids(config, "svc") == []
+    await client.post("/alerts", json=notification(alert("s1", service_name="svc", remediation="restart")),
+                      headers=AUTH)
+    await until(lambda: len(pids(config, "svc")) == 1, 20, "the service started")
+    entries = await settle(client)
+    assert [(e["reason"], e["decision"]) for e in entries if e["fingerprint"] == "~other_host"] == [
+        ("other_host", "skipped")]
+
+
+async def test_plan_and_metrics_say_which_host_the_receiver_repairs(receiver_for: Any, tmp_path: Path) -> None:
+    config = config_for(tmp_path, {"svc": sleeper()}, host="web-1", fleet=True)
+    client = await receiver_for(config)
+    payload = notification(alert("p1", service_name="svc", remediation="restart", host="web-2"),
+                           alert("p2", service_name="svc", remediation="restart"),
+                           alert("p3", service_name="svc", remediation="restart", host="web-1"))
+    body = await (await client.post("/api/v1/plan", json=payload, headers=AUTH)).json()
+    assert (body["host"], body["fleet"]) == ("web-1", True)
+    assert [(p["host"], p["would"], p["reason"]) for p in body["data"]] == [
+        ("web-2", "skip", "other_host"), (None, "skip", "no_host"), ("web-1", "repair", "")]
+    assert await settle(client) == []  # a plan records nothing
+    registry = client.server.app[REGISTRY_KEY]
+    assert registry.get_sample_value("caretaker_receiver_info", {"receiver_host": "web-1", "fleet": "true"}) == 1
+
+
+async def test_caretakerctl_problems_names_the_host(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from aiohttp.test_utils import TestServer
+
+    from exporter.config import load_config
+    from receiver.app import create_app
+    from receiver.ctl import main as ctl
+
+    port = free_port()
+    (tmp_path / "token").write_text(AUTH_TOKEN)
+    (tmp_path / "caretaker.yml").write_text(
+        f"receiver: {{port: {port}, host: db-7, fleet: true, bearer_token: {{file: token}}, state_file: s.sqlite}}\n"
+        "services:\n  svc: {match: {comm: '^caretaker-none$'}, processes: {min: 0, max: 1}}\n")
+    server = TestServer(create_app(load_config(tmp_path / "caretaker.yml")), host="127.0.0.1", port=port)
+    await server.start_server()
+    try:
+        await asyncio.to_thread(ctl, ["--config", str(tmp_path / "caretaker.yml"), "problems"])
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].startswith("   ID SERVICE") and out[-1] == "host: db-7"
+    finally:
+        await server.close()
+
+
+async def test_hosts_sharing_one_redis_keep_their_own_budgets(receiver_for: Any, redis_server: Any,
+                                                              tmp_path: Path) -> None:
+    """In fleet mode the host follows receiver.shared_state.key_prefix: host a's repair
+    neither holds nor spends host b's lock and budget, with the same prefix configured."""
+    port = free_port()
+    redis_server(port)
+    prefix = f"fleet-{uuid.uuid4().hex[:8]}:"
+    clients, configs = [], []
+    for host in ("host-a", "host-b"):
+        (tmp_path / host).mkdir()
+        config = config_for(tmp_path / host, {"svc": sleeper()}, host=host, fleet=True,
+                            attempts={"max": 1, "window": "1h"}, shared_state={"port": port, "key_prefix": prefix})
+        configs.append(config)
+        clients.append(await receiver_for(config))
+    for client, config, host in zip(clients, configs, ("host-a", "host-b"), strict=True):
+        resp = await client.post("/alerts", json=notification(alert(f"f{host[-1]}", service_name="svc",
+                                                                    remediation="restart", host=host)), headers=AUTH)
+        assert resp.status == 200, await resp.text()
+        entries = await settle(client)
+        assert [(e["decision"], e["result"]) for e in entries] == [("acted", "success")], entries
+        assert len(pids(config, "svc")) == 1
+    client = redis.Redis(port=port)
+    try:
+        keys = [k.decode() for k in client.keys(f"{prefix}*")]
+    finally:
+        client.close()
+    assert {k[len(prefix):].split(":", 1)[0] for k in keys} == {"host-a", "host-b"}, keys
+
+
+# --- a real Alertmanager: silences and the exhausted alert name the host ------------------------
+
+@pytest.fixture(scope="module")
+def alertmanager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = require_binary("prometheus-alertmanager", "alertmanager")
+    tmp = tmp_path_factory.mktemp("am")
+    (tmp / "am.yml").write_text("route: {receiver: nobody}\nreceivers: [{name: nobody}]\n")
+    port = free_port()
+    children = Children()
+    children.start([binary, f"--config.file={tmp / 'am.yml'}", f"--storage.path={tmp}",
+                    f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="])
+    try:
+        wait_for(lambda: port_open(port), 20, what="alertmanager")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        children.stop_all()
+
+
+def am_get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.load(resp)
+
+
+def am_post(url: str, body: Any) -> None:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        assert resp.status == 200
+
+
+@pytest.mark.parametrize(("fleet", "silenced"), [(False, {"web-1.example.net", ""}), (True, {"web-1.example.net"})])
+async def test_a_repair_silences_only_this_hosts_alerts(alertmanager: str, fleet: bool, silenced: set[str]) -> None:
+    service = f"svc-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC)
+    alerts = [{"labels": {"alertname": "CaretakerProbeFailing", "service_name": service, **host},
+               "startsAt": now.isoformat(), "endsAt": (now + timedelta(minutes=5)).isoformat()}
+              for host in ({"host": "web-1.example.net"}, {"host": "web-1xexample.net"}, {"host": "web-2"}, {})]
+    am_post(f"{alertmanager}/api/v2/alerts", alerts)
+    async with aiohttp.ClientSession() as session:
+        silence_id = await silence(session, alertmanager, {"service_name": service}, timedelta(minutes=1), "test",
+                                   host_matcher("web-1.example.net", fleet))
+    assert silence_id is not None
+
+    def states() -> dict[str, str]:
+        found = am_get(f"{alertmanager}/api/v2/alerts?filter=service_name%3D%22{service}%22")
+        return {a["labels"].get("host", ""): a["status"]["state"] for a in found}
+
+    await until(lambda: {h for h, s in states().items() if s == "suppressed"} == silenced, 10,
+                f"only {silenced} silenced")
+    assert len(states()) == 4
+
+
+async def test_the_exhausted_alert_names_the_host(receiver_for: Any, tmp_path: Path, alertmanager: str) -> None:
+    config = config_for(tmp_path, {"svc": sleeper(script="import sys; sys.exit(1)")}, host="web-1", fleet=True,
+                        alertmanager_url=alertmanager, attempts={"max": 1, "window": "1h"})
+    client = await receiver_for(config)
+    await client.post("/alerts", json=notification(alert("x1", service_name="svc", remediation="restart",
+                                                         host="web-1")), headers=AUTH)
+
+    def exhausted() -> list[Any]:
+        return [a for a in am_get(f"{alertmanager}/api/v2/alerts?filter=alertname%3D%22CaretakerRepairsExhausted%22")
+                if a["labels"].get("service_name") == "svc"]
+
+    await until(exhausted, 30, "CaretakerRepairsExhausted in Alertmanager")
+    assert exhausted()[0]["labels"]["host"] == "web-1"
