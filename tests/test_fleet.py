@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis
+import yaml
 
 from exporter.config import ConfigError, parse_config
 from receiver.alertmanager import host_matcher, silence
@@ -288,3 +289,19 @@ async def test_the_exhausted_alert_names_the_host(receiver_for: Any, tmp_path: P
 
     await until(exhausted, 30, "CaretakerRepairsExhausted in Alertmanager")
     assert exhausted()[0]["labels"]["host"] == "web-1"
+
+
+# --- assets: the rules keep host --------------------------------------------------------------
+
+def test_every_alert_has_a_fleet_case_showing_it_keeps_host() -> None:
+    rules = yaml.safe_load((REPO / "prometheus" / "rules" / "caretaker-alerts.yml").read_text())
+    names = {r["alert"] for g in rules["groups"] for r in g["rules"]}
+    cases = yaml.safe_load((REPO / "prometheus" / "tests" / "caretaker-fleet.test.yml").read_text())["tests"]
+    shown = set()
+    for case in cases:
+        for t in case.get("promql_expr_test", []):
+            shown |= {s["labels"].split('alertname="')[1].split('"')[0] for s in t["exp_samples"]
+                      if s["labels"].startswith("ALERTS{") and 'host="' in s["labels"]}
+        for t in case.get("alert_rule_test", []):
+            shown |= {t["alertname"] for a in t.get("exp_alerts") or [] if a["exp_labels"].get("host")}
+    assert names <= shown, f"alerts without a promtool case with a host label: {sorted(names - shown)}"
