@@ -15,6 +15,7 @@ import asyncio
 import json
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -291,7 +292,7 @@ async def test_the_exhausted_alert_names_the_host(receiver_for: Any, tmp_path: P
     assert exhausted()[0]["labels"]["host"] == "web-1"
 
 
-# --- assets: the rules keep host --------------------------------------------------------------
+# --- assets: the rules keep host, the route generator ------------------------------------------
 
 def test_every_alert_has_a_fleet_case_showing_it_keeps_host() -> None:
     rules = yaml.safe_load((REPO / "prometheus" / "rules" / "caretaker-alerts.yml").read_text())
@@ -305,3 +306,62 @@ def test_every_alert_has_a_fleet_case_showing_it_keeps_host() -> None:
         for t in case.get("alert_rule_test", []):
             shown |= {t["alertname"] for a in t.get("exp_alerts") or [] if a["exp_labels"].get("host")}
     assert names <= shown, f"alerts without a promtool case with a host label: {sorted(names - shown)}"
+
+
+def generate(hosts: dict[str, Any], tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(hosts, sort_keys=False))
+    return run([sys.executable, str(SCRIPT), *args, str(tmp_path / "hosts.yml")])
+
+
+def test_generated_routes_leave_everything_else_as_it_was(tmp_path: Path) -> None:
+    result = generate({"credentials_file": "/etc/am/token",
+                       "hosts": {"web-1": {"urls": ["http://10.0.0.1:8931/alerts"]},
+                                 "db-1": {"urls": ["http://10.0.0.2:8931/alerts", "http://10.0.0.2:8932/alerts"],
+                                          "credentials_file": "/etc/am/db-token"}}}, tmp_path)
+    assert result.returncode == 0, result.stderr
+    out, base = yaml.safe_load(result.stdout), yaml.safe_load((REPO / "prometheus" / "alertmanager.yml").read_text())
+    routes, base_routes = out["route"].pop("routes"), base["route"].pop("routes")
+    assert out["route"] == base["route"] and out["inhibit_rules"] == base["inhibit_rules"]
+    assert routes[2:] == base_routes[1:]  # people's routes, unchanged, after the per-host ones
+    assert [r["matchers"] for r in routes[:2]] == [['remediation=~".+"', 'host="web-1"'],
+                                                   ['remediation=~".+"', 'host="db-1"']]
+    assert all(r["continue"] and "host" in r["group_by"] for r in routes[:2])
+    receivers = {r["name"]: r for r in out["receivers"]}
+    assert "caretaker" not in receivers
+    assert [(w["url"], w["http_config"]["authorization"]["credentials_file"])
+            for w in receivers["caretaker-db-1"]["webhook_configs"]] == [
+        ("http://10.0.0.2:8931/alerts", "/etc/am/db-token"), ("http://10.0.0.2:8932/alerts", "/etc/am/db-token")]
+    assert receivers["caretaker-web-1"]["webhook_configs"][0]["http_config"]["authorization"] == {
+        "type": "Bearer", "credentials_file": "/etc/am/token"}
+    assert all(w["send_resolved"] for r in receivers.values() for w in r.get("webhook_configs", []))
+    assert {n: r for n, r in receivers.items() if not n.startswith("caretaker")} == {
+        r["name"]: r for r in base["receivers"] if r["name"] != "caretaker"}
+
+
+@pytest.mark.parametrize(("hosts", "message"), [
+    ({"hosts": {"web 1": {"urls": ["http://a/alerts"]}}}, "hosts.web 1: a host name is"),
+    ({"hosts": {"web-1": {"urls": []}}}, "hosts.web-1.urls: must be a list"),
+    ({"hosts": {"web-1": {"urls": ["ftp://a"]}, "web-2": {"url": "http://b"}}},
+     "hosts.web-1.urls[0]: not an http(s) URL"),
+    ({"hosts": {}}, "hosts: must map each host name"),
+    ({"hosts": {"web-1": {"urls": ["http://a/alerts"]}}, "token": "x"}, "token: unknown key"),
+])
+def test_a_bad_host_list_is_refused_naming_the_place(tmp_path: Path, hosts: dict[str, Any], message: str) -> None:
+    result = generate(hosts, tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert message in result.stderr
+
+
+def test_a_base_without_the_caretaker_route_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "base.yml").write_text("route: {receiver: people}\nreceivers: [{name: people}]\n")
+    result = generate({"hosts": {"web-1": {"urls": ["http://a/alerts"]}}}, tmp_path,
+                      "--base", str(tmp_path / "base.yml"))
+    assert result.returncode == 2
+    assert "no route to the receiver 'caretaker'" in result.stderr
+
+
+def test_the_example_fleet_alertmanager_config_is_what_the_script_makes() -> None:
+    result = run([sys.executable, str(SCRIPT), "prometheus/fleet/hosts.yml"])
+    assert result.returncode == 0, result.stderr
+    assert (FLEET / "alertmanager.yml").read_text() == result.stdout, (
+        "run: scripts/fleet-alertmanager.py prometheus/fleet/hosts.yml > prometheus/fleet/alertmanager.yml")
