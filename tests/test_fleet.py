@@ -292,7 +292,19 @@ async def test_the_exhausted_alert_names_the_host(receiver_for: Any, tmp_path: P
     assert exhausted()[0]["labels"]["host"] == "web-1"
 
 
-# --- assets: the rules keep host, the route generator ------------------------------------------
+# --- assets: Prometheus, the route generator ----------------------------------------------------
+
+def test_fleet_prometheus_config_is_valid_and_every_target_gets_a_host() -> None:
+    promtool = require_binary("promtool")
+    result = run([promtool, "check", "config", str(FLEET / "prometheus.yml")])
+    assert result.returncode == 0, result.stdout + result.stderr
+    for job, hosts in (("caretaker-exporter", ["web-1", "web-2", "db-1"]),
+                       ("caretaker-receiver", ["web-1", "web-2", "db-1", "db-1"])):
+        result = run([promtool, "check", "service-discovery", "--timeout=5s", str(FLEET / "prometheus.yml"), job])
+        assert result.returncode == 0, result.stderr
+        targets = json.loads(result.stdout)
+        assert [t["labels"]["host"] for t in targets] == hosts  # from the file, or from the address (db-1:8930)
+
 
 def test_every_alert_has_a_fleet_case_showing_it_keeps_host() -> None:
     rules = yaml.safe_load((REPO / "prometheus" / "rules" / "caretaker-alerts.yml").read_text())
