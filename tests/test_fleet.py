@@ -292,7 +292,7 @@ async def test_the_exhausted_alert_names_the_host(receiver_for: Any, tmp_path: P
     assert exhausted()[0]["labels"]["host"] == "web-1"
 
 
-# --- assets: Prometheus, the route generator ----------------------------------------------------
+# --- assets: Prometheus, the route generator, the dashboards --------------------------------------
 
 def test_fleet_prometheus_config_is_valid_and_every_target_gets_a_host() -> None:
     promtool = require_binary("promtool")
@@ -377,3 +377,21 @@ def test_the_example_fleet_alertmanager_config_is_what_the_script_makes() -> Non
     assert result.returncode == 0, result.stderr
     assert (FLEET / "alertmanager.yml").read_text() == result.stdout, (
         "run: scripts/fleet-alertmanager.py prometheus/fleet/hosts.yml > prometheus/fleet/alertmanager.yml")
+
+
+def test_every_dashboard_query_selects_the_host_and_keeps_it() -> None:
+    import re
+
+    from grafana.generate import queries
+
+    selector = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\}")
+    for board, title, exprs in queries({"host": "HOST", "service_name": ".*"}):
+        for expr in exprs:
+            found = selector.findall(expr)
+            assert found, f"{board}/{title}: {expr}"
+            assert all('host=~"HOST"' in labels for _, labels in found), f"{board}/{title}: {expr}"
+            for by in re.findall(r"by \(([^)]*)\)", expr):
+                assert "host" in by or "le" in by.split(", "), f"{board}/{title}: an aggregation drops host: {expr}"
+    for path in sorted((REPO / "grafana" / "dashboards").glob("*.json")):
+        variables = json.loads(path.read_text())["templating"]["list"]
+        assert [(v["name"], v["allValue"]) for v in variables] == [("host", ".*"), ("service_name", ".*")]
