@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,12 +32,14 @@ import pytest
 import redis
 import yaml
 
+from demo.stack import Fleet, Stack
+from exporter.client import send
 from exporter.config import ConfigError, parse_config
 from receiver.alertmanager import host_matcher, silence
 from receiver.app import REGISTRY_KEY
 from receiver.payload import SKIP_REASONS, Alert, decide
 
-from .conftest import AUTH_TOKEN, REPO, Children, free_port, port_open, require_binary, settle, wait_for
+from .conftest import AUTH_TOKEN, REPO, free_port, require_binary, settle, wait_for
 from .test_receiver import AUTH, alert, notification
 from .test_reconcile import config_for, pids, sleeper
 
@@ -227,22 +231,6 @@ async def test_hosts_sharing_one_redis_keep_their_own_budgets(receiver_for: Any,
 
 # --- a real Alertmanager: silences and the exhausted alert name the host ------------------------
 
-@pytest.fixture(scope="module")
-def alertmanager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = require_binary("prometheus-alertmanager", "alertmanager")
-    tmp = tmp_path_factory.mktemp("am")
-    (tmp / "am.yml").write_text("route: {receiver: nobody}\nreceivers: [{name: nobody}]\n")
-    port = free_port()
-    children = Children()
-    children.start([binary, f"--config.file={tmp / 'am.yml'}", f"--storage.path={tmp}",
-                    f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="])
-    try:
-        wait_for(lambda: port_open(port), 20, what="alertmanager")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        children.stop_all()
-
-
 def am_get(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=5) as resp:
         return json.load(resp)
@@ -395,3 +383,198 @@ def test_every_dashboard_query_selects_the_host_and_keeps_it() -> None:
     for path in sorted((REPO / "grafana" / "dashboards").glob("*.json")):
         variables = json.loads(path.read_text())["templating"]["list"]
         assert [(v["name"], v["allValue"]) for v in variables] == [("host", ".*"), ("service_name", ".*")]
+
+
+# --- end to end: three hosts, one Prometheus, two clustered Alertmanagers ----------------------
+
+HOSTS = ("host-1", "host-2", "host-3")
+
+
+class FleetEnv:
+    def __init__(self, fleet: Fleet, redis_ports: dict[str, int]) -> None:
+        self.fleet = fleet
+        self.redis_ports = redis_ports
+
+    def stack(self, host: str) -> Stack:
+        return self.fleet.hosts[host]
+
+    def request(self, url: str, token: str | None = None, body: Any = None) -> Any:
+        req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                     method="GET" if body is None else "POST",
+                                     headers={"Content-Type": "application/json"})
+        if token is not None:
+            req.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.load(resp)
+
+    def receiver(self, host: str, path: str, body: Any = None) -> Any:
+        stack = self.stack(host)
+        assert stack.token_path is not None
+        return self.request(f"http://127.0.0.1:{stack.config.receiver.port}{path}",
+                            stack.token_path.read_text().strip(), body)
+
+    def audit(self, host: str) -> list[dict[str, Any]]:
+        data: list[dict[str, Any]] = self.receiver(host, "/api/v1/remediations?limit=500")["data"]
+        return data
+
+    def acted(self, host: str, since: float = 0.0) -> list[dict[str, Any]]:
+        return [e for e in self.audit(host) if e["decision"] == "acted" and e["received_at"] >= since]
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.request(
+            f"http://127.0.0.1:{self.fleet.prometheus_port}/api/v1/query?"
+            + urllib.parse.urlencode({"query": promql}))["data"]["result"]
+        return result
+
+    def redis_pids(self, host: str) -> list[int]:
+        return pids(self.stack(host).config, "redis")
+
+    def alertmanager_metric(self, port: int, name: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            lines = resp.read().decode().splitlines()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name))
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetEnv]:
+    redis_bin = require_binary("redis-server")
+    require_binary("prometheus")
+    require_binary("prometheus-alertmanager", "alertmanager")
+    tmp = tmp_path_factory.mktemp("fleet")
+    hosts, redis_ports = {}, {}
+    for host in HOSTS:
+        home = tmp / host
+        home.mkdir()
+        redis_ports[host] = port = free_port()
+        # All hosts share this machine's /proc: each config matches only its own Redis, by port.
+        config = {
+            "exporter": {"port": free_port()},
+            "receiver": {"port": free_port(), "host": host, "fleet": True, "bearer_token": {"file": "secrets/token"},
+                         "state_file": "state.sqlite", "cooldown": "2s"},
+            "services": {"redis": {
+                "match": {"comm": "^redis-server$", "cmdline": f":{port}\\b"},
+                "probes": [{"name": "port", "type": "tcp", "port": port, "timeout": "1s"}],
+                "start": {"argv": [redis_bin, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                                   "--appendonly", "no", "--dir", str(home)], "log_file": "logs/redis.log"},
+                "stop": {"grace_period": "5s"},
+                "remediation": {"allow": ["restart"], "verify_timeout": "20s"},
+                # What the dashboards' core panels show.
+                "ports": [port], "data_paths": [str(home)], "logs": [{"path": "logs/redis.log"}],
+                "files": [{"path": "state.json", "format": "json"}], "heartbeats": [{"name": "beat", "timeout": "1h"}],
+            }},
+        }
+        (home / "state.json").write_text('{"ok": true}')
+        (home / "caretaker.yml").write_text(yaml.safe_dump(config))
+        hosts[host] = Stack(home / "caretaker.yml", home / "run")
+    stack = Fleet(hosts, tmp / "fleet", prometheus_port=free_port(), alertmanager_ports=(free_port(), free_port()),
+                  cluster_ports=(free_port(), free_port()),
+                  alertmanager_overrides={"group_interval": "1s", "repeat_interval": "3s"})
+    env = FleetEnv(stack, redis_ports)
+    try:
+        stack.start()
+        stack.wait_ready(90)
+        for host in hosts.values():
+            assert send("beat", f"http://127.0.0.1:{host.config.exporter.port}")
+        wait_for(lambda: {(r["metric"]["job"], r["metric"].get("host")) for r in env.query("up == 1")} == {
+            (job, h) for job in ("caretaker-exporter", "caretaker-receiver") for h in HOSTS}, 90, 0.5,
+            what="Prometheus scraping the six caretaker programs, each with its host label")
+        wait_for(lambda: len(env.query("caretaker_service_health_ratio == 1")) == 3, 60, 0.5,
+                 what="each host's Redis healthy in Prometheus")
+        for port in stack.alertmanager_ports:
+            wait_for(lambda p=port: len(env.request(f"http://127.0.0.1:{p}/api/v2/status")["cluster"]["peers"]) == 2,
+                     60, 0.5, what=f"the Alertmanager on {port} to see its peer")
+        yield env
+    finally:
+        stack.stop()
+        for log in stack.logs():
+            tail = "".join(log.read_text(errors="replace").splitlines(True)[-15:])
+            sys.stderr.write(f"--- {log.relative_to(tmp)} (tail)\n{tail}")
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_every_receiver_knows_its_host_as_prometheus_labels_it(fleet: FleetEnv) -> None:
+    info = fleet.query("caretaker_receiver_info")
+    assert sorted((r["metric"]["host"], r["metric"]["receiver_host"], r["metric"]["fleet"]) for r in info) == [
+        (h, h, "true") for h in HOSTS]
+    # Pending for a moment at start (a receiver scraped before an exporter), never firing.
+    assert not fleet.query('ALERTS{alertname=~"CaretakerReceiverHostMismatch|CaretakerReceiverDown|'
+                           'CaretakerExporterDown",alertstate="firing"}')
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_redis_killed_on_host_2_is_restarted_once_by_host_2s_receiver_only(fleet: FleetEnv) -> None:
+    before = {h: fleet.redis_pids(h) for h in HOSTS}
+    assert all(len(p) == 1 for p in before.values()), before
+    received = {p: fleet.alertmanager_metric(p, "alertmanager_alerts_received_total")
+                for p in fleet.fleet.alertmanager_ports}
+    broken_at = time.time()
+    os.kill(before["host-2"][0], signal.SIGKILL)
+    wait_for(lambda: any(e["result"] == "success" for e in fleet.acted("host-2", broken_at)), 120, 0.5,
+             what="host-2's receiver to restart its Redis")
+    client = redis.Redis(host="127.0.0.1", port=fleet.redis_ports["host-2"], socket_timeout=5)
+    try:
+        assert client.ping() is True
+    finally:
+        client.close()
+    # Alertmanager resends every 3s while the alert fires; then it resolves.
+    wait_for(lambda: not fleet.query('ALERTS{alertname="CaretakerServiceDown"}'), 60, 0.5,
+             what="CaretakerServiceDown to resolve")
+    time.sleep(5)
+    (entry,) = fleet.acted("host-2", broken_at)
+    assert (entry["alertname"], entry["service_name"]) == ("CaretakerServiceDown", "redis")
+    assert any(s["message"].startswith("started ") for s in entry["steps"])
+    (new,) = fleet.redis_pids("host-2")
+    assert new != before["host-2"][0]
+    for host in ("host-1", "host-3"):
+        assert fleet.acted(host) == [], f"{host} acted"
+        assert fleet.redis_pids(host) == before[host], f"{host}'s Redis changed"
+    # Prometheus sent the alert to both members of the pair; the pair notified, one of them at least.
+    for port, count in received.items():
+        assert fleet.alertmanager_metric(port, "alertmanager_alerts_received_total") > count, port
+    sent = sum(fleet.alertmanager_metric(p, 'alertmanager_notifications_total{integration="webhook"}')
+               for p in fleet.fleet.alertmanager_ports)
+    assert sent >= 1
+    print(f"host-2's redis healed in {entry['finished_at'] - broken_at:.2f}s; {sent:g} webhook notifications")
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_a_notification_sent_to_the_wrong_receiver_is_other_host_and_changes_nothing(fleet: FleetEnv) -> None:
+    # An alert whose condition the receiver cannot observe: without the host check, the
+    # receiver would act on it once (restart host-1's Redis), as the last step shows.
+    labels = {"alertname": "FleetMisrouted", "service_name": "redis", "remediation": "restart", "severity": "critical"}
+    before = {h: fleet.redis_pids(h) for h in HOSTS}
+    answer = fleet.receiver("host-1", "/alerts", notification(alert("m1fleet", **labels, host="host-2")))
+    assert (answer["queued"], answer["skipped"]) == (0, 1)
+    plan = fleet.receiver("host-1", "/api/v1/plan", notification(alert("m2fleet", **labels, host="host-2")))
+    assert plan["host"] == "host-1"
+    assert [(p["host"], p["would"], p["reason"]) for p in plan["data"]] == [("host-2", "skip", "other_host")]
+    time.sleep(3)
+    (row,) = [e for e in fleet.audit("host-1") if e["reason"] == "other_host"]
+    assert (row["decision"], row["alertname"], row["service_name"]) == ("skipped", "FleetMisrouted", "redis")
+    assert fleet.acted("host-1") == [] and fleet.receiver("host-1", "/api/v1/problems")["data"] == []
+    assert {h: fleet.redis_pids(h) for h in HOSTS} == before
+    wait_for(lambda: fleet.query('caretaker_alerts_skipped_total{host="host-1",reason="other_host"} == 1'), 30, 0.5,
+             what="the skip counted in Prometheus")
+
+    # The same notification naming host-1 is host-1's: acted on.
+    fleet.receiver("host-1", "/alerts", notification(alert("m3fleet", **labels, host="host-1")))
+    wait_for(lambda: any(e["alertname"] == "FleetMisrouted" for e in fleet.acted("host-1")), 60, 0.5,
+             what="host-1's receiver to act on its own alert")
+    assert fleet.redis_pids("host-2") == before["host-2"] and fleet.redis_pids("host-3") == before["host-3"]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_dashboard_queries_with_one_host_picked_show_only_that_host(fleet: FleetEnv) -> None:
+    from grafana.generate import CORE, queries
+
+    empty_core = []
+    for board, title, exprs in queries({"host": "host-2", "service_name": ".*"}):
+        results = [r for expr in exprs for r in fleet.query(expr)]  # HTTP 400 if one does not parse
+        assert {r["metric"]["host"] for r in results if "host" in r["metric"]} <= {"host-2"}, (board, title)
+        if title in CORE[board] and not results:
+            empty_core.append(f"{board}: {title}")
+    assert not empty_core, f"core panels without data for host-2: {empty_core}"
