@@ -42,9 +42,9 @@ async def post_alert(session: aiohttp.ClientSession, base_url: str, labels: dict
 def host_matcher(host: str, fleet: bool) -> dict[str, object]:
     """A silence matcher (API v2 shape) for the alerts of this host: its ``host`` label is
     ``host``, or, in single-host mode, absent (an empty regex alternative matches a
-    missing label). A host name holds letters, digits, ``_``, ``-`` and ``.`` only
-    (``receiver.host``), so escaping the dots makes it literal."""
-    literal = host.replace(".", r"\.")
+    missing label). Every character but a letter, digit, ``_`` and ``-`` is escaped: RE2
+    (Alertmanager's regexes) takes an escaped punctuation character as itself."""
+    literal = "".join(c if c.isalnum() or c in "_-" else f"\\{c}" for c in host)
     return {"name": HOST_LABEL, "value": literal if fleet else f"({literal})?", "isRegex": True, "isEqual": True}
 
 
