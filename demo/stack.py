@@ -6,6 +6,12 @@ Prometheus and Alertmanager get their configs rendered from the shipped ones in
 ``prometheus/`` into the run directory, with only the addresses changed (and the
 token path made absolute), so the stack tests the files users deploy.
 
+:class:`Fleet` is several hosts on one machine (docs/fleet.md): a :class:`Stack` per
+host without Prometheus and Alertmanager, one Prometheus scraping every host with a
+``host`` label per target (``prometheus/fleet/prometheus.yml``, file-based discovery),
+and two Alertmanagers clustered with each other, routing each host's repairs to its
+receiver (``scripts/fleet-alertmanager.py``).
+
 Stopping: every program the stack started runs in its own process group and is
 stopped by group (SIGTERM, then SIGKILL after a grace period); the watched services,
 which caretaker may have restarted since, are found by the config's ``match`` and
@@ -24,6 +30,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +103,71 @@ class Child:
     url: str
 
 
+def spawn(children: list[Child], run_dir: Path, name: str, argv: list[str], url: str) -> None:
+    """Start ``argv`` in a process group of its own, output to ``run_dir/logs/NAME.log``;
+    ``url`` answers 200 once it is ready."""
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / f"{name}.log", "ab") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=REPO)
+    children.append(Child(name, proc, url))
+
+
+def wait_ready(children: Sequence[Child], run_dir: Path, timeout: float) -> None:
+    """Wait until every child answers at its URL; ``StackError`` if one exits or the time is up."""
+    deadline = time.monotonic() + timeout
+    for child in children:
+        while not http_ok(child.url):
+            if child.proc.poll() is not None:
+                raise StackError(f"{child.name} exited with status {child.proc.returncode}; see "
+                                 f"{run_dir / 'logs' / (child.name + '.log')}")
+            if time.monotonic() > deadline:
+                raise StackError(f"{child.name} not ready at {child.url} within {timeout:g}s")
+            time.sleep(0.1)
+
+
+def stop_children(children: list[Child], grace: float) -> None:
+    """SIGTERM to each child's process group, SIGKILL to what is left after ``grace`` seconds."""
+    for child in reversed(children):
+        if child.proc.poll() is None:
+            try:
+                os.killpg(child.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    for child in reversed(children):
+        try:
+            child.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(child.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            child.proc.wait(5)
+    children.clear()
+
+
+def prometheus_argv(binary: str, config: Path, port: int, data: Path) -> list[str]:
+    return [binary, f"--config.file={config}", f"--storage.tsdb.path={data}", "--storage.tsdb.retention.time=2d",
+            f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
+
+
+def alertmanager_argv(binary: str, config: Path, port: int, data: Path, cluster: Sequence[str] = ()) -> list[str]:
+    """Alertmanager on 127.0.0.1; ``cluster`` its ``--cluster.*`` flags (none: clustering off)."""
+    return [binary, f"--config.file={config}", f"--storage.path={data}", f"--web.listen-address=127.0.0.1:{port}",
+            *(cluster or ["--cluster.listen-address="]), "--log.level=warn"]
+
+
+def override_routes(am: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Set ``overrides`` (group_interval, repeat_interval...) on the top route, and on each
+    child route that sets that key itself."""
+    for route in [am["route"], *am["route"].get("routes", [])]:
+        for key, value in overrides.items():
+            if route is am["route"] or key in route:
+                route[key] = value
+
+
 @dataclass
 class Stack:
     config_path: Path
@@ -148,10 +220,7 @@ class Stack:
             hook["http_config"]["authorization"]["credentials_file"] = str(self.token_path)
         else:
             del hook["http_config"]
-        for route in [am["route"], *am["route"].get("routes", [])]:
-            for key, value in self.alertmanager_overrides.items():
-                if route is am["route"] or key in route:
-                    route[key] = value
+        override_routes(am, self.alertmanager_overrides)
         (out / "prometheus.yml").write_text(yaml.safe_dump(prom, sort_keys=False))
         (out / "alertmanager.yml").write_text(yaml.safe_dump(am, sort_keys=False))
         return out / "prometheus.yml", out / "alertmanager.yml"
@@ -168,12 +237,7 @@ class Stack:
 
     # --- processes --------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str], url: str) -> None:
-        logs = self.run_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        with open(logs / f"{name}.log", "ab") as out:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True, cwd=REPO)
-        self.children.append(Child(name, proc, url))
+        spawn(self.children, self.run_dir, name, argv, url)
 
     def start_services(self, dependency_wait: float = 10.0) -> list[str]:
         """Start each watched service that has a start command and is not running, in
@@ -202,6 +266,16 @@ class Stack:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ensure_token()
         prom_yml, am_yml = self.render_assets()
+        self.start_caretaker()
+        self._spawn("alertmanager", alertmanager_argv(self.binaries["alertmanager"], am_yml, self.alertmanager_port,
+                                                      self.run_dir / "alertmanager-data"),
+                    f"http://127.0.0.1:{self.alertmanager_port}/-/ready")
+        self._spawn("prometheus", prometheus_argv(self.binaries["prometheus"], prom_yml, self.prometheus_port,
+                                                  self.run_dir / "prometheus-data"),
+                    f"http://127.0.0.1:{self.prometheus_port}/-/ready")
+
+    def start_caretaker(self) -> None:
+        """The watched services that are not running, the exporter and the receiver."""
         self.start_services()
         cfg = str(self.config_path)
         exp, recv = self.config.exporter, self.config.receiver
@@ -209,47 +283,13 @@ class Stack:
                     f"http://127.0.0.1:{exp.port}/metrics")
         self._spawn("receiver", [self.python, "-m", "receiver.app", "--config", cfg],
                     f"http://127.0.0.1:{recv.port}/-/healthy")
-        self._spawn("alertmanager", [
-            self.binaries["alertmanager"], f"--config.file={am_yml}",
-            f"--storage.path={self.run_dir / 'alertmanager-data'}",
-            f"--web.listen-address=127.0.0.1:{self.alertmanager_port}", "--cluster.listen-address=",
-            "--log.level=warn"], f"http://127.0.0.1:{self.alertmanager_port}/-/ready")
-        self._spawn("prometheus", [
-            self.binaries["prometheus"], f"--config.file={prom_yml}",
-            f"--storage.tsdb.path={self.run_dir / 'prometheus-data'}", "--storage.tsdb.retention.time=2d",
-            f"--web.listen-address=127.0.0.1:{self.prometheus_port}", "--log.level=warn"],
-            f"http://127.0.0.1:{self.prometheus_port}/-/ready")
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        for child in self.children:
-            while not http_ok(child.url):
-                if child.proc.poll() is not None:
-                    raise StackError(f"{child.name} exited with status {child.proc.returncode}; see "
-                                     f"{self.run_dir / 'logs' / (child.name + '.log')}")
-                if time.monotonic() > deadline:
-                    raise StackError(f"{child.name} not ready at {child.url} within {timeout:g}s")
-                time.sleep(0.1)
+        wait_ready(self.children, self.run_dir, timeout)
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop what the stack started, then the config's services (found by match)."""
-        for child in reversed(self.children):
-            if child.proc.poll() is None:
-                try:
-                    os.killpg(child.proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + grace
-        for child in reversed(self.children):
-            try:
-                child.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(child.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                child.proc.wait(5)
-        self.children.clear()
+        stop_children(self.children, grace)
         self.stop_services(grace)
 
     def stop_services(self, grace: float = 5.0) -> None:
@@ -295,6 +335,120 @@ class Stack:
             "Ctrl+C stops everything.",
         ]
         return "\n".join(lines)
+
+
+FLEET_PROMETHEUS = ASSETS / "fleet" / "prometheus.yml"
+FLEET_ALERTMANAGER = REPO / "scripts" / "fleet-alertmanager.py"
+
+
+@dataclass
+class Fleet:
+    """Several hosts on one machine: each host's :class:`Stack` runs its services,
+    exporter and receiver (its Prometheus and Alertmanager ports are not used), and the
+    fleet runs one Prometheus and a pair of clustered Alertmanagers for all of them.
+
+    ``hosts`` maps a host's name (its ``receiver.host``, the ``host`` label of its
+    targets) to its stack; every host's receiver needs a bearer token. Prometheus's
+    config is ``prometheus/fleet/prometheus.yml`` with its intervals set to ``interval``
+    and its target files written here; Alertmanager's is what
+    ``scripts/fleet-alertmanager.py`` makes of ``prometheus/alertmanager.yml``, with
+    ``alertmanager_overrides`` applied to its routes.
+    """
+
+    hosts: dict[str, Stack]
+    run_dir: Path
+    prometheus_port: int
+    alertmanager_ports: tuple[int, int]
+    cluster_ports: tuple[int, int]
+    """The Alertmanagers' gossip ports (--cluster.listen-address), each the other's peer."""
+    interval: str = "1s"
+    python: str = sys.executable
+    alertmanager_overrides: dict[str, Any] = field(default_factory=dict)
+    children: list[Child] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir).resolve()
+        self.binaries = find_binaries(("prometheus", "alertmanager"))
+        for name, stack in self.hosts.items():
+            if stack.config.receiver.host != name or stack.token_path is None:
+                raise StackError(f"host {name}: its config needs receiver.host {name} and a receiver.bearer_token")
+
+    def render_prometheus(self) -> Path:
+        """prometheus.yml and the file_sd target files (a ``host`` label each) in the run directory."""
+        out = self.run_dir / "prometheus"
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(ASSETS / "rules", out / "rules")
+        prom = yaml.safe_load(FLEET_PROMETHEUS.read_text())
+        prom["global"].update(scrape_interval=self.interval, scrape_timeout=self.interval,
+                              evaluation_interval=self.interval)
+        prom["rule_files"] = [str(out / "rules" / "*.yml")]
+        prom["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = [
+            f"127.0.0.1:{port}" for port in self.alertmanager_ports]
+        (out / "targets").mkdir()
+        for job in prom["scrape_configs"]:
+            exporter = job["job_name"] == "caretaker-exporter"
+            groups = [{"targets": [f"127.0.0.1:{s.config.exporter.port if exporter else s.config.receiver.port}"],
+                       "labels": {"host": name}} for name, s in self.hosts.items()]
+            path = out / "targets" / f"{job['job_name']}.yml"
+            path.write_text(yaml.safe_dump(groups, sort_keys=False))
+            job["file_sd_configs"][0]["files"] = [str(path)]
+        (out / "prometheus.yml").write_text(yaml.safe_dump(prom, sort_keys=False))
+        return out / "prometheus.yml"
+
+    def render_alertmanager(self) -> Path:
+        """alertmanager.yml from scripts/fleet-alertmanager.py: a route and receiver per host."""
+        out = self.run_dir / "alertmanager"
+        out.mkdir(parents=True, exist_ok=True)
+        hosts = {name: {"urls": [f"http://127.0.0.1:{s.config.receiver.port}/alerts"],
+                        "credentials_file": str(s.token_path)} for name, s in self.hosts.items()}
+        (out / "hosts.yml").write_text(yaml.safe_dump({"hosts": hosts}, sort_keys=False))
+        result = subprocess.run([self.python, str(FLEET_ALERTMANAGER), str(out / "hosts.yml")], capture_output=True,
+                                text=True, timeout=60, check=False)
+        if result.returncode != 0:
+            raise StackError(f"scripts/fleet-alertmanager.py failed: {result.stderr.strip()}")
+        am = yaml.safe_load(result.stdout)
+        override_routes(am, self.alertmanager_overrides)
+        (out / "alertmanager.yml").write_text(yaml.safe_dump(am, sort_keys=False))
+        return out / "alertmanager.yml"
+
+    def start(self) -> None:
+        for stack in self.hosts.values():
+            stack.run_dir.mkdir(parents=True, exist_ok=True)
+            stack.ensure_token()
+            stack.start_caretaker()
+        prom_yml, am_yml = self.render_prometheus(), self.render_alertmanager()
+        (first, second), (gossip1, gossip2) = self.alertmanager_ports, self.cluster_ports
+        for i, (port, mine, peer) in enumerate(((first, gossip1, gossip2), (second, gossip2, gossip1)), 1):
+            # Gossip on loopback: the advertised address must be given (no private address to pick),
+            # and a short settle time lets the pair notify within seconds of starting.
+            cluster = [f"--cluster.listen-address=127.0.0.1:{mine}", f"--cluster.advertise-address=127.0.0.1:{mine}",
+                       f"--cluster.peer=127.0.0.1:{peer}", "--cluster.settle-timeout=2s",
+                       "--cluster.pushpull-interval=5s"]
+            spawn(self.children, self.run_dir, f"alertmanager-{i}",
+                  alertmanager_argv(self.binaries["alertmanager"], am_yml, port, self.run_dir / f"alertmanager-{i}",
+                                    cluster), f"http://127.0.0.1:{port}/-/ready")
+        spawn(self.children, self.run_dir, "prometheus",
+              prometheus_argv(self.binaries["prometheus"], prom_yml, self.prometheus_port,
+                              self.run_dir / "prometheus-data"), f"http://127.0.0.1:{self.prometheus_port}/-/ready")
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        for stack in self.hosts.values():
+            stack.wait_ready(max(1.0, deadline - time.monotonic()))
+        wait_ready(self.children, self.run_dir, max(1.0, deadline - time.monotonic()))
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop Prometheus and the Alertmanagers, then every host's stack."""
+        try:
+            stop_children(self.children, grace)
+        finally:
+            for stack in self.hosts.values():
+                stack.stop(grace)
+
+    def logs(self) -> list[Path]:
+        return sorted([*(self.run_dir / "logs").glob("*.log"),
+                       *(p for s in self.hosts.values() for p in (s.run_dir / "logs").glob("*.log"))])
 
 
 def main() -> None:

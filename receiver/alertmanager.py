@@ -12,7 +12,9 @@ from datetime import UTC, datetime, timedelta
 
 import aiohttp
 
-__all__ = ["expire_silence", "post_alert", "silence"]
+from exporter.config import HOST_LABEL
+
+__all__ = ["expire_silence", "host_matcher", "post_alert", "silence"]
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +39,22 @@ async def post_alert(session: aiohttp.ClientSession, base_url: str, labels: dict
         return False
 
 
+def host_matcher(host: str, fleet: bool) -> dict[str, object]:
+    """A silence matcher (API v2 shape) for the alerts of this host: its ``host`` label is
+    ``host``, or, in single-host mode, absent (an empty regex alternative matches a
+    missing label). Every character but a letter, digit, ``_`` and ``-`` is escaped: RE2
+    (Alertmanager's regexes) takes an escaped punctuation character as itself."""
+    literal = "".join(c if c.isalnum() or c in "_-" else f"\\{c}" for c in host)
+    return {"name": HOST_LABEL, "value": literal if fleet else f"({literal})?", "isRegex": True, "isEqual": True}
+
+
 async def silence(session: aiohttp.ClientSession, base_url: str, labels: dict[str, str], duration: timedelta,
-                  comment: str) -> str | None:
-    """Create a silence for alerts with exactly these labels; its id, or None (logged)."""
+                  comment: str, *matchers: dict[str, object]) -> str | None:
+    """Create a silence for alerts with exactly these labels (and ``matchers``, API v2
+    matcher objects); its id, or None (logged)."""
     now = datetime.now(UTC)
-    body = {"matchers": [{"name": k, "value": v, "isRegex": False, "isEqual": True} for k, v in labels.items()],
+    body = {"matchers": [*({"name": k, "value": v, "isRegex": False, "isEqual": True} for k, v in labels.items()),
+                         *matchers],
             "startsAt": now.isoformat(), "endsAt": (now + duration).isoformat(),
             "createdBy": "caretaker-receiver", "comment": comment}
     try:

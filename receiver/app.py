@@ -8,9 +8,11 @@
   disk, say): Alertmanager retries on 5xx, never on 4xx.
 - ``GET /api/v1/remediations?limit=N&service_name=S``: the audit trail, newest first.
 - ``POST /api/v1/plan``: for a webhook payload, what would be done now and why (or why
-  not); nothing is recorded or run.
+  not), with each alert's ``host`` label and this receiver's ``host`` and ``fleet``
+  mode; nothing is recorded or run.
 - ``GET /api/v1/problems?state=open&service_name=S``: the problems the receiver works
-  on (open first, then recently closed), with their next attempt time.
+  on (open first, then recently closed), with their next attempt time, and this
+  receiver's ``host``.
 - ``POST /api/v1/services/{name}/reset``: re-enable repairs of a service whose attempt
   budget is spent; its next attempt is due at once (404 for a service not in the config).
 - ``POST /api/v1/services/{name}/pause`` (JSON body, optional: ``{"duration": "10m",
@@ -45,7 +47,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from pydantic import ValidationError
 
 from exporter.cli import base_parser, load_or_exit, setup_logging
-from exporter.config import Config, ConfigError, parse_duration, read_secret
+from exporter.config import HOST_LABEL, Config, ConfigError, parse_duration, read_secret
 from exporter.procfs import ProcReader
 
 from .actions import ActionContext, ChildReaper, start_problems
@@ -175,8 +177,12 @@ async def post_plan(request: web.Request) -> web.Response:
     notification = await read_notification(request)
     if isinstance(notification, web.Response):
         return notification
-    plan = await request.app[EXECUTOR_KEY].plan(notification.alerts)
-    return web.json_response({"status": "success", "data": plan})
+    executor = request.app[EXECUTOR_KEY]
+    plan = await executor.plan(notification.alerts)
+    for item, alert in zip(plan, notification.alerts, strict=True):
+        item["host"] = alert.labels.get(HOST_LABEL)
+    recv = executor.config.receiver
+    return web.json_response({"status": "success", "host": recv.host, "fleet": recv.fleet, "data": plan})
 
 
 async def post_reset(request: web.Request) -> web.Response:
@@ -236,8 +242,9 @@ async def get_problems(request: web.Request) -> web.Response:
         limit = min(1000, max(1, int(request.query.get("limit", "100"))))
     except ValueError:
         return _error(400, "limit must be a whole number")
-    data = await request.app[EXECUTOR_KEY].problems(request.query.get("service_name"), state == "open", limit)
-    return web.json_response({"status": "success", "data": data})
+    executor = request.app[EXECUTOR_KEY]
+    data = await executor.problems(request.query.get("service_name"), state == "open", limit)
+    return web.json_response({"status": "success", "host": executor.config.receiver.host, "data": data})
 
 
 async def get_remediations(request: web.Request) -> web.Response:
@@ -365,7 +372,12 @@ def create_app(config: Config, reader: ProcReader | None = None, dry_run: bool =
             closed.add_metric([reason], sum(g.closed[reason] for g in guards))
         live = GaugeMetricFamily("caretaker_receiver_connections", "Client connections open now.")
         live.add_metric([], sum(len(g.live) for g in guards))
-        yield from (closed, live)
+        # Not `host`: that is the target label Prometheus adds; the rule CaretakerReceiverHostMismatch
+        # compares the two.
+        info = GaugeMetricFamily("caretaker_receiver_info", "The host this receiver repairs (receiver.host) and "
+                                 "whether it is in fleet mode; always 1.", labels=["receiver_host", "fleet"])
+        info.add_metric([recv.host, str(recv.fleet).lower()], 1)
+        yield from (closed, live, info)
 
     registry.register(_Collect(connections))
 
@@ -394,7 +406,9 @@ def create_app(config: Config, reader: ProcReader | None = None, dry_run: bool =
                 redis_client = aioredis.Redis(host=spec.host, port=spec.port, db=spec.db,
                                               password=read_secret(spec.password, config.base_dir)
                                               if spec.password else None, socket_timeout=5, socket_connect_timeout=5)
-                shared = SharedState(redis_client, spec.key_prefix, spec.dedupe_ttl)
+                # In fleet mode the receivers of several hosts may share one Redis: each host its own keys.
+                prefix = f"{spec.key_prefix}{recv.host}:" if recv.fleet else spec.key_prefix
+                shared = SharedState(redis_client, prefix, spec.dedupe_ttl)
             executor = Executor(config, store, ctx, receiver_metrics, dry_run=dry_run, shared=shared)
             executors.append(executor)
             ctx.may_start = executor.may_start

@@ -5,7 +5,7 @@
     caretakerctl [--config caretaker.yml] pause NAME [--for 30m] [--reason TEXT]
     caretakerctl resume NAME
     caretakerctl reset NAME          # a spent budget: repairs again, next attempt at once
-    caretakerctl problems [--service NAME] [--all]
+    caretakerctl problems [--service NAME] [--all]   # and the host this receiver repairs
 
 It reads the receiver's address, TLS and credentials (bearer token or basic auth) from
 the config file and calls the receiver's API (``receiver/app.py``). Exit status: 0 done,
@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps(result["data"], indent=2))
             else:
                 _print_problems(result["data"])
+                if result.get("host"):  # which host's problems these are (a fleet has many receivers)
+                    print(f"host: {result['host']}")
     except ConfigError as err:
         print(err, file=sys.stderr)
         raise SystemExit(2) from err

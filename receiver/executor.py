@@ -49,10 +49,10 @@ from typing import Any, TypeVar
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from exporter.config import Config
+from exporter.config import HOST_LABEL, Config
 
 from .actions import KILL_WAIT_SECONDS, ActionContext, RepairFailed, StepLog
-from .alertmanager import expire_silence, post_alert, silence
+from .alertmanager import expire_silence, host_matcher, post_alert, silence
 from .catalogue import run_action
 from .family import boot_id
 from .observe import observe
@@ -80,7 +80,8 @@ ACTION_ORDER = ("ensure_paths", "restore_file", "clean", "rotate_logs", "free_po
 """Several open problems of one service are worked on in this order of their first step:
 what the service needs to start (paths, a valid state file, disk space, its port) first,
 then the service itself, then what acts on a running service."""
-_AGGREGATED = frozenset({"no_service_name", "unknown_service", "unknown_action", "action_not_allowed"})
+_AGGREGATED = frozenset({"no_service_name", "unknown_service", "unknown_action", "action_not_allowed", "other_host",
+                         "no_host"})
 """Alerts the receiver will never act on, whatever the world: recorded as one audit row
 per reason and hour (with a count), not one row each."""
 _OBSERVED_LABELS = ("probe", "path", "heartbeat", "port")
@@ -728,7 +729,7 @@ class Executor:
         cfg = self.config.services[service]
         duration = timedelta(seconds=cfg.stop.grace_period + cfg.remediation.verify_timeout + 60)
         silence_id = await silence(self.ctx.session, recv.alertmanager_url, {"service_name": service}, duration,
-                                   f"caretaker is repairing {service} ({action})")
+                                   f"caretaker is repairing {service} ({action})", host_matcher(recv.host, recv.fleet))
         steps(f"silenced alerts of {service} in Alertmanager ({silence_id})" if silence_id
               else "could not silence the service's alerts; repairing anyway")
         return silence_id
@@ -756,7 +757,7 @@ class Executor:
         await post_alert(
             self.ctx.session, url,
             {"alertname": EXHAUSTED_ALERT, "service_name": service, "severity": "critical",
-             "source": "caretaker-receiver"},
+             "source": "caretaker-receiver", HOST_LABEL: self.config.receiver.host},
             {"summary": f"caretaker's repairs of {service} keep failing",
              "description": f"{service} used its repair budget ({attempts.max} within {attempts.window:g}s). "
                             "caretaker keeps trying with exponential backoff until it has been healthy for "

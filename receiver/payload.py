@@ -15,7 +15,7 @@ from typing import Annotated, Literal, NamedTuple
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictStr
 
-from exporter.config import REMEDIATION_ACTIONS, Config
+from exporter.config import HOST_LABEL, REMEDIATION_ACTIONS, Config
 
 __all__ = ["SKIP_REASONS", "Alert", "Decision", "Notification", "decide"]
 
@@ -58,7 +58,7 @@ SKIP_REASONS = (
     "duplicate", "resolved", "no_remediation", "no_service_name", "unknown_service", "unknown_action",
     "action_not_allowed", "cooldown", "budget_exhausted", "dry_run", "receiver_restarted", "in_progress",
     "shared_state_error", "condition_cleared", "dependency_unhealthy", "paused", "escalated", "backoff",
-    "invalid_label",
+    "invalid_label", "other_host", "no_host",
 )
 """Every reason a decision can give for not repairing; a fixed set (a metric label)."""
 
@@ -87,7 +87,12 @@ def decide(alert: Alert, config: Config) -> Decision:
     ``receiver.rules`` are checked first (the first match gives the steps); otherwise
     the alert's ``remediation`` label names the one step. Several steps are joined
     with commas in :attr:`Decision.action`.
+
+    An alert about another host (its ``host`` label is not ``receiver.host``) is
+    ``other_host``, resolved or not, so it never opens nor closes a problem here; in fleet
+    mode (``receiver.fleet``) one without a ``host`` label is ``no_host``.
     """
+    host = alert.labels.get(HOST_LABEL)
     service = alert.labels.get("service_name", "")
     known = service if service in config.services else ""
     rules = config.receiver.rules
@@ -98,6 +103,8 @@ def decide(alert: Alert, config: Config) -> Decision:
         label = alert.labels.get("remediation", "")
         steps = (label,) if label in REMEDIATION_ACTIONS else ()
     action = ",".join(steps)
+    if host != config.receiver.host and (host or config.receiver.fleet):  # "" is no label, as in Prometheus
+        return Decision(known, action, "other_host" if host else "no_host")
     if alert.status == "resolved":
         return Decision(known, action, "resolved")
     if not service:

@@ -183,6 +183,24 @@ def stop_config_services(config: Any) -> None:
              what="services to stop")
 
 
+# --- a real Alertmanager -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def alertmanager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = require_binary("prometheus-alertmanager", "alertmanager")
+    tmp = tmp_path_factory.mktemp("am")
+    (tmp / "am.yml").write_text("route: {receiver: nobody}\nreceivers: [{name: nobody}]\n")
+    port = free_port()
+    children = Children()
+    children.start([binary, f"--config.file={tmp / 'am.yml'}", f"--storage.path={tmp}",
+                    f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="])
+    try:
+        wait_for(lambda: port_open(port), 20, what="alertmanager")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        children.stop_all()
+
+
 # --- real PostgreSQL ----------------------------------------------------------------------
 
 def postgres_bin(name: str) -> str:

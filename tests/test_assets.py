@@ -65,6 +65,33 @@ def test_alertmanager_routes(labels: str, receivers: str) -> None:
     assert result.stdout.strip() == receivers
 
 
+@pytest.mark.parametrize(("labels", "receivers"), [
+    # Each host's repair alerts go to its own receiver (two webhooks for db-1's pair), and on to people.
+    ("alertname=CaretakerServiceDown host=web-2 service_name=redis remediation=restart severity=critical",
+     "caretaker-web-2,people-critical"),
+    ("alertname=CaretakerServiceDown host=web-1 service_name=redis remediation=restart severity=critical",
+     "caretaker-web-1,people-critical"),
+    ("alertname=CaretakerDiskAlmostFull host=db-1 service_name=postgres remediation=clean severity=warning",
+     "caretaker-db-1,people"),
+    # A host not in the list, or no host label: no receiver repairs it; people still hear.
+    ("alertname=CaretakerServiceDown host=web-9 service_name=redis remediation=restart severity=critical",
+     "people-critical"),
+    ("alertname=CaretakerServiceDown service_name=redis remediation=restart severity=critical", "people-critical"),
+    # What asks for no repair is people's, as before.
+    ("alertname=CaretakerProbeSlow host=web-1 service_name=redis severity=warning", "people"),
+    ("alertname=CaretakerReceiverDown host=web-1 service_name=caretaker-receiver severity=critical",
+     "people-critical"),
+])
+def test_fleet_alertmanager_routes(labels: str, receivers: str) -> None:
+    """prometheus/fleet/alertmanager.yml, made by scripts/fleet-alertmanager.py (tests/test_fleet.py keeps it so)."""
+    amtool = require_binary("amtool")
+    config = str(PROM / "fleet" / "alertmanager.yml")
+    assert run([amtool, "check-config", config]).returncode == 0
+    result = run([amtool, "config", "routes", "test", "--config.file", config, *labels.split()])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == receivers
+
+
 def promtool_cases() -> list[dict[str, object]]:
     """Every ``alert_rule_test`` item of the promtool unit tests."""
     return [t for f in sorted((PROM / "tests").glob("*.test.yml"))
@@ -122,4 +149,4 @@ def test_dashboards_use_the_provisioned_datasource_and_a_service_variable() -> N
             assert panel["datasource"]["uid"] == uid
             assert panel["targets"], panel["title"]
     service = json.loads((REPO / "grafana/dashboards/service.json").read_text())
-    assert [v["name"] for v in service["templating"]["list"]] == ["service_name"]
+    assert [v["name"] for v in service["templating"]["list"]] == ["host", "service_name"]

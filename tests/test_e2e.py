@@ -227,20 +227,15 @@ def test_duplicate_notifications_and_alertmanager_resends_cause_no_second_restar
 
 def test_every_dashboard_query_parses_and_core_panels_have_data(env: Env) -> None:
     """Runs last: by now the receiver has had requests and repairs to show."""
-    from grafana.generate import CORE
+    from grafana.generate import CORE, queries
 
     values = env.get(f"http://127.0.0.1:{env.stack.prometheus_port}/api/v1/label/service_name/values?"
                      + urllib.parse.urlencode({"match[]": "caretaker_service_processes"}))["data"]
     assert set(values) == {"redis", "webapp"}  # the dashboards' service_name variable
     empty_core = []
-    for path in sorted((REPO / "grafana" / "dashboards").glob("*.json")):
-        board = json.loads(path.read_text())
-        for panel in board["panels"]:
-            results = []
-            for target in panel["targets"]:
-                expr = (target["expr"].replace("$service_name", ".*").replace("$__rate_interval", "1m")
-                        .replace("$__range", "1h"))
-                results.extend(env.query(expr))  # a query that does not parse raises HTTP 400 here
-            if panel["title"] in CORE[path.stem] and not results:
-                empty_core.append(f"{path.stem}: {panel['title']}")
+    for board, title, exprs in queries({"service_name": ".*", "host": ".*"}):
+        # A query that does not parse raises HTTP 400 here.
+        results = [r for expr in exprs for r in env.query(expr)]
+        if title in CORE[board] and not results:
+            empty_core.append(f"{board}: {title}")
     assert not empty_core, f"core panels without data: {empty_core}"

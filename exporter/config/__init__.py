@@ -37,6 +37,7 @@ from .model import DEFAULT_EXPORTER_PORT, Config, ExporterConfig, dependency_ord
 from .probes import ExecProbe, HttpProbe, PostgresProbe, Probe, RedisConnection, RedisProbe, TcpProbe
 from .receiver import (
     DEFAULT_RECEIVER_PORT,
+    HOST_LABEL,
     Attempts,
     Backoff,
     BasicAuth,
@@ -84,6 +85,7 @@ from .types import (
 __all__ = [
     "DEFAULT_EXPORTER_PORT",
     "DEFAULT_RECEIVER_PORT",
+    "HOST_LABEL",
     "PROBE_TYPES",
     "REMEDIATION_ACTIONS",
     "Action",

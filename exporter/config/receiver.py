@@ -3,6 +3,7 @@ keeps its state, and the schedule of repairs (cooldown, budget, backoff, confirm
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator, Mapping
 from typing import Annotated, Any
 
@@ -10,10 +11,11 @@ from pydantic import Field, PrivateAttr, field_validator
 
 from .matchers import Matcher, parse_matchers
 from .secrets import Secret
-from .types import Action, Bytes, FilePath, ListenConfig, Model, Port, PositiveSeconds, Seconds
+from .types import Action, Bytes, DocDefault, FilePath, ListenConfig, Model, Port, PositiveSeconds, Seconds
 
 __all__ = [
     "DEFAULT_RECEIVER_PORT",
+    "HOST_LABEL",
     "Attempts",
     "Backoff",
     "BasicAuth",
@@ -27,6 +29,11 @@ __all__ = [
 ]
 
 DEFAULT_RECEIVER_PORT = 8931
+HOST_LABEL = "host"
+"""The alert label that names the host an alert is about: a target label Prometheus sets
+(docs/fleet.md). A contract, like ``service_name``: the rules, the routes, the inhibit
+rules and the dashboards use this name."""
+HostName = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 
 
 class Attempts(Model):
@@ -121,7 +128,9 @@ class RedisState(Model):
     password: Secret | None = Field(default=None, examples=[{"file": "secrets/redis-password"}])
     """Password (``AUTH``), from a file or an environment variable."""
     key_prefix: str = "caretaker:"
-    """Prefix of every key the receivers write (one per group of receivers that share services)."""
+    """Prefix of every key the receivers write (one per group of receivers that share services).
+    With ``receiver.fleet`` the host name follows it (``caretaker:web-1:``), so the receivers
+    of several hosts may share one Redis: each host keeps its own locks, budgets and cooldowns."""
     dedupe_ttl: PositiveSeconds = 7 * 86400.0
     """How long an alert (fingerprint, startsAt, status) is remembered as seen."""
 
@@ -154,6 +163,15 @@ class RepairRule(Model):
 class ReceiverConfig(ListenConfig):
     """The webhook receiver (``caretaker-receiver``)."""
 
+    host: HostName = Field(default_factory=socket.gethostname, examples=["web-1"],
+                           json_schema_extra=DocDefault("the machine's host name (`hostname`)"))
+    """This host's name, as the ``host`` label of its alerts gives it (a target label set in
+    Prometheus's scrape config, docs/fleet.md). An alert whose ``host`` label names another
+    host is recorded and skipped (``other_host``), never acted on, in either mode."""
+    fleet: bool = Field(default=False, examples=[True])
+    """Fleet mode: one Prometheus and Alertmanager serve many hosts, and every alert must
+    carry the ``host`` label; one without it is recorded and skipped (``no_host``). Off (a
+    single host): an alert without a ``host`` label is this host's."""
     port: Port = DEFAULT_RECEIVER_PORT
     """TCP port of the webhook, API and metrics."""
     bearer_token: Secret | None = Field(default=None, examples=[{"file": "secrets/receiver-token"}])
