@@ -49,14 +49,18 @@ from exporter.config import Config, ConfigError, parse_duration, read_secret
 from exporter.procfs import ProcReader
 
 from .actions import ActionContext, ChildReaper, start_problems
+from .admission import QueueFull
 from .evidence import EvidenceKeeper
-from .executor import Executor, QueueFull, ReceiverMetrics
+from .executor import Executor
 from .family import FamilyTracker
+from .metrics import ReceiverMetrics
 from .payload import Notification
 from .repairs import BackupKeeper
 from .server import GUARD_KEY, ConnectionGuard, GuardedProtocol, serve
 from .shared import SharedState, SharedStateError
+from .state import LocalState, RepairState
 from .store import Store
+from .vocabulary import ProblemState
 
 __all__ = ["EXECUTOR_KEY", "create_app", "main"]
 
@@ -230,13 +234,14 @@ async def post_resume(request: web.Request) -> web.Response:
 
 async def get_problems(request: web.Request) -> web.Response:
     state = request.query.get("state", "")
-    if state not in ("", "open"):
-        return _error(400, "state must be 'open' or absent")
+    if state not in ("", ProblemState.OPEN):
+        return _error(400, f"state must be '{ProblemState.OPEN}' or absent")
     try:
         limit = min(1000, max(1, int(request.query.get("limit", "100"))))
     except ValueError:
         return _error(400, "limit must be a whole number")
-    data = await request.app[EXECUTOR_KEY].problems(request.query.get("service_name"), state == "open", limit)
+    data = await request.app[EXECUTOR_KEY].problems(request.query.get("service_name"), state == ProblemState.OPEN,
+                                                    limit)
     return web.json_response({"status": "success", "data": data})
 
 
@@ -336,9 +341,11 @@ def _is_loopback(address: str) -> bool:
         return False
 
 
-def create_app(config: Config, reader: ProcReader | None = None, dry_run: bool = False) -> web.Application:
-    """The receiver app. Raises ``ConfigError`` if the token cannot be read, or if it
-    would listen beyond loopback without auth."""
+def create_app(config: Config, reader: ProcReader | None = None, dry_run: bool = False,
+               clock: Callable[[], float] = time.time) -> web.Application:
+    """The receiver app. ``clock`` (Unix seconds) is the executor's: tests move it on
+    instead of waiting out a cooldown. Raises ``ConfigError`` if the token cannot be
+    read, or if it would listen beyond loopback without auth."""
     recv = config.receiver
     token = read_secret(recv.bearer_token, config.base_dir) if recv.bearer_token else ""
     basic = ""
@@ -387,15 +394,16 @@ def create_app(config: Config, reader: ProcReader | None = None, dry_run: bool =
             family = FamilyTracker(proc_reader, config.services)
             ctx = ActionContext(config, session, proc_reader, reaper, evidence=evidence, backups=backups,
                                 family=family)
-            shared = None
+            # The one place where a lone receiver and an HA pair differ (receiver/state.py).
+            state: RepairState = LocalState(store)
             redis_client = None
             if recv.shared_state is not None:
                 spec = recv.shared_state
                 redis_client = aioredis.Redis(host=spec.host, port=spec.port, db=spec.db,
                                               password=read_secret(spec.password, config.base_dir)
                                               if spec.password else None, socket_timeout=5, socket_connect_timeout=5)
-                shared = SharedState(redis_client, spec.key_prefix, spec.dedupe_ttl)
-            executor = Executor(config, store, ctx, receiver_metrics, dry_run=dry_run, shared=shared)
+                state = SharedState(redis_client, spec.key_prefix, spec.dedupe_ttl, store)
+            executor = Executor(config, store, state, ctx, receiver_metrics, clock=clock, dry_run=dry_run)
             executors.append(executor)
             ctx.may_start = executor.may_start
             app[EXECUTOR_KEY] = executor
