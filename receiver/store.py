@@ -24,6 +24,10 @@ Tables (schema version 3, ``PRAGMA user_version``):
 
 A state file of version 1 or 2 is migrated in place, in one transaction, when it is
 opened.
+
+Decisions, states, results and reasons are the words of :mod:`receiver.vocabulary`.
+The SQL here spells them out (a partial index and the statements that use it must
+match as text); a test checks that each one it spells is a word of the vocabulary.
 """
 
 from __future__ import annotations
@@ -255,8 +259,9 @@ class Store:
     hand-off per request. Reads (:meth:`list`, :meth:`seen`, :meth:`repairs_since`,
     :meth:`last_repair_finished`) and :meth:`checkpoint` (which fsyncs) use the second
     connection and may run on another thread, the store's own (:meth:`off_loop`); in
-    WAL mode they neither block nor wait for the writer. Only if :meth:`checkpoint` falls far behind (the WAL reaches
-    ``WAL_AUTOCHECKPOINT_PAGES``) does a commit checkpoint, and fsync, by itself.
+    WAL mode they neither block nor wait for the writer. Only if :meth:`checkpoint`
+    falls far behind (the WAL reaches ``WAL_AUTOCHECKPOINT_PAGES``) does a commit
+    checkpoint, and fsync, by itself.
 
     With ``reserve_bytes``, the store holds that much disk in ``<state file>.reserve``
     (:meth:`hold_reserve`). A write that finds the disk full gives it up and is tried
