@@ -10,7 +10,7 @@ idea                :class:`LocalState` (SQLite)            :class:`~receiver.sh
 ==================  ======================================  ==========================================
 claim an alert      the audit row's dedupe (at admission)   ``SET NX EX`` per alert
 repair lock         the service's one worker                ``SET NX PX`` with a token
-record start, end   the audit row the executor writes       a sorted set of starts; the last end
+record start, end   the repair's audit row (runner.py)      a sorted set of starts; the last end
 repairs in window   audit rows ``acted`` since the reset    ``ZCOUNT`` since the reset
 last repair's end   None: the worker's own schedule         the last end any receiver recorded
 reset the budget    the ``resets`` table                    ``resets`` table and a key

@@ -597,7 +597,8 @@ class Store:
                                             (*fields.values(), entry_id)))
 
     def last_repair_finished(self, service_name: str) -> float | None:
-        """When the newest finished repair of the service ended (for the cooldown)."""
+        """When the newest finished repair of the service ended, as the audit trail says
+        (None: none). The cooldown itself is the schedule's ``next_attempt_at``."""
         with self._read_lock:
             row = self._reader.execute(
                 "SELECT MAX(finished_at) FROM remediations WHERE service_name = ? AND decision = 'acted'",
