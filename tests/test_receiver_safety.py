@@ -153,7 +153,9 @@ async def test_an_exhausted_service_is_tried_again_with_capped_exponential_backo
                      "attempts": {"max": 1, "window": "1h"}, "backoff": {"initial": "1m", "max": "4m"}},
         "services": {"svc": {
             "match": {"cmdline": f"{mark}$"},
-            "start": {"argv": [sys.executable, "-c", "import sys; sys.exit(3)", mark]},  # it never starts
+            # It never starts: the command exits at once, and is never the service (it does not match),
+            # however slowly it exits on a loaded machine.
+            "start": {"argv": [sys.executable, "-c", "import sys; sys.exit(3)"]},
             "remediation": {"allow": ["restart"], "verify_timeout": 5}}}}, base_dir=tmp_path)
     clock = ManualClock()
     async with receiver_with_clock(config, clock) as client:
