@@ -212,10 +212,16 @@ class Executor:
                 self.wake(problem.service_name)
 
     async def stop(self) -> None:
-        """Cancel repairs in flight (they will be marked interrupted on the next start)."""
+        """Cancel repairs in flight (they will be marked interrupted on the next start).
+
+        A worker whose cancellation was swallowed (redis-py's asyncio client loses it
+        when it lands mid-command, often) ends at its next step all the same: it is
+        woken, starts no repair, and leaves its loop."""
         self._stopped = True
         for task in [*self._tasks, *self._workers.values()]:
             task.cancel()
+        for event in self._wake.values():
+            event.set()
         await asyncio.gather(*self._tasks, *self._workers.values(), return_exceptions=True)
 
     @property
@@ -280,7 +286,7 @@ class Executor:
         last_look = 0.0
         gap = LOOK_INTERVAL
         try:
-            while True:
+            while not self._stopped:
                 # Alerts that arrive together are looked at together: a look (a /proc
                 # scan, probes) starts at most every `gap` seconds, not once per
                 # notification. After a look that changed nothing (a flood of alerts
@@ -401,6 +407,8 @@ class Executor:
                 return assessment.wait
             self._seen_kinds[service] = set(seen)
             assert assessment.state is not None
+            if self._stopped:  # shutting down (its cancellation lost on the way): no new repair
+                return 0.0
             await self._attempt(service, problem, assessment.observation, assessment.state)
             return 0.0
         self._seen_kinds[service] = set(seen)

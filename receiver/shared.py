@@ -47,6 +47,10 @@ class SharedState:
     ``prefix`` starts every key; an alert's claim lasts ``dedupe_ttl`` seconds. With
     ``store``, a budget reset is also written to this receiver's state file (its own
     record, as a lone receiver keeps it).
+
+    A task cancelled while one of these calls waits for Redis may go on as if it had
+    not been: redis-py's asyncio client (8.1) often loses the cancellation. Callers
+    must not rely on it to stop (see :meth:`Executor.stop <receiver.executor.Executor.stop>`).
     """
 
     def __init__(self, client: aioredis.Redis, prefix: str, dedupe_ttl: float, store: Store | None = None) -> None:

@@ -3,19 +3,24 @@ of a lone receiver and a real Redis shared by an HA pair."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from exporter.config import parse_config
+from receiver.executor import Executor
+from receiver.metrics import ReceiverMetrics
 from receiver.payload import Alert, Decision
 from receiver.shared import SharedState, SharedStateError
-from receiver.state import LocalState, RepairState
+from receiver.state import LOCAL_LOCK, LocalState, RepairState
 from receiver.store import NewAlert, Store
 from receiver.vocabulary import AuditDecision, EntryState, Reason, RepairResult
 
@@ -57,8 +62,8 @@ async def redis_pair(redis_server: Any, tmp_path: Path) -> AsyncIterator[tuple[S
             await client.aclose()
 
 
-def alert(fingerprint: str, status: str = "firing") -> Alert:
-    return Alert.model_validate({"status": status, "labels": {"alertname": "Down", "service_name": "svc"},
+def alert(fingerprint: str, status: str = "firing", **labels: str) -> Alert:
+    return Alert.model_validate({"status": status, "labels": {"alertname": "Down", "service_name": "svc", **labels},
                                  "startsAt": "2026-11-22T03:00:00Z", "fingerprint": fingerprint})
 
 
@@ -195,3 +200,35 @@ async def test_every_call_without_redis_is_a_shared_state_error() -> None:
                 await call()
     finally:
         await client.aclose()
+
+
+class LosesCancellations(LocalState):
+    """A state whose lock call swallows a cancellation that lands in it, as redis-py's
+    asyncio client (8.1) often does mid-command: what no test can make Redis do at will."""
+
+    swallowed = 0
+
+    async def acquire(self, service: str, lease_seconds: float) -> str | None:
+        try:
+            await asyncio.sleep(0.5)
+        except asyncio.CancelledError:
+            self.swallowed += 1
+        return LOCAL_LOCK
+
+
+async def test_stop_ends_a_worker_whose_state_lost_its_cancellation(tmp_path: Path) -> None:
+    config = parse_config({"receiver": {"state_file": "state.sqlite"}, "services": {"svc": {
+        "match": {"comm": "^caretaker-none$"}, "start": {"argv": ["/bin/true"]},
+        "remediation": {"allow": ["restart"]}}}}, base_dir=tmp_path)
+    store = Store(tmp_path / "state.sqlite")
+    state = LosesCancellations(store)
+    executor = Executor(config, store, state, cast(Any, None), ReceiverMetrics(CollectorRegistry(), config))
+    try:
+        await executor.pause("svc", None, "only the worker's life is looked at")  # its look needs no /proc
+        await executor.admit([alert("a1", remediation="restart")])
+        await asyncio.sleep(0.2)  # the worker is in acquire()
+        await asyncio.wait_for(executor.stop(), 5)
+        assert state.swallowed == 1
+        assert executor.pending == 0
+    finally:
+        store.close()
