@@ -51,14 +51,18 @@ from exporter.config import HOST_LABEL, Config, ConfigError, parse_duration, rea
 from exporter.procfs import ProcReader
 
 from .actions import ActionContext, ChildReaper, start_problems
+from .admission import QueueFull
 from .evidence import EvidenceKeeper
-from .executor import Executor, QueueFull, ReceiverMetrics
+from .executor import Executor
 from .family import FamilyTracker
+from .metrics import ReceiverMetrics
 from .payload import Notification
 from .repairs import BackupKeeper
 from .server import GUARD_KEY, ConnectionGuard, GuardedProtocol, serve
 from .shared import SharedState, SharedStateError
+from .state import LocalState, RepairState
 from .store import Store
+from .vocabulary import ProblemState
 
 __all__ = ["EXECUTOR_KEY", "create_app", "main"]
 
@@ -236,14 +240,14 @@ async def post_resume(request: web.Request) -> web.Response:
 
 async def get_problems(request: web.Request) -> web.Response:
     state = request.query.get("state", "")
-    if state not in ("", "open"):
-        return _error(400, "state must be 'open' or absent")
+    if state not in ("", ProblemState.OPEN):
+        return _error(400, f"state must be '{ProblemState.OPEN}' or absent")
     try:
         limit = min(1000, max(1, int(request.query.get("limit", "100"))))
     except ValueError:
         return _error(400, "limit must be a whole number")
     executor = request.app[EXECUTOR_KEY]
-    data = await executor.problems(request.query.get("service_name"), state == "open", limit)
+    data = await executor.problems(request.query.get("service_name"), state == ProblemState.OPEN, limit)
     return web.json_response({"status": "success", "host": executor.config.receiver.host, "data": data})
 
 
@@ -343,9 +347,11 @@ def _is_loopback(address: str) -> bool:
         return False
 
 
-def create_app(config: Config, reader: ProcReader | None = None, dry_run: bool = False) -> web.Application:
-    """The receiver app. Raises ``ConfigError`` if the token cannot be read, or if it
-    would listen beyond loopback without auth."""
+def create_app(config: Config, reader: ProcReader | None = None, dry_run: bool = False,
+               clock: Callable[[], float] = time.time) -> web.Application:
+    """The receiver app. ``clock`` (Unix seconds) is the executor's: tests move it on
+    instead of waiting out a cooldown. Raises ``ConfigError`` if the token cannot be
+    read, or if it would listen beyond loopback without auth."""
     recv = config.receiver
     token = read_secret(recv.bearer_token, config.base_dir) if recv.bearer_token else ""
     basic = ""
@@ -399,7 +405,8 @@ def create_app(config: Config, reader: ProcReader | None = None, dry_run: bool =
             family = FamilyTracker(proc_reader, config.services)
             ctx = ActionContext(config, session, proc_reader, reaper, evidence=evidence, backups=backups,
                                 family=family)
-            shared = None
+            # The one place where a lone receiver and an HA pair differ (receiver/state.py).
+            state: RepairState = LocalState(store)
             redis_client = None
             if recv.shared_state is not None:
                 spec = recv.shared_state
@@ -408,8 +415,8 @@ def create_app(config: Config, reader: ProcReader | None = None, dry_run: bool =
                                               if spec.password else None, socket_timeout=5, socket_connect_timeout=5)
                 # In fleet mode the receivers of several hosts may share one Redis: each host its own keys.
                 prefix = f"{spec.key_prefix}{recv.host}:" if recv.fleet else spec.key_prefix
-                shared = SharedState(redis_client, prefix, spec.dedupe_ttl)
-            executor = Executor(config, store, ctx, receiver_metrics, dry_run=dry_run, shared=shared)
+                state = SharedState(redis_client, prefix, spec.dedupe_ttl, store)
+            executor = Executor(config, store, state, ctx, receiver_metrics, clock=clock, dry_run=dry_run)
             executors.append(executor)
             ctx.may_start = executor.may_start
             app[EXECUTOR_KEY] = executor

@@ -28,6 +28,8 @@ from typing import Any
 from exporter.cli import load_or_exit
 from exporter.config import Config, ConfigError, read_secret
 
+from .vocabulary import ProblemState
+
 __all__ = ["main"]
 
 
@@ -86,7 +88,7 @@ def _print_problems(problems: list[dict[str, Any]]) -> None:
         state = p["state"] + (" (paused)" if p.get("paused") else "") + (" (exhausted)" if p.get("exhausted") else "")
         print(f"{p['id']:>5} {p['service_name']:<16} {p['alertname'][:28]:<28} {p['action'][:14]:<14} {state:<8} "
               f"{p['times_seen']:>5} {p['attempts']:>5} {p['last_decision'] or '-':<22} "
-              f"{_when(p.get('next_attempt_at')) if p['state'] == 'open' else '-'}")
+              f"{_when(p.get('next_attempt_at')) if p['state'] == ProblemState.OPEN else '-'}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 print(f"{args.service}: budget reset" + (" (it was exhausted)" if result["was_exhausted"] else ""))
         else:
-            query = {k: v for k, v in (("service_name", args.service), ("state", "" if args.all else "open")) if v}
+            wanted = "" if args.all else ProblemState.OPEN.value
+            query = {k: v for k, v in (("service_name", args.service), ("state", wanted)) if v}
             result = _call(config, "GET", "/api/v1/problems?" + urllib.parse.urlencode(query))
             if args.json:
                 print(json.dumps(result["data"], indent=2))

@@ -17,6 +17,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictStr
 
 from exporter.config import HOST_LABEL, REMEDIATION_ACTIONS, Config
 
+from .vocabulary import Reason
+
 __all__ = ["SKIP_REASONS", "Alert", "Decision", "Notification", "decide"]
 
 MAX_ALERTS = 1000
@@ -54,13 +56,16 @@ class Notification(_Accepting):
     alerts: Annotated[list[Alert], Field(max_length=MAX_ALERTS)]
 
 
-SKIP_REASONS = (
-    "duplicate", "resolved", "no_remediation", "no_service_name", "unknown_service", "unknown_action",
-    "action_not_allowed", "cooldown", "budget_exhausted", "dry_run", "receiver_restarted", "in_progress",
-    "shared_state_error", "condition_cleared", "dependency_unhealthy", "paused", "escalated", "backoff",
-    "invalid_label", "other_host", "no_host",
-)
-"""Every reason a decision can give for not repairing; a fixed set (a metric label)."""
+SKIP_REASONS = tuple(reason.value for reason in Reason)
+"""Every reason a decision can give for not repairing; a fixed set (a metric label).
+See :class:`~receiver.vocabulary.Reason` for what each means."""
+
+# decide() runs for every alert on the webhook's hot path and its reason goes into an
+# SQLite row: plain values, bound once (see receiver.vocabulary).
+_RESOLVED, _NO_SERVICE_NAME, _UNKNOWN_SERVICE, _NO_REMEDIATION, _UNKNOWN_ACTION, _ACTION_NOT_ALLOWED = (
+    r.value for r in (Reason.RESOLVED, Reason.NO_SERVICE_NAME, Reason.UNKNOWN_SERVICE, Reason.NO_REMEDIATION,
+                      Reason.UNKNOWN_ACTION, Reason.ACTION_NOT_ALLOWED))
+_OTHER_HOST, _NO_HOST = Reason.OTHER_HOST.value, Reason.NO_HOST.value
 
 
 class Decision(NamedTuple):
@@ -74,7 +79,7 @@ class Decision(NamedTuple):
     action: str
     """The requested repair(s) if known, comma-separated, else ``""``."""
     reason: str
-    """``""`` when a repair is queued, else one of :data:`SKIP_REASONS`."""
+    """``""`` when a repair is queued, else a :class:`~receiver.vocabulary.Reason` (its plain value)."""
 
     @property
     def acts(self) -> bool:
@@ -104,17 +109,17 @@ def decide(alert: Alert, config: Config) -> Decision:
         steps = (label,) if label in REMEDIATION_ACTIONS else ()
     action = ",".join(steps)
     if host != config.receiver.host and (host or config.receiver.fleet):  # "" is no label, as in Prometheus
-        return Decision(known, action, "other_host" if host else "no_host")
+        return Decision(known, action, _OTHER_HOST if host else _NO_HOST)
     if alert.status == "resolved":
-        return Decision(known, action, "resolved")
+        return Decision(known, action, _RESOLVED)
     if not service:
-        return Decision("", action, "no_service_name")
+        return Decision("", action, _NO_SERVICE_NAME)
     if not known:
-        return Decision("", action, "unknown_service")
+        return Decision("", action, _UNKNOWN_SERVICE)
     if rule is None and "remediation" not in alert.labels:
-        return Decision(known, "", "no_remediation")
+        return Decision(known, "", _NO_REMEDIATION)
     if not steps:
-        return Decision(known, "", "unknown_action")
+        return Decision(known, "", _UNKNOWN_ACTION)
     if any(step not in config.services[known].remediation.allow for step in steps):
-        return Decision(known, action, "action_not_allowed")
+        return Decision(known, action, _ACTION_NOT_ALLOWED)
     return Decision(known, action, "")

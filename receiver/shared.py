@@ -12,8 +12,10 @@ time, within one budget. Redis keys (``PREFIX`` is ``shared_state.key_prefix``):
 - ``PREFIX finished:<service>``: when the last repair ended (the cooldown).
 - ``PREFIX reset:<service>``: when the budget was last reset.
 
-Every method raises :class:`SharedStateError` when Redis cannot be reached; the
-receiver then repairs nothing (answering 503 so Alertmanager retries).
+:class:`SharedState` is the Redis implementation of
+:class:`~receiver.state.RepairState`. Every method raises :class:`SharedStateError`
+when Redis cannot be reached; the receiver then repairs nothing (answering 503 so
+Alertmanager retries).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
+
+from .payload import Alert, Decision
+from .store import Store
+from .vocabulary import Reason
 
 __all__ = ["SharedState", "SharedStateError"]
 
@@ -36,25 +42,46 @@ class SharedStateError(Exception):
 
 
 class SharedState:
-    def __init__(self, client: aioredis.Redis, prefix: str, dedupe_ttl: float) -> None:
+    """:class:`~receiver.state.RepairState` shared through Redis by several receivers.
+
+    ``prefix`` starts every key; an alert's claim lasts ``dedupe_ttl`` seconds. With
+    ``store``, a budget reset is also written to this receiver's state file (its own
+    record, as a lone receiver keeps it).
+
+    A task cancelled while one of these calls waits for Redis may go on as if it had
+    not been: redis-py's asyncio client (8.1) often loses the cancellation. Callers
+    must not rely on it to stop (see :meth:`Executor.stop <receiver.executor.Executor.stop>`).
+    """
+
+    def __init__(self, client: aioredis.Redis, prefix: str, dedupe_ttl: float, store: Store | None = None) -> None:
         self.client = client
         self.prefix = prefix
         self.dedupe_ttl = int(dedupe_ttl)
+        self.store = store
 
     def _k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
-    async def claim(self, keys: Sequence[tuple[str, str, str]]) -> list[bool]:
-        """Claim ``(fingerprint, startsAt, status)`` keys; True where this receiver got it."""
-        if not keys:
-            return []
+    async def claim(self, alerts: Sequence[Alert], decisions: list[Decision]) -> list[Decision]:
+        """Claim ``alert:<fingerprint>:<startsAt>:<status>`` for each alert that acts, in
+        one pipeline; an alert another receiver claimed first becomes a ``duplicate``."""
+        acting = [i for i, d in enumerate(decisions) if d.acts]
+        if not acting:
+            return decisions
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                for fingerprint, starts_at, status in keys:
-                    pipe.set(self._k("alert", fingerprint, starts_at, status), "1", nx=True, ex=self.dedupe_ttl)
-                return [bool(r) for r in await pipe.execute()]
+                for i in acting:
+                    alert = alerts[i]
+                    pipe.set(self._k("alert", alert.fingerprint, alert.starts_at_key, alert.status), "1", nx=True,
+                             ex=self.dedupe_ttl)
+                claimed = await pipe.execute()
         except (redis_errors.RedisError, OSError) as err:
             raise SharedStateError(str(err)) from err
+        decisions = list(decisions)
+        for i, mine in zip(acting, claimed, strict=True):
+            if not mine:  # another receiver owns this alert
+                decisions[i] = decisions[i]._replace(reason=Reason.DUPLICATE.value)
+        return decisions
 
     async def acquire(self, service: str, lease_seconds: float) -> str | None:
         """A lock token if this receiver may repair ``service`` now, else None."""
@@ -66,24 +93,28 @@ class SharedState:
         return token if ok else None
 
     async def release(self, service: str, token: str) -> None:
+        """Delete the lock only if it still holds ``token`` (compare-and-delete in Lua)."""
         try:
             await self.client.eval(_RELEASE, 1, self._k("lock", service), token)
         except (redis_errors.RedisError, OSError) as err:
             raise SharedStateError(str(err)) from err
 
     async def record_start(self, service: str, started: float) -> None:
+        """Add the start to ``repairs:<service>`` (member ``<started>-<random>``, score ``started``)."""
         try:
             await self.client.zadd(self._k("repairs", service), {f"{started:.6f}-{secrets.token_hex(4)}": started})
         except (redis_errors.RedisError, OSError) as err:
             raise SharedStateError(str(err)) from err
 
     async def record_finish(self, service: str, finished: float) -> None:
+        """Set ``finished:<service>`` to ``repr(finished)``."""
         try:
             await self.client.set(self._k("finished", service), repr(finished))
         except (redis_errors.RedisError, OSError) as err:
             raise SharedStateError(str(err)) from err
 
     async def repairs_since(self, service: str, since: float) -> int:
+        """``ZCOUNT repairs:<service>`` from ``max(since, reset:<service>)``."""
         try:
             reset = await self.client.get(self._k("reset", service))
             low = max(since, float(reset) if reset else 0.0)
@@ -92,13 +123,18 @@ class SharedState:
             raise SharedStateError(str(err)) from err
 
     async def last_finished(self, service: str) -> float | None:
+        """``finished:<service>``, whichever receiver set it; None if never set."""
         try:
             value = await self.client.get(self._k("finished", service))
         except (redis_errors.RedisError, OSError) as err:
             raise SharedStateError(str(err)) from err
         return float(value) if value else None
 
-    async def reset(self, service: str, now: float) -> None:
+    async def reset_budget(self, service: str, now: float, reason: str) -> None:
+        """Write the reset to the state file (with ``store``), then set ``reset:<service>``
+        to ``repr(now)``: the repairs of every receiver started before it stop counting."""
+        if self.store is not None:
+            self.store.reset_budget(service, now, reason)
         try:
             await self.client.set(self._k("reset", service), repr(now))
         except (redis_errors.RedisError, OSError) as err:

@@ -24,10 +24,15 @@ Tables (schema version 3, ``PRAGMA user_version``):
 
 A state file of version 1 or 2 is migrated in place, in one transaction, when it is
 opened.
+
+Decisions, states, results and reasons are the words of :mod:`receiver.vocabulary`.
+The SQL here spells them out (a partial index and the statements that use it must
+match as text); a test checks that each one it spells is a word of the vocabulary.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -35,16 +40,22 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from exporter.private import private_dir
 
+from .vocabulary import AuditDecision, EntryState, Reason
+
 __all__ = ["AuditEntry", "NewAlert", "Problem", "ServiceState", "Store"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# Bound once: admit_many() compares and writes these for every alert (see receiver.vocabulary).
+_QUEUED, _DONE, _DUPLICATE = AuditDecision.QUEUED.value, EntryState.DONE.value, Reason.DUPLICATE.value
 
 SCHEMA_VERSION = 3
 TABLES_V3 = """
@@ -57,7 +68,7 @@ CREATE TABLE IF NOT EXISTS problems (
     action       TEXT NOT NULL,
     labels       TEXT NOT NULL,   -- the alert's labels (JSON), for exec placeholders and observation
     entry_id     INTEGER,         -- the audit row of the alert that opened it, until a decision is written there
-    state        TEXT NOT NULL,   -- open | closed | expired
+    state        TEXT NOT NULL,   -- vocabulary.ProblemState: open | closed | expired
     opened_at    REAL NOT NULL,
     last_seen    REAL NOT NULL,
     times_seen   INTEGER NOT NULL DEFAULT 1,
@@ -91,10 +102,10 @@ CREATE TABLE IF NOT EXISTS remediations (
     alertname    TEXT NOT NULL,
     service_name TEXT NOT NULL,
     action       TEXT NOT NULL,
-    decision     TEXT NOT NULL,   -- queued | acted | skipped | recorded
-    reason       TEXT NOT NULL,   -- '' or one of payload.SKIP_REASONS
-    state        TEXT NOT NULL,   -- queued | running | done | interrupted
-    result       TEXT,            -- success | failure | NULL
+    decision     TEXT NOT NULL,   -- vocabulary.AuditDecision: queued | acted | skipped | recorded
+    reason       TEXT NOT NULL,   -- '' or a vocabulary.Reason
+    state        TEXT NOT NULL,   -- vocabulary.EntryState: queued | running | done | interrupted
+    result       TEXT,            -- vocabulary.RepairResult: success | failure | NULL
     started_at   REAL,
     finished_at  REAL,
     steps        TEXT NOT NULL DEFAULT '[]',
@@ -247,9 +258,10 @@ class Store:
     does, so a notification is committed before it is answered without a thread
     hand-off per request. Reads (:meth:`list`, :meth:`seen`, :meth:`repairs_since`,
     :meth:`last_repair_finished`) and :meth:`checkpoint` (which fsyncs) use the second
-    connection and may run on another thread; in WAL mode they neither block nor wait
-    for the writer. Only if :meth:`checkpoint` falls far behind (the WAL reaches
-    ``WAL_AUTOCHECKPOINT_PAGES``) does a commit checkpoint, and fsync, by itself.
+    connection and may run on another thread, the store's own (:meth:`off_loop`); in
+    WAL mode they neither block nor wait for the writer. Only if :meth:`checkpoint`
+    falls far behind (the WAL reaches ``WAL_AUTOCHECKPOINT_PAGES``) does a commit
+    checkpoint, and fsync, by itself.
 
     With ``reserve_bytes``, the store holds that much disk in ``<state file>.reserve``
     (:meth:`hold_reserve`). A write that finds the disk full gives it up and is tried
@@ -286,6 +298,7 @@ class Store:
         self._reader.execute("PRAGMA busy_timeout=5000")
         self._read_lock = threading.Lock()
         self._written = False
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="caretaker-store")
 
     def _migrate(self) -> None:
         """Create the schema, or bring a version 1 state file to version 2 (one transaction)."""
@@ -300,7 +313,15 @@ class Store:
         # executescript() would commit on its own; run it inside an explicit transaction.
         self._db.executescript(f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
 
+    async def off_loop(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``func(*args, **kwargs)`` (a read of this store, or :meth:`checkpoint`) on the
+        store's own thread, so that the event loop does not wait for it."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, lambda: func(*args, **kwargs))
+
     def close(self) -> None:
+        """Wait for the calls handed to :meth:`off_loop`, then close both connections."""
+        self._thread.shutdown(wait=True)
         with self._read_lock:
             self._reader.close()
         with self._lock:
@@ -393,7 +414,7 @@ class Store:
         an IMMEDIATE transaction).
         """
         rows = [(now, a.fingerprint, a.starts_at, a.status, a.alertname, a.service_name, a.action, a.decision,
-                 a.reason, "queued" if a.decision == "queued" else "done", now)
+                 a.reason, _QUEUED if a.decision == _QUEUED else _DONE, now)
                 for alerts in notifications for a in alerts]
 
         def upsert(cur: sqlite3.Cursor) -> dict[tuple[str, str, str], int]:
@@ -420,10 +441,10 @@ class Store:
         opening, refreshing, closing = [], [], []
         for alerts in notifications:
             for a in alerts:
-                if a.decision == "queued":  # a new alert that asks for a repair, or its resend
+                if a.decision == _QUEUED:  # a new alert that asks for a repair, or its resend
                     opening.append((a.fingerprint, a.starts_at, a.service_name, a.alertname, a.action,
                                     a.labels or "{}", new.get((a.fingerprint, a.starts_at, a.status)), now, now))
-                elif a.reason == "duplicate" and a.labels:  # owned by another receiver: refresh only
+                elif a.reason == _DUPLICATE and a.labels:  # owned by another receiver: refresh only
                     refreshing.append((now, a.starts_at, a.fingerprint))
                 elif a.status == "resolved" and a.service_name:
                     # Only the incident it is about: a late resolved notification of an
@@ -468,15 +489,18 @@ class Store:
         return out
 
     def close_problem(self, problem_id: int, state: str, now: float) -> None:
-        """Close an open problem as ``closed`` or ``expired``."""
+        """Close an open problem as ``state``, a :class:`~receiver.vocabulary.ProblemState`
+        (``closed`` or ``expired``)."""
         self._write(lambda cur: cur.execute("UPDATE problems SET state = ?, closed_at = ? WHERE id = ? AND "
                                             "state = 'open'", (state, now, problem_id)))
 
     def record(self, problem: Problem, now: float, decision: str, reason: str, observation: Any,
-               action: str = "", state: str = "done", attempt: bool = False) -> int:
+               action: str = "", state: str = EntryState.DONE, attempt: bool = False) -> int:
         """Write a decision about a problem into the audit trail, and remember it on the
         problem. The first decision goes into the row of the alert that opened the
-        problem; later ones are rows of their own. Returns the audit entry's id."""
+        problem; later ones are rows of their own. ``decision``, ``reason`` and ``state``
+        are :mod:`~receiver.vocabulary` values; ``attempt`` counts an attempt on the
+        problem. Returns the audit entry's id."""
         seen = json.dumps(observation)
 
         def write(cur: sqlite3.Cursor) -> int:
@@ -573,7 +597,8 @@ class Store:
                                             (*fields.values(), entry_id)))
 
     def last_repair_finished(self, service_name: str) -> float | None:
-        """When the newest finished repair of the service ended (for the cooldown)."""
+        """When the newest finished repair of the service ended, as the audit trail says
+        (None: none). The cooldown itself is the schedule's ``next_attempt_at``."""
         with self._read_lock:
             row = self._reader.execute(
                 "SELECT MAX(finished_at) FROM remediations WHERE service_name = ? AND decision = 'acted'",
@@ -616,7 +641,7 @@ class Store:
                                "id NOT IN (SELECT entry_id FROM problems WHERE state = 'open' AND entry_id IS NOT "
                                "NULL))").fetchall()
             for entry_id, state in rows:
-                if state == "running":
+                if state == EntryState.RUNNING:
                     cur.execute("UPDATE remediations SET state = 'interrupted', result = 'failure', finished_at = ? "
                                 "WHERE id = ?", (now, entry_id))
                 else:

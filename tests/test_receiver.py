@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
 import sqlite3
 import sys
 import time
@@ -117,6 +119,35 @@ def metric(client: Client, name: str, **labels: str) -> float | None:
     return client.server.app[REGISTRY_KEY].get_sample_value(name, labels)
 
 
+class ManualClock:
+    """A clock the test moves on (Unix seconds), for the receiver's ``clock``: a cooldown
+    or a backoff passes at once instead of being waited out. It starts at the real time,
+    so what the receiver compares with file times (heartbeats) stays sensible."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@contextlib.asynccontextmanager
+async def receiver_with_clock(config: Any, clock: ManualClock) -> AsyncIterator[Client]:
+    """A started receiver whose executor reads ``clock``; at the end its services are
+    paused and stopped, then the app is closed."""
+    client = TestClient(TestServer(create_app(config, clock=clock), host="127.0.0.1"))
+    await client.start_server()
+    try:
+        yield client
+    finally:
+        await leave_alone(client)
+        stop_config_services(config)
+        await client.close()
+
+
 # --- request validation -----------------------------------------------------------------
 
 async def test_missing_or_wrong_token_is_401(receiver: Any) -> None:
@@ -173,6 +204,17 @@ async def test_unknown_fields_are_accepted(receiver: Any) -> None:
     status, answer = await post(client, payload)
     assert status == 200
     assert answer == {"status": "success", "received": 1, "duplicates": 0, "queued": 0, "skipped": 1}
+
+
+async def test_skipped_alerts_are_counted_by_a_fixed_set_of_reasons(receiver: Any) -> None:
+    client = await receiver()
+    text = await (await client.get("/metrics")).text()
+    reasons = re.findall(r'^caretaker_alerts_skipped_total\{reason="([a-z_]+)",service_name="app"\} 0\.0$', text, re.M)
+    assert reasons == [  # label values of a contract: dashboards and alert rules use them
+        "duplicate", "resolved", "no_remediation", "no_service_name", "unknown_service", "unknown_action",
+        "action_not_allowed", "cooldown", "budget_exhausted", "dry_run", "receiver_restarted", "in_progress",
+        "shared_state_error", "condition_cleared", "dependency_unhealthy", "paused", "escalated", "backoff",
+        "invalid_label", "other_host", "no_host"]
 
 
 async def test_the_same_start_in_another_time_zone_is_a_duplicate(receiver: Any) -> None:

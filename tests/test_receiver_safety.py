@@ -27,7 +27,7 @@ from receiver.app import EXECUTOR_KEY, REGISTRY_KEY, create_app
 from receiver.process import start_service
 
 from .conftest import Children, free_port, port_open, settle, stop_config_services, wait_for
-from .test_receiver import AUTH, TOKEN, alert, incident, notification
+from .test_receiver import AUTH, TOKEN, ManualClock, alert, incident, notification, receiver_with_clock
 
 Client = TestClient[web.Request, web.Application]
 
@@ -89,24 +89,89 @@ async def test_spent_budget_raises_an_alert_in_alertmanager_until_reset(receiver
     assert len(live(config)) == 1
 
 
-async def test_repairs_resume_once_the_service_has_been_healthy(receiver_for: Any, tmp_path: Path) -> None:
-    config = service_config(tmp_path, attempts={"max": 1, "window": "1h", "healthy_for": "1s"})
-    client = await receiver_for(config)
-    executor = client.server.app[EXECUTOR_KEY]
-    await incident(client, config, "f1")
-    await settle(client)
-    await incident(client, config, "f2", previous="f1")
-    await settle(client)
-    assert "svc" in executor.exhausted
-    executor.ctx.reaper.add(start_service(config, "svc"))  # someone starts it by hand
-    watcher = asyncio.create_task(executor.watch_exhausted(interval=0.2))
-    try:
-        deadline = time.monotonic() + 10
-        while "svc" in executor.exhausted:
-            assert time.monotonic() < deadline, "repairs were not re-enabled"
+async def test_repairs_resume_once_the_service_has_been_healthy(tmp_path: Path) -> None:
+    config = service_config(tmp_path, attempts={"max": 1, "window": "1h", "healthy_for": "10m"})
+    clock = ManualClock()
+    async with receiver_with_clock(config, clock) as client:
+        executor = client.server.app[EXECUTOR_KEY]
+        await incident(client, config, "f1")
+        await settle(client)
+        await incident(client, config, "f2", previous="f1")
+        await settle(client)
+        assert "svc" in executor.exhausted
+        executor.ctx.reaper.add(start_service(config, "svc"))  # someone starts it by hand
+        await executor.watch_once()  # healthy from now on
+        clock.advance(599)
+        await executor.watch_once()
+        assert "svc" in executor.exhausted  # healthy for a second short of attempts.healthy_for
+        clock.advance(1)
+        await executor.watch_once()
+        assert "svc" not in executor.exhausted  # repairs re-enabled
+        registry = client.server.app[REGISTRY_KEY]
+        assert registry.get_sample_value("caretaker_remediation_attempts_exhausted", {"service_name": "svc"}) == 0
+
+
+async def test_the_budget_counts_the_repairs_within_its_window(tmp_path: Path) -> None:
+    config = service_config(tmp_path, attempts={"max": 1, "window": "10m"})
+    clock = ManualClock()
+    async with receiver_with_clock(config, clock) as client:
+        await incident(client, config, "f1")
+        first = next(e for e in await settle(client) if e["status"] == "firing")
+        assert (first["fingerprint"], first["result"]) == ("f1", "success")
+        clock.advance(601)  # the first repair is out of the window
+        await incident(client, config, "f2", previous="f1")
+        second = next(e for e in await settle(client) if e["status"] == "firing")
+        assert (second["fingerprint"], second["result"]) == ("f2", "success")
+        clock.advance(599)  # the second one is still in it
+        await incident(client, config, "f3", previous="f2")
+        third = next(e for e in await settle(client) if e["status"] == "firing")
+        assert (third["fingerprint"], third["decision"], third["reason"]) == ("f3", "skipped", "budget_exhausted")
+        assert not live(config)
+
+
+async def test_an_exhausted_service_is_tried_again_with_capped_exponential_backoff(tmp_path: Path) -> None:
+    mark = f"safe-{uuid.uuid4().hex[:10]}"
+    (tmp_path / "token").write_text(TOKEN)
+    config = parse_config({
+        "receiver": {"bearer_token": {"file": "token"}, "state_file": "state.sqlite", "cooldown": 0,
+                     "attempts": {"max": 1, "window": "1h"}, "backoff": {"initial": "1m", "max": "4m"}},
+        "services": {"svc": {
+            "match": {"cmdline": f"{mark}$"},
+            # It never starts: the command exits at once, and is never the service (it does not match),
+            # however slowly it exits on a loaded machine.
+            "start": {"argv": [sys.executable, "-c", "import sys; sys.exit(3)"]},
+            "remediation": {"allow": ["restart"], "verify_timeout": 5}}}}, base_dir=tmp_path)
+    clock = ManualClock()
+    async with receiver_with_clock(config, clock) as client:
+        executor = client.server.app[EXECUTOR_KEY]
+
+        async def attempts() -> list[dict[str, Any]]:
+            return [e for e in await settle(client) if e["decision"] == "acted"]
+
+        async def next_attempt_in() -> float:
+            resp = await client.get("/api/v1/problems", params={"state": "open"}, headers=AUTH)
+            (problem,) = (await resp.json())["data"]
+            return float(problem["next_attempt_at"]) - clock()
+
+        await post(client, notification(alert("f1", service_name="svc", remediation="restart")))
+        deadline = time.monotonic() + 20
+        while not any(e["reason"] == "budget_exhausted" for e in await settle(client)):
+            assert time.monotonic() < deadline, await settle(client)
             await asyncio.sleep(0.1)
-    finally:
-        watcher.cancel()
+        assert [e["result"] for e in await attempts()] == ["failure"]
+        assert await next_attempt_in() == pytest.approx(60)
+        for tried, wait in ((1, 60), (2, 120), (3, 240), (4, 240)):  # doubling from 1 m, capped at 4 m
+            clock.advance(wait - 1)
+            executor.wake("svc")
+            assert len(await attempts()) == tried  # a second early: backoff holds it back
+            clock.advance(1)
+            executor.wake("svc")
+            deadline = time.monotonic() + 20
+            while len(await attempts()) == tried:
+                assert time.monotonic() < deadline, "no attempt once the backoff was over"
+                await asyncio.sleep(0.05)
+            assert len(await attempts()) == tried + 1
+            assert await next_attempt_in() == pytest.approx(min(240, 60 * 2 ** tried))
 
 
 async def test_a_spent_budget_survives_a_receiver_restart(receiver_for: Any, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from receiver.process import start_service
 from receiver.store import NewAlert, Store
 
 from .conftest import AUTH_TOKEN, REPO, free_port, port_open, require_binary, settle, stop_config_services, wait_for
-from .test_receiver import AUTH, alert, notification
+from .test_receiver import AUTH, ManualClock, alert, notification, receiver_with_clock
 
 SLEEPER = "import time\nwhile True: time.sleep(1)\n"
 FAILS_FIRST_START = ("import os, sys, time\n"
@@ -84,21 +84,30 @@ def firing(entries: list[dict[str, Any]], service: str | None = None) -> list[di
     return [e for e in entries if e["status"] == "firing" and service in (None, e["service_name"])]
 
 
-async def test_a_failed_repair_is_tried_again_until_the_service_is_healthy(receiver_for: Any,
-                                                                           tmp_path: Path) -> None:
+async def test_a_failed_repair_is_tried_again_until_the_service_is_healthy(tmp_path: Path) -> None:
     flag = tmp_path / "started-once"
-    config = config_for(tmp_path, {"svc": sleeper(FAILS_FIRST_START, str(flag))}, cooldown="500ms")
-    client = await receiver_for(config)
-    await post(client, alert("f1", service_name="svc", remediation="restart"))  # one alert, never resent
-    entries = await wait_audit(client, lambda es: any(e["result"] == "success" for e in es))
-    second, waited, first = firing(entries)
-    assert (waited["decision"], waited["reason"]) == ("skipped", "cooldown")  # the wait is said, once
-    assert (first["decision"], first["result"]) == ("acted", "failure")
-    assert "exited with status 3" in first["steps"][-1]["message"]
-    assert "first try fails" in first["steps"][-1]["message"]  # the tail of the service's own log
-    assert (second["decision"], second["result"], second["problem_id"]) == ("acted", "success", 1)
-    assert second["started_at"] >= first["finished_at"] + 0.5  # the cooldown was kept
-    assert len(pids(config, "svc")) == 1
+    config = config_for(tmp_path, {"svc": sleeper(FAILS_FIRST_START, str(flag))}, cooldown="10m")
+    clock = ManualClock()  # ten minutes pass when the test says so
+    async with receiver_with_clock(config, clock) as client:
+        executor = client.server.app[EXECUTOR_KEY]
+        await post(client, alert("f1", service_name="svc", remediation="restart"))  # one alert, never resent
+        entries = await wait_audit(client, lambda es: any(e["reason"] == "cooldown" for e in es))
+        waited, first = firing(entries)
+        assert waited["observation"]["next_attempt_at"] == pytest.approx(first["finished_at"] + 600)
+        clock.advance(599)
+        executor.wake("svc")  # the worker looks again now (it would in a second of real time)
+        assert len(firing(await settle(client))) == 2  # one second short: no attempt, and the wait is not said again
+        clock.advance(1)
+        executor.wake("svc")
+        entries = await wait_audit(client, lambda es: any(e["result"] == "success" for e in es))
+        second, waited, first = firing(entries)
+        assert (waited["decision"], waited["reason"]) == ("skipped", "cooldown")  # the wait is said, once
+        assert (first["decision"], first["result"]) == ("acted", "failure")
+        assert "exited with status 3" in first["steps"][-1]["message"]
+        assert "first try fails" in first["steps"][-1]["message"]  # the tail of the service's own log
+        assert (second["decision"], second["result"], second["problem_id"]) == ("acted", "success", 1)
+        assert second["started_at"] >= first["finished_at"] + 600  # the cooldown was kept
+        assert len(pids(config, "svc")) == 1
 
 
 async def test_a_stale_alert_for_a_healthy_service_stops_nothing(receiver_for: Any, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+import receiver.store
 from receiver.store import SCHEMA_VERSION, NewAlert, Store
+from receiver.vocabulary import AuditDecision, EntryState, ProblemState, Reason, RepairResult
 
 # The layout written by receivers before schema version 2 (user_version 0): dedupe in
 # its own table. Kept here verbatim to prove such a file is carried over intact.
@@ -56,6 +59,16 @@ def test_a_batch_dedupes_within_itself_and_against_the_past(tmp_path: Path) -> N
         assert not store.seen("d", "2026-11-22T03:00:00.000000+00:00", "firing")
     finally:
         store.close()
+
+
+def test_the_sql_speaks_the_audit_vocabulary() -> None:
+    """The store's SQL spells decisions, states, results and reasons out (a partial
+    index and the queries that use it must match as text): each is a vocabulary word."""
+    source = Path(receiver.store.__file__).read_text(encoding="utf-8")
+    words = set(re.findall(r"\b(?:state|decision|reason|result)\s*!?=\s*'([a-z_]*)'", source))
+    vocabulary = {w.value for enum in (AuditDecision, EntryState, ProblemState, Reason, RepairResult) for w in enum}
+    assert {"open", "queued", "running", "done", "acted", "skipped", "interrupted", "failure"} <= words
+    assert words <= vocabulary, words - vocabulary
 
 
 def test_a_failed_batch_records_nothing(tmp_path: Path) -> None:
