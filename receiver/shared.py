@@ -123,12 +123,15 @@ class SharedState:
             raise SharedStateError(str(err)) from err
 
     async def last_finished(self, service: str) -> float | None:
-        """``finished:<service>``, whichever receiver set it; None if never set."""
+        """``finished:<service>``, whichever receiver set it; None if never set, or if it
+        is not later than ``reset:<service>`` (a reset makes the next attempt due at once)."""
         try:
-            value = await self.client.get(self._k("finished", service))
+            finished, reset = await self.client.mget(self._k("finished", service), self._k("reset", service))
         except (redis_errors.RedisError, OSError) as err:
             raise SharedStateError(str(err)) from err
-        return float(value) if value else None
+        if not finished or (reset and float(finished) <= float(reset)):
+            return None
+        return float(finished)
 
     async def reset_budget(self, service: str, now: float, reason: str) -> None:
         """Write the reset to the state file (with ``store``), then set ``reset:<service>``

@@ -77,8 +77,9 @@ class RepairState(Protocol):
         ...
 
     async def reset_budget(self, service: str, now: float, reason: str) -> None:
-        """Forget the repairs of ``service`` so far for its budget (an operator's reset,
-        or health for ``attempts.healthy_for``); ``reason`` is kept in the state file."""
+        """Forget the repairs of ``service`` so far for its budget and its cooldown (an
+        operator's reset, or health for ``attempts.healthy_for``); ``reason`` is kept in the
+        state file."""
         ...
 
 

@@ -166,6 +166,11 @@ async def test_the_budget_and_the_cooldown_are_shared(redis_pair: tuple[SharedSt
     assert (await b.repairs_since("svc", 0.0), await b.last_finished("svc")) == (1, 123.5)
     await b.reset_budget("svc", 200.0, "reset by an operator")
     assert await a.repairs_since("svc", 0.0) == 0
+    # A reset makes the next attempt due at once on every receiver: the cooldown of a
+    # repair that ended before it no longer holds; one that ends after it does.
+    assert await a.last_finished("svc") is None
+    await b.record_finish("svc", 250.0)
+    assert await a.last_finished("svc") == 250.0
 
 
 async def test_the_redis_keys_are_those_of_earlier_receivers(redis_pair: tuple[SharedState, SharedState, Any]) -> None:
