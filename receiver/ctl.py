@@ -6,6 +6,7 @@
     caretakerctl resume NAME
     caretakerctl reset NAME          # a spent budget: repairs again, next attempt at once
     caretakerctl problems [--service NAME] [--all]   # and the host this receiver repairs
+    caretakerctl history [--service NAME] [--limit N]  # the audit trail, newest first, with each step
 
 It reads the receiver's address, TLS and credentials (bearer token or basic auth) from
 the config file and calls the receiver's API (``receiver/app.py``). Exit status: 0 done,
@@ -91,6 +92,27 @@ def _print_problems(problems: list[dict[str, Any]]) -> None:
               f"{_when(p.get('next_attempt_at')) if p['state'] == ProblemState.OPEN else '-'}")
 
 
+def _print_history(entries: list[dict[str, Any]]) -> None:
+    """The audit trail (``GET /api/v1/remediations``), newest first: one line an entry
+    (when, service, alert, what was decided and why, the result), then each step of a
+    repair with its time from the start and what it observed first."""
+    for e in entries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["received_at"]))
+        what = e["decision"] + (f" ({e['reason']})" if e["reason"] else "")
+        result = f" -> {e['result']} in {e['duration_seconds']:.2f}s" if e.get("result") and \
+            e.get("duration_seconds") is not None else (f" -> {e['result']}" if e.get("result") else "")
+        seen = f", seen {e['times_seen']}x" if e.get("times_seen", 1) > 1 else ""
+        print(f"#{e['id']:<5} {when}  {e['service_name'] or '-'}  {e['alertname']} ({e['status']}{seen})  "
+              f"{e['action'] or '-'}: {what}{result}")
+        observation = e.get("observation") or {}
+        if observation.get("condition"):
+            print(f"         observed: {observation['condition']}")
+        start = e.get("started_at") or e["received_at"]
+        for step in e.get("steps") or []:
+            message = str(step["message"]).replace("\n", "\n" + " " * 19)  # an argv with a script in it
+            print(f"         {step['at'] - start:+7.2f}s  {message}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="caretakerctl", description="Commands for a running caretaker receiver.")
     parser.add_argument("--config", default="caretaker.yml", metavar="PATH")
@@ -105,6 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     problems.add_argument("--service")
     problems.add_argument("--all", action="store_true", help="closed and expired ones too")
     problems.add_argument("--json", action="store_true")
+    history = sub.add_parser("history", help="the audit trail: what was decided and done, newest first")
+    history.add_argument("--service")
+    history.add_argument("--limit", type=int, default=20, help="entries (default 20)")
+    history.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     config = load_or_exit(args.config, False)
     try:
@@ -121,6 +147,13 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{args.service}: resumed" + ("" if result["was_paused"] else " (it was not paused)"))
             else:
                 print(f"{args.service}: budget reset" + (" (it was exhausted)" if result["was_exhausted"] else ""))
+        elif args.command == "history":
+            query = {k: v for k, v in (("service_name", args.service), ("limit", str(max(1, args.limit)))) if v}
+            result = _call(config, "GET", "/api/v1/remediations?" + urllib.parse.urlencode(query))
+            if args.json:
+                print(json.dumps(result["data"], indent=2))
+            else:
+                _print_history(result["data"])
         else:
             wanted = "" if args.all else ProblemState.OPEN.value
             query = {k: v for k, v in (("service_name", args.service), ("state", wanted)) if v}

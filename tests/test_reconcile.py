@@ -321,6 +321,41 @@ async def test_caretakerctl_pauses_and_resumes_and_once_shows_it(tmp_path: Path,
         await server.close()
 
 
+async def test_caretakerctl_history_shows_the_audit_trail_with_each_step(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from receiver.app import create_app
+    from receiver.ctl import main as ctl
+
+    port = free_port()
+    config = config_for(tmp_path, {"svc": sleeper()}, port=port)
+    (tmp_path / "caretaker.yml").write_text(
+        f"receiver: {{port: {port}, bearer_token: {{file: token}}, state_file: state.sqlite}}\n"
+        "services:\n  svc: {match: {comm: '^caretaker-none$'}}\n")
+    server = TestServer(create_app(config), host="127.0.0.1", port=port)
+    await server.start_server()
+    client = TestClient(server)
+    try:
+        await post(client, alert("h1570", service_name="svc", remediation="restart"))
+        entries = await wait_audit(client, lambda es: any(e["result"] for e in es))
+        (started,) = pids(config, "svc")
+        path = str(tmp_path / "caretaker.yml")
+        await asyncio.to_thread(ctl, ["--config", path, "history", "--service", "svc"])
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].startswith(f"#{entries[0]['id']} ")
+        assert "svc  CaretakerServiceDown (firing)  restart: acted -> success in " in out[0]
+        assert out[1].strip() == "observed: 0 processes, expected 1..1"
+        steps = "\n".join(out[2:])
+        assert "s  started " in steps and steps.index("s  started ") < steps.index(f" as pid {started}\n"), out
+        assert out[-1].split("s  ", 1)[1].startswith("verified: 1 processes")
+        await asyncio.to_thread(ctl, ["--config", path, "history", "--limit", "1", "--json"])
+        assert [e["id"] for e in json.loads(capsys.readouterr().out)] == [entries[0]["id"]]
+    finally:
+        await client.close()
+        stop_config_services(config)
+
+
 async def test_a_problem_no_notification_refreshes_expires(receiver_for: Any, tmp_path: Path) -> None:
     config = config_for(tmp_path, {"svc": sleeper()}, problem_ttl="1s")
     client = await receiver_for(config)
