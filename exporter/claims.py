@@ -14,7 +14,8 @@ and judges it:
 - **invalid** when a field the verdict needs cannot be used: the item's hash is gone
   (``no_item``), it has no owner (``no_owner``), its claim time does not parse
   (``bad_claim_time``), or its pid does not parse and the pid is what decides
-  (``bad_pid``). Invalid claims are counted, never released: nothing proves them orphaned.
+  (``bad_pid``); a claim whose judging raised anything is ``unreadable`` (logged). Invalid
+  claims are counted, never released: nothing proves them orphaned.
 
 The scan uses ``SSCAN``/``ZSCAN`` (never ``KEYS``) in batches of :data:`SCAN_BATCH`
 ids, each batch one pipelined round of ``HMGET``, then ``/proc`` (once per distinct
@@ -67,6 +68,7 @@ INVALID_EXAMPLES = 10
 """Invalid claims kept (the first found), to show which they are."""
 MAX_PID = 1 << 22
 """Above Linux's largest ``pid_max`` (2^22)."""
+MAX_PID_DIGITS = len(str(MAX_PID))
 
 
 def this_host() -> str:
@@ -108,7 +110,7 @@ class Claim:
     reason: str
     """Why: ``heartbeat``, ``owner_alive``, ``remote_owner``, ``within_max_age`` (active);
     ``owner_dead``, ``pid_reused``, ``heartbeat_absent``, ``max_age`` (orphaned);
-    ``no_item``, ``no_owner``, ``bad_claim_time``, ``bad_pid`` (invalid)."""
+    ``no_item``, ``no_owner``, ``bad_claim_time``, ``bad_pid``, ``unreadable`` (invalid)."""
     owner: bytes | None = None
     claim_time: bytes | None = None
     claimed_at: float = 0.0
@@ -224,8 +226,13 @@ def _read(spec: Claims, heartbeat_pattern: bytes | None, item_id: bytes, values:
 
 
 def _pid(raw: bytes | None) -> int | None:
+    """The pid in a pid field, ``None`` unless it is 2 to :data:`MAX_PID` in ASCII digits.
+    The length is bounded before ``int()``, which refuses more than 4,300 digits."""
     text = (raw or b"").strip()
-    return int(text) if text.isdigit() and 1 < int(text) < MAX_PID else None
+    if not 0 < len(text) <= MAX_PID_DIGITS or not text.isdigit():  # bytes.isdigit(): ASCII 0-9 only
+        return None
+    pid = int(text)
+    return pid if 1 < pid < MAX_PID else None
 
 
 Owner = Literal["alive", "dead", "reused", "remote", "bad_pid", "unknown"]
@@ -334,6 +341,11 @@ def scan_claims(client: redis.Redis, spec: Claims, liveness: Liveness, deadline:
         raise ClaimsScanError("auth" if auth else "error", str(err)) from err
     except (errors.RedisError, OSError) as err:
         raise ClaimsScanError("error", f"{type(err).__name__}: {err}") from err
+    except ClaimsScanError:
+        raise
+    except Exception as err:  # the last resort: a scan never fails the scrape, nor the repair, with a traceback
+        log.exception("claims scan failed unexpectedly")
+        raise ClaimsScanError("error", f"unexpected {type(err).__name__}: {err}") from err
 
 
 def _scan(client: redis.Redis, spec: Claims, liveness: Liveness, deadline: float, keep: int) -> ClaimsSeen:
@@ -343,6 +355,7 @@ def _scan(client: redis.Redis, spec: Claims, liveness: Liveness, deadline: float
     item_pattern = spec.item_key.encode()
     heartbeat_pattern = spec.heartbeat_key.encode() if spec.heartbeat_key is not None else None
     tally = _Tally(keep)
+    faults = _Faults()
     seen: set[bytes] = set()
     beating: dict[bytes, bool] = {}
     cursor = 0
@@ -362,19 +375,50 @@ def _scan(client: redis.Redis, spec: Claims, liveness: Liveness, deadline: float
                 for item_id in ids:
                     pipe.hmget(_key(item_pattern, item_id, None), fields)
                 rows = pipe.execute()
-            reads = [_read(spec, heartbeat_pattern, item_id, row, now) for item_id, row in zip(ids, rows, strict=True)]
-            owners = [None if r.invalid or r.expired else owner_of(spec, r, liveness) for r in reads]
+            looked = [_look(spec, heartbeat_pattern, item_id, row, now, liveness, faults)
+                      for item_id, row in zip(ids, rows, strict=True)]
             # A live owner decides alone: its heartbeat is looked up only when it is not alive here.
             asked = [r.heartbeat_key if r.heartbeat_key is not None and owner != "alive" else None
-                     for r, owner in zip(reads, owners, strict=True)]
+                     for r, owner in looked]
             unknown = list(dict.fromkeys(k for k in asked if k is not None and k not in beating))
             if unknown:
                 beating.update(zip(unknown, _exist(client, unknown), strict=True))
-            for r, owner, heartbeat in zip(reads, owners, asked, strict=True):
+            for (r, owner), heartbeat in zip(looked, asked, strict=True):
                 tally.add(r, judge(r, owner, beating[heartbeat] if heartbeat is not None else None))
         if int(cursor) == 0:
             break
+    if faults.count > 1:
+        log.warning("%d claims could not be judged in this scan (counted as invalid, unreadable)", faults.count)
     return tally.seen(time.monotonic() - started)
+
+
+class _Faults:
+    """Claims whose judging raised: each is ``invalid`` (``unreadable``); the first of a
+    scan is logged with its traceback, the others counted in one line at the end."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def add(self, item_id: bytes, err: Exception) -> None:
+        self.count += 1
+        if self.count == 1:
+            log.warning("claim %s could not be judged, counted as invalid (unreadable): %s: %s", _text(item_id)[:200],
+                        type(err).__name__, err, exc_info=err)
+
+
+def _look(spec: Claims, heartbeat_pattern: bytes | None, item_id: bytes, row: object, now: float,
+          liveness: Liveness, faults: _Faults) -> tuple[_Read, Owner | None]:
+    """One claim's fields and what this host says of its owner (``None`` for a claim
+    that is invalid or expired). Whatever its fields hold, one claim never fails the
+    scan: a claim whose judging raises is invalid (``unreadable``)."""
+    try:
+        if not isinstance(row, list):
+            raise TypeError(f"HMGET answered {type(row).__name__}")
+        read = _read(spec, heartbeat_pattern, item_id, row, now)
+        return read, None if read.invalid or read.expired else owner_of(spec, read, liveness)
+    except Exception as err:  # a hostile or unforeseen value makes this claim invalid, not the scan fail
+        faults.add(item_id, err)
+        return _Read(item_id, None, None, 0.0, None, "", "unreadable", False, None), None
 
 
 def _exist(client: redis.Redis, keys: list[bytes]) -> list[bool]:
@@ -437,6 +481,9 @@ class ClaimsWatch:
                 self.close()  # the next scan connects again (and reads the secret again)
         except ConfigError as err:
             self.failed("auth", str(err))
+        except Exception as err:  # the last resort: never a failed scrape for every service
+            log.exception("claims of %s: scan failed unexpectedly", self.service)
+            self.failed("error", f"unexpected {type(err).__name__}: {err}")
         return self.seen
 
     def failed(self, reason: str, detail: str) -> None:

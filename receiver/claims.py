@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ACTIONS", "AUDIT_IDS", "RELEASE_SCRIPT", "Released", "find_orphans", "orphaned_now", "release",
            "release_claims"]
+
+log = logging.getLogger(__name__)
 
 AUDIT_IDS = 50
 """Ids listed in an audit step at most (with the count of all)."""
@@ -159,6 +162,9 @@ def _release_now(spec: Claims, base_dir: Path, reader: ProcReader) -> tuple[Clai
         raise RepairFailed(f"claims could not be read ({err.reason}): {err.detail}") from err
     except (errors.RedisError, OSError, ConfigError) as err:
         raise RepairFailed(f"releasing claims failed: {type(err).__name__}: {err}") from err
+    except Exception as err:  # the last resort: a failed repair with its reason, never a traceback in the executor
+        log.exception("releasing claims failed unexpectedly")
+        raise RepairFailed(f"releasing claims failed: unexpected {type(err).__name__}: {err}") from err
 
 
 async def release_claims(ctx: ActionContext, name: str, step: StepLog) -> None:
