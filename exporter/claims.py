@@ -12,7 +12,8 @@ and judges it:
   claim is orphaned whatever its owner says;
 - **active** otherwise (the heartbeat is there, or the owner runs);
 - **invalid** when a field the verdict needs cannot be used: the item's hash is gone
-  (``no_item``), it has no owner (``no_owner``), its claim time does not parse
+  (``no_item``), its key is not a hash (``wrong_type``), it has no owner (``no_owner``),
+  its claim time does not parse
   (``bad_claim_time``), or its pid does not parse and the pid is what decides
   (``bad_pid``); a claim whose judging raised anything is ``unreadable`` (logged). Invalid
   claims are counted, never released: nothing proves them orphaned.
@@ -110,7 +111,7 @@ class Claim:
     reason: str
     """Why: ``heartbeat``, ``owner_alive``, ``remote_owner``, ``within_max_age`` (active);
     ``owner_dead``, ``pid_reused``, ``heartbeat_absent``, ``max_age`` (orphaned);
-    ``no_item``, ``no_owner``, ``bad_claim_time``, ``bad_pid``, ``unreadable`` (invalid)."""
+    ``no_item``, ``no_owner``, ``wrong_type``, ``bad_claim_time``, ``bad_pid``, ``unreadable`` (invalid)."""
     owner: bytes | None = None
     claim_time: bytes | None = None
     claimed_at: float = 0.0
@@ -145,6 +146,8 @@ class ClaimsSeen:
     invalid_examples: tuple[Claim, ...] = ()
     """The first invalid claims found (at most :data:`INVALID_EXAMPLES`)."""
     duration_seconds: float = 0.0
+    scanned_at: float = 0.0
+    """Unix time the scan finished; 0 for the view that stands before the first scan."""
 
     def counts(self) -> dict[str, int]:
         """Claims by state (every state of :data:`STATES` a key)."""
@@ -309,7 +312,7 @@ class _Tally:
     def seen(self, duration: float) -> ClaimsSeen:
         orphans = tuple(c for _, _, c in sorted(self.heap, key=lambda e: (-e[0], e[1])))
         return ClaimsSeen(self.counts["active"], self.counts["orphaned"], self.counts["invalid"], self.oldest,
-                          orphans, tuple(self.invalid), duration)
+                          orphans, tuple(self.invalid), duration, time.time())
 
 
 def _claim(read: _Read, verdict: Verdict) -> Claim:
@@ -374,7 +377,7 @@ def _scan(client: redis.Redis, spec: Claims, liveness: Liveness, deadline: float
             with client.pipeline(transaction=False) as pipe:
                 for item_id in ids:
                     pipe.hmget(_key(item_pattern, item_id, None), fields)
-                rows = pipe.execute()
+                rows = pipe.execute(raise_on_error=False)  # an item of the wrong type is its own answer
             looked = [_look(spec, heartbeat_pattern, item_id, row, now, liveness, faults)
                       for item_id, row in zip(ids, rows, strict=True)]
             # A live owner decides alone: its heartbeat is looked up only when it is not alive here.
@@ -411,6 +414,10 @@ def _look(spec: Claims, heartbeat_pattern: bytes | None, item_id: bytes, row: ob
     """One claim's fields and what this host says of its owner (``None`` for a claim
     that is invalid or expired). Whatever its fields hold, one claim never fails the
     scan: a claim whose judging raises is invalid (``unreadable``)."""
+    if isinstance(row, Exception):
+        if "WRONGTYPE" not in str(row):
+            raise row  # NOPERM, OOM...: the scan fails with its reason
+        return _Read(item_id, None, None, 0.0, None, "", "wrong_type", False, None), None
     try:
         if not isinstance(row, list):
             raise TypeError(f"HMGET answered {type(row).__name__}")

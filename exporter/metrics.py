@@ -334,11 +334,13 @@ class ClaimsCollector(SnapshotCollector):
         caretaker_claims{service_name="worker",state="orphaned"} 1.0
         caretaker_claims{service_name="worker",state="invalid"} 0.0
         caretaker_claims_oldest_orphan_timestamp_seconds{service_name="worker"} 1.7637e+09
+        caretaker_claims_last_scan_timestamp_seconds{service_name="worker"} 1.7647e+09
         caretaker_claims_scan_errors_total{reason="timeout",service_name="worker"} 0.0
         caretaker_claims_scan_errors_created{reason="timeout",service_name="worker"} 1.7637e+09
 
     As the last scan that finished found them (a failed scan leaves them as they were,
-    and is counted); the oldest orphan's claim time is 0 when none is orphaned.
+    and is counted); the oldest orphan's claim time is 0 when none is orphaned; the last
+    scan's time is when the view shown was taken (0 until a scan succeeds).
     ``state``: :data:`~exporter.claims.STATES`; ``reason``:
     :data:`~exporter.claims.SCAN_ERROR_REASONS`.
     """
@@ -349,6 +351,8 @@ class ClaimsCollector(SnapshotCollector):
                         "(heartbeat gone and owner dead), invalid (cannot be judged).", "state")
         oldest = _gauge("caretaker_claims_oldest_orphan_timestamp_seconds",
                         "Claim time of the oldest orphaned claim, Unix seconds; 0 when none.")
+        scanned = _gauge("caretaker_claims_last_scan_timestamp_seconds",
+                         "When the last successful scan of the claims finished, Unix seconds; 0 before the first.")
         errors = CounterMetricFamily("caretaker_claims_scan_errors", "Scans of the claims that failed, by reason.",
                                      labels=["service_name", "reason"])
         for name in snap.config.services:
@@ -358,9 +362,10 @@ class ClaimsCollector(SnapshotCollector):
             for claim_state, count in state.claims.counts().items():
                 claims.add_metric([name, claim_state], count)
             oldest.add_metric([name], state.claims.oldest_orphan)
+            scanned.add_metric([name], state.claims.scanned_at)
             for reason, count in state.claims_errors.items():
                 errors.add_metric([name, reason], count, created=snap.errors_since)
-        yield from (claims, oldest, errors)
+        yield from (claims, oldest, scanned, errors)
 
 
 COLLECTORS: tuple[type[SnapshotCollector], ...] = (

@@ -104,3 +104,51 @@ def test_a_claim_that_cannot_be_judged_is_invalid_and_the_others_are_judged(r: r
     put_claim(r, "alive", "w-3", os.getpid(), now)  # claimed after this process started
     verdicts = judged(claims_config(redis_port, tmp_path), Liveness(_Failing(bad)))
     assert verdicts == {"cursed": ("invalid", "unreadable"), "plain": ("orphaned", "owner_dead")}
+
+
+# --- keys of the wrong type -------------------------------------------------------------------------
+
+async def test_an_item_of_the_wrong_type_is_invalid_and_the_scan_goes_on(r: redis.Redis, redis_port: int,
+                                                                        tmp_path: Path, exporter_for: Any) -> None:
+    """One item key holding a string made the whole pipeline raise: the scan failed on
+    every scrape, and the series kept the last good view without a word."""
+    now = time.time()
+    for i in range(5):
+        put_claim(r, f"dead-{i}", "w-dead", dead_pid(), now - 30)
+    r.sadd("processing_issues", "legacy", "listed")
+    r.set("issue:legacy", '{"json": "blob"}')  # an item stored as a string
+    r.rpush("issue:listed", "x")
+    config = claims_config(redis_port, tmp_path)
+    client = await exporter_for(config)
+    before = time.time()
+    data = samples(await scrape(client))
+    assert [value(data, "caretaker_claims", state=s, **SVC) for s in ("active", "orphaned", "invalid")] == [0, 5, 2]
+    assert value(data, "caretaker_claims_scan_errors_total", reason="error", **SVC) == 0
+    assert before <= value(data, "caretaker_claims_last_scan_timestamp_seconds", **SVC) <= time.time()
+    verdicts = judged(config)
+    assert verdicts["legacy"] == verdicts["listed"] == ("invalid", "wrong_type")
+
+
+async def test_the_last_successful_scan_is_shown_and_kept_while_scans_fail(r: redis.Redis, redis_port: int,
+                                                                           tmp_path: Path, exporter_for: Any) -> None:
+    put_claim(r, "1", "w-dead", dead_pid(), time.time() - 30)
+    client = await exporter_for(claims_config(redis_port, tmp_path))
+    data = samples(await scrape(client))
+    good = value(data, "caretaker_claims_last_scan_timestamp_seconds", **SVC)
+    assert good > 0 and value(data, "caretaker_claims", state="orphaned", **SVC) == 1
+    r.delete("processing_issues")
+    r.rpush("processing_issues", "1")  # claimed_key of the wrong type: the scan itself fails
+    for failures in (1, 2):
+        data = samples(await scrape(client))
+        assert value(data, "caretaker_claims_scan_errors_total", reason="error", **SVC) == failures
+        assert value(data, "caretaker_claims_last_scan_timestamp_seconds", **SVC) == good
+        assert value(data, "caretaker_claims", state="orphaned", **SVC) == 1  # the last view, with its time
+
+
+async def test_no_successful_scan_yet_is_a_timestamp_of_zero(tmp_path: Path, exporter_for: Any) -> None:
+    from .conftest import free_port
+
+    client = await exporter_for(claims_config(free_port(), tmp_path))  # nothing listens there
+    data = samples(await scrape(client))
+    assert value(data, "caretaker_claims_last_scan_timestamp_seconds", **SVC) == 0
+    assert value(data, "caretaker_claims_scan_errors_total", reason="connection", **SVC) == 1
