@@ -128,10 +128,17 @@ return id
 """
 # KEYS[1] claimed set, KEYS[2] item, KEYS[3] queue. ARGV: id, owner field, owner, mode, status
 # field, then the claim fields to delete on release. Returns 1 when done, 0 when the claim
-# is no longer this owner's.
+# is no longer this owner's, -1 when the queue is not a list (nothing changed). Every check
+# comes before the first write: a command that fails in a script does not undo the writes
+# before it, so a failing RPUSH after SREM would lose the job.
 _FINISH = """
-if redis.call("SISMEMBER", KEYS[1], ARGV[1]) == 0 or redis.call("HGET", KEYS[2], ARGV[2]) ~= ARGV[3] then
+if redis.call("SISMEMBER", KEYS[1], ARGV[1]) == 0 or redis.call("TYPE", KEYS[2]).ok ~= "hash"
+    or redis.call("HGET", KEYS[2], ARGV[2]) ~= ARGV[3] then
   return 0
+end
+if ARGV[4] == "release" then
+  local queue = redis.call("TYPE", KEYS[3]).ok
+  if queue ~= "list" and queue ~= "none" then return -1 end
 end
 redis.call("SREM", KEYS[1], ARGV[1])
 if ARGV[4] == "release" then
@@ -326,6 +333,10 @@ class Claim:
                                     lay.owner_field, lay.pid_field, lay.host_field, lay.time_field)
         except Exception as err:
             log.warning("caretaker claims: could not mark %s %s: %s", self.item_id, mode, err)
+            return "error"
+        if ours == -1:
+            log.error("caretaker claims: %s not released: %s is not a list; the claim is left as it is, held by %s",
+                      self.item_id, lay.queue_key, self.owner)
             return "error"
         if not ours:
             log.warning("caretaker claims: %s is no longer claimed by %s (released while its heartbeat lapsed?); "

@@ -12,6 +12,10 @@ scan saw it:
 - the owner's heartbeat key is still absent, when the verdict rested on it (else the
   owner is back);
 
+- the item is a hash, and ``release.push_to`` a list (or absent): every check comes
+  before the first write, so the release applies whole or not at all (a queue of the
+  wrong type fails the repair and changes nothing);
+
 and only then applies the release: remove the id from ``claimed_key``, delete
 ``release.delete_fields``, set ``release.set_fields``, push the id to
 ``release.push_to``. A claim that was completed or re-taken between the scan and the
@@ -52,15 +56,22 @@ RELEASE_SCRIPT = """
 --   (the item again when none). ARGV: id, claimed type, owner field, owner, claim time field,
 --   claim time, "1" to check the heartbeat, push end ("" none, "left", "right"), the number of
 --   fields to delete, those fields, then field/value pairs to set.
+-- Every check comes before the first write, so a release applies whole or not at all (a
+-- command that fails in a script does not undo the writes before it).
 if ARGV[2] == "zset" then
   if not redis.call("ZSCORE", KEYS[1], ARGV[1]) then return "completed" end
 elseif redis.call("SISMEMBER", KEYS[1], ARGV[1]) == 0 then
   return "completed"
 end
+if redis.call("TYPE", KEYS[2]).ok ~= "hash" then return "wrong_type" end
 if redis.call("HGET", KEYS[2], ARGV[3]) ~= ARGV[4] or redis.call("HGET", KEYS[2], ARGV[5]) ~= ARGV[6] then
   return "retaken"
 end
 if ARGV[7] == "1" and redis.call("EXISTS", KEYS[3]) == 1 then return "heartbeat" end
+if ARGV[8] ~= "" then
+  local queue = redis.call("TYPE", KEYS[4]).ok
+  if queue ~= "list" and queue ~= "none" then return "queue_wrong_type" end
+end
 if ARGV[2] == "zset" then redis.call("ZREM", KEYS[1], ARGV[1]) else redis.call("SREM", KEYS[1], ARGV[1]) end
 local deleted = tonumber(ARGV[9])
 for i = 10, 9 + deleted do redis.call("HDEL", KEYS[2], ARGV[i]) end
@@ -75,8 +86,12 @@ return "released"
 
 WHY = {"completed": "no longer claimed: completed or released in between",
        "retaken": "claimed again in between: owner or claim time changed",
-       "heartbeat": "its owner's heartbeat came back"}
+       "heartbeat": "its owner's heartbeat came back",
+       "wrong_type": "its item key is no longer a hash: left alone",
+       "queue_wrong_type": "release.push_to is not a list: nothing changed"}
 """What each outcome of the script but ``released`` means, for the audit trail."""
+FAILED = ("queue_wrong_type",)
+"""Outcomes that fail the repair (with ``error: ...``): a person must fix the data or the config."""
 
 
 @dataclass(frozen=True)
@@ -194,7 +209,7 @@ async def release_claims(ctx: ActionContext, name: str, step: StepLog) -> None:
     if left > 0:
         step(f"{left} more orphaned claims wait for the next attempt (release.max_per_repair is "
              f"{spec.release.max_per_repair})")
-    failed = [o for _, o in skipped if o.startswith("error")]
+    failed = [WHY.get(o, o) for _, o in skipped if o.startswith("error") or o in FAILED]
     if failed:
         raise RepairFailed(f"{len(failed)} claims could not be released: {failed[0]}")
 

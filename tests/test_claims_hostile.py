@@ -152,3 +152,46 @@ async def test_no_successful_scan_yet_is_a_timestamp_of_zero(tmp_path: Path, exp
     data = samples(await scrape(client))
     assert value(data, "caretaker_claims_last_scan_timestamp_seconds", **SVC) == 0
     assert value(data, "caretaker_claims_scan_errors_total", reason="connection", **SVC) == 1
+
+
+# --- all or nothing ---------------------------------------------------------------------------------
+
+def release_now(config: Config) -> list[tuple[str, str]]:
+    from receiver.claims import find_orphans, release
+
+    spec = spec_of(config)
+    client = connect(spec, config.base_dir)
+    return [(c.id_text, o) for c, o in release(client, spec, find_orphans(client, spec, ProcReader()).orphans).outcomes]
+
+
+async def test_a_queue_of_the_wrong_type_fails_the_release_and_changes_nothing(
+        r: redis.Redis, redis_port: int, tmp_path: Path, release_claims: Any) -> None:
+    """The script removed the claim, then RPUSH failed on a queue of another type: the
+    job was in no set and no queue, lost."""
+    from receiver.actions import RepairFailed
+
+    put_claim(r, "17", "w-dead", dead_pid(), time.time() - 30)
+    before = r.hgetall("issue:17")
+    r.zadd("task_queue", {"other": 1})  # the app's queue is a sorted set: RPUSH cannot work
+    config = claims_config(redis_port, tmp_path)
+    assert release_now(config) == [("17", "queue_wrong_type")]
+    assert r.smembers("processing_issues") == {"17"} and r.hgetall("issue:17") == before
+    assert r.zrange("task_queue", 0, -1) == ["other"]
+    with pytest.raises(RepairFailed, match=r"1 claims could not be released: .*not a list"):
+        await release_claims(config)
+    assert r.smembers("processing_issues") == {"17"} and r.hgetall("issue:17") == before
+
+
+def test_an_item_that_changed_type_before_the_release_is_left_alone(r: redis.Redis, redis_port: int,
+                                                                   tmp_path: Path) -> None:
+    from receiver.claims import find_orphans, release
+
+    put_claim(r, "17", "w-dead", dead_pid(), time.time() - 30)
+    config = claims_config(redis_port, tmp_path)
+    spec = spec_of(config)
+    client = connect(spec, tmp_path)
+    seen = find_orphans(client, spec, ProcReader())
+    r.delete("issue:17")
+    r.set("issue:17", "rewritten by the app as a string")
+    assert [o for _, o in release(client, spec, seen.orphans).outcomes] == ["wrong_type"]
+    assert r.smembers("processing_issues") == {"17"} and r.llen("task_queue") == 0
