@@ -119,6 +119,10 @@ class Claim:
     heartbeat_key: bytes | None = None
     """The heartbeat key found absent, when the verdict rests on it (a release checks it
     is still absent); ``None`` otherwise."""
+    pid: bytes | None = None
+    host: bytes | None = None
+    """The pid and host fields as read (``None``: absent, or not configured): the verdict
+    rested on them, so a release checks they have not changed."""
 
     @property
     def id_text(self) -> str:
@@ -199,7 +203,8 @@ class _Read:
     claim_time: bytes | None
     claimed_at: float
     pid: bytes | None
-    host: str
+    host: bytes | None
+    """As Redis holds it (``None``: no such field, or none configured: this host)."""
     invalid: str
     """Why it cannot be judged (``no_item``...); empty when it can."""
     expired: bool
@@ -217,7 +222,7 @@ def _read(spec: Claims, heartbeat_pattern: bytes | None, item_id: bytes, values:
           now: float) -> _Read:
     owner, claim_time = values[0], values[1]
     pid = values[2] if spec.pid_field is not None else None
-    host = _text(values[-1] or b"") if spec.host_field is not None else ""
+    host = values[-1] if spec.host_field is not None else None
     claimed_at = parse_claim_time(claim_time, spec.claim_time_format) or 0.0
     invalid = ("no_item" if values.count(None) == len(values) else "no_owner" if not owner
                else "bad_claim_time" if not claimed_at else "")
@@ -245,7 +250,7 @@ or there is no pid field (``unknown``)."""
 
 
 def owner_of(spec: Claims, read: _Read, liveness: Liveness) -> Owner:
-    if not liveness.is_local(read.host):
+    if not liveness.is_local(_text(read.host or b"")):
         return "remote"
     if spec.pid_field is None:
         return "unknown"
@@ -318,7 +323,7 @@ class _Tally:
 def _claim(read: _Read, verdict: Verdict) -> Claim:
     state, reason, checked = verdict
     return Claim(read.item_id, state, reason, read.owner, read.claim_time, read.claimed_at,
-                 read.heartbeat_key if checked else None)
+                 read.heartbeat_key if checked else None, read.pid, read.host)
 
 
 def scan_claims(client: redis.Redis, spec: Claims, liveness: Liveness, deadline: float, keep: int = 0) -> ClaimsSeen:
@@ -417,7 +422,7 @@ def _look(spec: Claims, heartbeat_pattern: bytes | None, item_id: bytes, row: ob
     if isinstance(row, Exception):
         if "WRONGTYPE" not in str(row):
             raise row  # NOPERM, OOM...: the scan fails with its reason
-        return _Read(item_id, None, None, 0.0, None, "", "wrong_type", False, None), None
+        return _Read(item_id, None, None, 0.0, None, None, "wrong_type", False, None), None
     try:
         if not isinstance(row, list):
             raise TypeError(f"HMGET answered {type(row).__name__}")
@@ -425,7 +430,7 @@ def _look(spec: Claims, heartbeat_pattern: bytes | None, item_id: bytes, row: ob
         return read, None if read.invalid or read.expired else owner_of(spec, read, liveness)
     except Exception as err:  # a hostile or unforeseen value makes this claim invalid, not the scan fail
         faults.add(item_id, err)
-        return _Read(item_id, None, None, 0.0, None, "", "unreadable", False, None), None
+        return _Read(item_id, None, None, 0.0, None, None, "unreadable", False, None), None
 
 
 def _exist(client: redis.Redis, keys: list[bytes]) -> list[bool]:

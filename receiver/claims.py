@@ -8,7 +8,9 @@ claims were judged for), takes the oldest orphaned ones (at most
 scan saw it:
 
 - the id is still in ``claimed_key`` (else it was completed, or released, in between);
-- the item's owner and claim time fields are unchanged (else it was claimed again);
+- the item's owner, claim time, pid and host fields are unchanged, as the verdict
+  rested on them (else it was claimed again, or its owner came back under the same
+  name);
 - the owner's heartbeat key is still absent, when the verdict rested on it (else the
   owner is back);
 
@@ -54,17 +56,26 @@ AUDIT_IDS = 50
 RELEASE_SCRIPT = """
 -- KEYS: claimed key, item hash, heartbeat key (the item again when not checked), list to push to
 --   (the item again when none). ARGV: id, claimed type, owner field, owner, claim time field,
---   claim time, "1" to check the heartbeat, push end ("" none, "left", "right"), the number of
---   fields to delete, those fields, then field/value pairs to set.
+--   claim time, "1" to check the heartbeat, push end ("" none, "left", "right"), pid field and
+--   the pid seen, host field and the host seen (a field "" when not configured; a value seen
+--   "=" followed by it, or "-" when the field was absent), the number of fields to delete,
+--   those fields, then field/value pairs to set.
 -- Every check comes before the first write, so a release applies whole or not at all (a
 -- command that fails in a script does not undo the writes before it).
+local function unchanged(field, seen)
+  if field == "" then return true end
+  local now = redis.call("HGET", KEYS[2], field)
+  if now then return seen == "=" .. now end
+  return seen == "-"
+end
 if ARGV[2] == "zset" then
   if not redis.call("ZSCORE", KEYS[1], ARGV[1]) then return "completed" end
 elseif redis.call("SISMEMBER", KEYS[1], ARGV[1]) == 0 then
   return "completed"
 end
 if redis.call("TYPE", KEYS[2]).ok ~= "hash" then return "wrong_type" end
-if redis.call("HGET", KEYS[2], ARGV[3]) ~= ARGV[4] or redis.call("HGET", KEYS[2], ARGV[5]) ~= ARGV[6] then
+if redis.call("HGET", KEYS[2], ARGV[3]) ~= ARGV[4] or redis.call("HGET", KEYS[2], ARGV[5]) ~= ARGV[6]
+    or not unchanged(ARGV[9], ARGV[10]) or not unchanged(ARGV[11], ARGV[12]) then
   return "retaken"
 end
 if ARGV[7] == "1" and redis.call("EXISTS", KEYS[3]) == 1 then return "heartbeat" end
@@ -73,9 +84,9 @@ if ARGV[8] ~= "" then
   if queue ~= "list" and queue ~= "none" then return "queue_wrong_type" end
 end
 if ARGV[2] == "zset" then redis.call("ZREM", KEYS[1], ARGV[1]) else redis.call("SREM", KEYS[1], ARGV[1]) end
-local deleted = tonumber(ARGV[9])
-for i = 10, 9 + deleted do redis.call("HDEL", KEYS[2], ARGV[i]) end
-for i = 10 + deleted, #ARGV, 2 do redis.call("HSET", KEYS[2], ARGV[i], ARGV[i + 1]) end
+local deleted = tonumber(ARGV[13])
+for i = 14, 13 + deleted do redis.call("HDEL", KEYS[2], ARGV[i]) end
+for i = 14 + deleted, #ARGV, 2 do redis.call("HSET", KEYS[2], ARGV[i], ARGV[i + 1]) end
 if ARGV[8] == "left" then
   redis.call("LPUSH", KEYS[4], ARGV[1])
 elseif ARGV[8] == "right" then
@@ -85,7 +96,7 @@ return "released"
 """
 
 WHY = {"completed": "no longer claimed: completed or released in between",
-       "retaken": "claimed again in between: owner or claim time changed",
+       "retaken": "claimed again in between: owner, claim time, pid or host changed",
        "heartbeat": "its owner's heartbeat came back",
        "wrong_type": "its item key is no longer a hash: left alone",
        "queue_wrong_type": "release.push_to is not a list: nothing changed"}
@@ -112,6 +123,11 @@ def _item_key(spec: Claims, claim: Claim) -> bytes:
     return spec.item_key.encode().replace(b"{id}", claim.item_id)
 
 
+def _seen(raw: bytes | None) -> bytes:
+    """A field as the scan saw it, for the script: ``=value``, or ``-`` when it was absent."""
+    return b"-" if raw is None else b"=" + raw
+
+
 def release(client: redis.Redis, spec: Claims, orphans: tuple[Claim, ...] | list[Claim]) -> Released:
     """Release each of ``orphans`` that is still orphaned as it was seen (blocking):
     one :data:`RELEASE_SCRIPT` per claim, pipelined. Raises redis-py's errors when
@@ -129,7 +145,9 @@ def release(client: redis.Redis, spec: Claims, orphans: tuple[Claim, ...] | list
                                        rel.push_to if rel.push_to is not None else item]
             args = [claim.item_id, spec.claimed_type, spec.owner_field, claim.owner or b"", spec.claim_time_field,
                     claim.claim_time or b"", "1" if claim.heartbeat_key is not None else "0",
-                    rel.push_end if rel.push_to is not None else "", len(deleted), *deleted, *to_set]
+                    rel.push_end if rel.push_to is not None else "",
+                    spec.pid_field or "", _seen(claim.pid), spec.host_field or "", _seen(claim.host),
+                    len(deleted), *deleted, *to_set]
             script(keys=keys, args=args, client=pipe)
         results = pipe.execute(raise_on_error=False)
     outcomes = []

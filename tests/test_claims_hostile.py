@@ -195,3 +195,40 @@ def test_an_item_that_changed_type_before_the_release_is_left_alone(r: redis.Red
     r.set("issue:17", "rewritten by the app as a string")
     assert [o for _, o in release(client, spec, seen.orphans).outcomes] == ["wrong_type"]
     assert r.smembers("processing_issues") == {"17"} and r.llen("task_queue") == 0
+
+
+@pytest.mark.parametrize("change", ["pid", "host"])
+def test_a_claim_whose_pid_or_host_changed_before_the_release_is_left_alone(
+        r: redis.Redis, redis_port: int, tmp_path: Path, change: str) -> None:
+    """Stable owner names (worker-1), judged by pid: worker-1 dies holding 7, its restart
+    (same name, a new pid: this process) takes 7 up again before the release runs. The
+    script re-checked only the owner and the claim time, and released it from under
+    its live owner."""
+    from receiver.claims import find_orphans, release
+
+    put_claim(r, "7", "worker-1", dead_pid(), time.time() - 1, host="")
+    config = claims_config(redis_port, tmp_path, heartbeat_key=None)  # judged by the pid alone
+    spec = spec_of(config)
+    client = connect(spec, tmp_path)
+    seen = find_orphans(client, spec, ProcReader())
+    assert [c.reason for c in seen.orphans] == ["owner_dead"]
+    if change == "pid":
+        r.hset("issue:7", "pid", str(os.getpid()))  # the new worker-1 resumes its own claim
+    else:
+        r.hset("issue:7", "host", "elsewhere")  # moved to another host, which may be beating for it
+    before = r.hgetall("issue:7")
+    assert [o for _, o in release(client, spec, seen.orphans).outcomes] == ["retaken"]
+    assert r.hgetall("issue:7") == before and r.smembers("processing_issues") == {"7"}
+    r.hset("issue:7", mapping={"pid": seen.orphans[0].pid.decode(), "host": ""})  # as it was seen
+    assert [o for _, o in release(client, spec, seen.orphans).outcomes] == ["released"]
+
+
+def test_a_claim_without_a_pid_or_a_host_field_is_still_released(r: redis.Redis, redis_port: int,
+                                                                 tmp_path: Path) -> None:
+    r.sadd("processing_issues", "remote", "local")
+    r.hset("issue:remote", mapping={"processId": "w-gone", "startTime": "2026-01-01T00:00:00Z",
+                                    "host": "elsewhere"})  # no pid: judged by its heartbeat
+    r.hset("issue:local", mapping={"processId": "w-dead", "startTime": "2026-01-01T00:00:00Z",
+                                   "pid": str(dead_pid())})  # no host: this host
+    config = claims_config(redis_port, tmp_path)
+    assert sorted(release_now(config)) == [("local", "released"), ("remote", "released")]

@@ -56,10 +56,10 @@ def _pattern_problems(key: str, pattern: str, known: tuple[str, ...], required: 
 class ClaimsRelease(Model):
     """What ``release_claims`` does to each claim that is still orphaned when it acts, in
     one Lua script per claim that first checks, atomically, that the id is still claimed,
-    its owner and claim time are unchanged and its heartbeat is still absent. It always
-    removes the id from ``claimed_key`` (that ends the claim, so releasing it again is a
-    no-op); then it deletes ``delete_fields``, sets ``set_fields``, and pushes the id to
-    ``push_to``."""
+    its owner, claim time, pid and host are unchanged, its heartbeat is still absent, the
+    item is a hash and ``push_to`` a list. It always removes the id from ``claimed_key``
+    (that ends the claim, so releasing it again is a no-op); then it deletes
+    ``delete_fields``, sets ``set_fields``, and pushes the id to ``push_to``."""
 
     push_to: KeyName | None = Field(default="task_queue", examples=["task_queue"])
     """List the id is pushed back to, so that a worker takes it again; none: not pushed."""
