@@ -13,7 +13,8 @@ and judges it:
 - **active** otherwise (the heartbeat is there, or the owner runs);
 - **invalid** when a field the verdict needs cannot be used: the item's hash is gone
   (``no_item``), its key is not a hash (``wrong_type``), it has no owner (``no_owner``),
-  its claim time does not parse
+  its claim time does not parse or is not plausible (before 2001, or more than
+  :data:`CLAIM_TIME_SKEW` in the future: a unit or zone mix-up)
   (``bad_claim_time``), or its pid does not parse and the pid is what decides
   (``bad_pid``); a claim whose judging raised anything is ``unreadable`` (logged). Invalid
   claims are counted, never released: nothing proves them orphaned.
@@ -53,7 +54,8 @@ if TYPE_CHECKING:
     import redis
 
 __all__ = ["SCAN_BATCH", "SCAN_ERROR_REASONS", "STATES", "Claim", "ClaimsScanError", "ClaimsSeen", "ClaimsWatch",
-           "Liveness", "connect", "parse_claim_time", "scan_claims", "this_host"]
+           "Liveness", "claim_time_readings", "connect", "parse_claim_time", "plausible_claim_time", "scan_claims",
+           "this_host"]
 
 log = logging.getLogger(__name__)
 
@@ -78,23 +80,56 @@ def this_host() -> str:
     return socket.gethostname()
 
 
-def parse_claim_time(raw: bytes | None, fmt: str) -> float | None:
-    """Unix seconds from a claim time field; ``None`` when missing or not in ``fmt``.
+EARLIEST_CLAIM_TIME = 978_307_200.0
+"""2001-01-01T00:00:00Z: a claim time before it is a unit mix-up (seconds read as
+milliseconds give 1970), never a claim."""
+CLAIM_TIME_SKEW = 300.0
+"""Seconds a claim time may lie in the future (clocks of the worker's host and this one
+differ); later is a unit or zone mix-up (milliseconds read as seconds, a local time
+read as UTC east of Greenwich)."""
+
+
+def claim_time_readings(raw: bytes | None, fmt: str, zone: str = "utc") -> tuple[float, ...]:
+    """The Unix times (seconds) a claim time field may mean: none when it does not parse,
+    one, or two for an ISO 8601 time without an offset when ``zone`` is ``either`` (UTC
+    and this host's local time, as ``datetime.utcnow()`` and ``datetime.now()`` write
+    them: the caller picks one). Nothing here checks that a time is plausible.
 
     ``iso8601``: what :meth:`datetime.fromisoformat` reads (``2026-12-02T13:02:04.123Z``,
-    ``+01:00``; without an offset, UTC); ``epoch_seconds``, ``epoch_ms``: a number."""
+    ``+01:00``: exact whatever ``zone`` says; without an offset, read in ``zone``:
+    ``utc``, ``local`` or ``either``); ``epoch_seconds``, ``epoch_ms``: a number."""
     if raw is None:
-        return None
+        return ()
     try:
         text = raw.decode("ascii").strip()
         if fmt == "iso8601":
             when = datetime.fromisoformat(text)
-            value = (when if when.tzinfo is not None else when.replace(tzinfo=UTC)).timestamp()
+            if when.tzinfo is not None:
+                values: tuple[float, ...] = (when.timestamp(),)
+            else:
+                as_utc, as_local = when.replace(tzinfo=UTC).timestamp(), when.timestamp()  # naive: local time
+                values = {"utc": (as_utc,), "local": (as_local,)}.get(zone, (as_utc, as_local))
         else:
-            value = float(text) / (1000.0 if fmt == "epoch_ms" else 1.0)
-    except (UnicodeDecodeError, ValueError, OverflowError):
-        return None
-    return value if math.isfinite(value) and value > 0 else None
+            values = (float(text) / (1000.0 if fmt == "epoch_ms" else 1.0),)
+    except (UnicodeDecodeError, ValueError, OverflowError, OSError):
+        return ()
+    return tuple(v for v in values if math.isfinite(v) and v > 0)
+
+
+def parse_claim_time(raw: bytes | None, fmt: str, zone: str = "utc") -> float | None:
+    """Unix seconds from a claim time field; ``None`` when missing or not in ``fmt``
+    (:func:`claim_time_readings`; of two readings, the later)."""
+    return max(claim_time_readings(raw, fmt, zone), default=None)
+
+
+def plausible_claim_time(readings: tuple[float, ...], now: float) -> float:
+    """The latest of ``readings`` between :data:`EARLIEST_CLAIM_TIME` and ``now`` plus
+    :data:`CLAIM_TIME_SKEW`; 0 when none is. Of a naive time's two readings, one is
+    right and the other is off by this host's UTC offset: the later plausible one is
+    taken, which never makes a claim look older than it is (so neither ``max_age`` nor a
+    pid that started after the claim can release live work for a zone mix-up); at worst
+    a claim older than the offset looks younger by it."""
+    return max((t for t in readings if EARLIEST_CLAIM_TIME <= t <= now + CLAIM_TIME_SKEW), default=0.0)
 
 
 def _text(raw: bytes) -> str:
@@ -223,7 +258,8 @@ def _read(spec: Claims, heartbeat_pattern: bytes | None, item_id: bytes, values:
     owner, claim_time = values[0], values[1]
     pid = values[2] if spec.pid_field is not None else None
     host = values[-1] if spec.host_field is not None else None
-    claimed_at = parse_claim_time(claim_time, spec.claim_time_format) or 0.0
+    claimed_at = plausible_claim_time(claim_time_readings(claim_time, spec.claim_time_format, spec.claim_time_zone),
+                                      now)
     invalid = ("no_item" if values.count(None) == len(values) else "no_owner" if not owner
                else "bad_claim_time" if not claimed_at else "")
     expired = spec.max_age is not None and not invalid and now - claimed_at > spec.max_age

@@ -232,3 +232,64 @@ def test_a_claim_without_a_pid_or_a_host_field_is_still_released(r: redis.Redis,
                                    "pid": str(dead_pid())})  # no host: this host
     config = claims_config(redis_port, tmp_path)
     assert sorted(release_now(config)) == [("local", "released"), ("remote", "released")]
+
+
+# --- claim times in the wrong unit or zone ----------------------------------------------------------
+
+@pytest.mark.parametrize(("claim_time_format", "written"), [
+    ("epoch_ms", lambda t: f"{t:.0f}"),           # configured in ms, written in seconds: 1970
+    ("epoch_seconds", lambda t: f"{t * 1000:.0f}"),  # configured in seconds, written in ms: year 58,000
+    ("iso8601", lambda t: "1999-12-31T23:59:59Z"),
+    ("iso8601", lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t + 3600))),  # an hour ahead
+])
+def test_an_implausible_claim_time_is_invalid_never_orphaned(r: redis.Redis, redis_port: int, tmp_path: Path,
+                                                              claim_time_format: str, written: Any) -> None:
+    """A live worker's claim (its heartbeat fresh) written in seconds where ms were
+    configured looked 56 years old: orphaned by max_age, and released."""
+    put_claim(r, "live", "w-me", os.getpid(), written(time.time() - 5), heartbeat_ttl=60)
+    config = claims_config(redis_port, tmp_path, claim_time_format=claim_time_format, max_age="6h")
+    assert judged(config) == {"live": ("invalid", "bad_claim_time")}
+    assert release_now(config) == []
+    assert r.smembers("processing_issues") == {"live"}
+
+
+@pytest.fixture
+def zone(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """zone("EST5") sets this process's local time zone (POSIX TZ, no tzdata needed)."""
+    def set_zone(tz: str) -> None:
+        monkeypatch.setenv("TZ", tz)
+        time.tzset()
+    yield set_zone
+    monkeypatch.undo()
+    time.tzset()
+
+
+def naive(when: float, utc: bool) -> str:
+    """What Python writes without an offset: datetime.now().isoformat() (local time) or
+    datetime.utcnow().isoformat() (UTC)."""
+    from datetime import UTC, datetime
+
+    moment = datetime.fromtimestamp(when, UTC) if utc else datetime.fromtimestamp(when)
+    return moment.replace(tzinfo=None).isoformat()
+
+
+@pytest.mark.parametrize("tz", ["EST5", "CET-2"])  # UTC-5 (west), UTC+2 (east)
+@pytest.mark.parametrize("writer", ["local", "utc"])
+def test_a_naive_claim_time_never_makes_live_work_look_orphaned(r: redis.Redis, redis_port: int, tmp_path: Path,
+                                                                 zone: Any, tz: str, writer: str) -> None:
+    """A worker on a host in UTC-5 writing datetime.now().isoformat() had its claim read as
+    UTC, five hours early: its own live process looked like a reused pid, and with max_age
+    3h its claim of two hours ago looked seven hours old."""
+    zone(tz)
+    now = time.time()
+    put_claim(r, "live", "w-me", os.getpid(), naive(now, utc=writer == "utc"))  # this process runs
+    put_claim(r, "young", "w-gone", None, naive(now - 7200, utc=writer == "utc"), host="elsewhere")
+    # older than max_age plus the zone's offset: past max_age whichever reading is taken
+    put_claim(r, "old", "w-gone", None, naive(now - 9 * 3600, utc=writer == "utc"), host="elsewhere")
+    by_pid = claims_config(redis_port, tmp_path, heartbeat_key=None, max_age="3h")  # no heartbeat to save it
+    assert judged(by_pid) == {"old": ("orphaned", "max_age")}  # "live" and "young" are active
+    exact = claims_config(redis_port, tmp_path, heartbeat_key=None, max_age="3h", claim_time_zone=writer)
+    spec = spec_of(exact)
+    seen = scan_claims(connect(spec, tmp_path), spec, Liveness(), time.monotonic() + 10, keep=10)
+    assert [(c.id_text, c.reason) for c in seen.orphans] == [("old", "max_age")]
+    assert seen.orphans[0].claimed_at == pytest.approx(now - 9 * 3600, abs=1)

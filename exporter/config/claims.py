@@ -28,6 +28,7 @@ __all__ = ["CLAIM_TIME_FORMATS", "Claims", "ClaimsRelease", "pattern_placeholder
 
 ClaimTimeFormat = Literal["iso8601", "epoch_seconds", "epoch_ms"]
 CLAIM_TIME_FORMATS: tuple[str, ...] = get_args(ClaimTimeFormat)
+ClaimTimeZone = Literal["either", "utc", "local"]
 FieldName = Annotated[str, Field(min_length=1, max_length=200, examples=["status"])]
 KeyName = Annotated[str, Field(min_length=1, max_length=1000)]
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
@@ -113,8 +114,19 @@ class Claims(RedisConnection):
     claim_time_field: FieldName = Field(default="startTime", examples=["startTime"])
     """Field holding when the item was claimed; a claim without it is invalid."""
     claim_time_format: ClaimTimeFormat = "iso8601"
-    """Format of ``claim_time_field``: ISO 8601 (``2026-12-02T13:02:04.123Z``; without an
-    offset, UTC), or Unix time in seconds or milliseconds."""
+    """Format of ``claim_time_field``: ISO 8601 (``2026-12-02T13:02:04.123Z``, or with an
+    offset; without one, see ``claim_time_zone``), or Unix time in seconds or milliseconds.
+    A claim time before 2001 or more than 5 minutes ahead of this host's clock is a unit or
+    zone mix-up: the claim is invalid (``bad_claim_time``), never released."""
+    claim_time_zone: ClaimTimeZone = "either"
+    """How to read an ISO 8601 claim time without an offset (a time with ``Z`` or an offset
+    is exact whatever this says): ``utc`` (what Python's ``datetime.utcnow().isoformat()``
+    writes), ``local``, this host's time zone (``datetime.now().isoformat()``, written on
+    a host in the same zone), or ``either``: both readings are tried and the later one
+    that is not in the future is taken, so a zone mix-up never makes a live worker's claim
+    look older than it is (as a reused pid, or past ``max_age``); a claim older than this
+    host's UTC offset may then look younger by it, and be found orphaned that much later.
+    Give ``utc`` or ``local`` when you know it."""
     heartbeat_key: KeyName | None = Field(default="heartbeat:{owner}", examples=["heartbeat:{owner}"])
     """Key the owner keeps alive with a TTL while it works; ``{owner}`` is the owner field,
     ``{id}`` the item's id. None: the owner is judged by its pid only."""
