@@ -293,3 +293,34 @@ def test_a_naive_claim_time_never_makes_live_work_look_orphaned(r: redis.Redis, 
     seen = scan_claims(connect(spec, tmp_path), spec, Liveness(), time.monotonic() + 10, keep=10)
     assert [(c.id_text, c.reason) for c in seen.orphans] == [("old", "max_age")]
     assert seen.orphans[0].claimed_at == pytest.approx(now - 9 * 3600, abs=1)
+
+
+# --- configurations that would lose jobs ----------------------------------------------------------
+
+@pytest.mark.parametrize(("claims", "problem"), [
+    ({"release": {"push_to": "queue:{id}"}},
+     "services.w.claims.release.push_to: 'queue:{id}' has a brace; it is one key, written as it is (no "
+     "placeholders)"),
+    ({"claimed_key": "busy:{owner}"}, "services.w.claims.claimed_key: 'busy:{owner}' has a brace"),
+    ({"release": {"push_to": None, "set_fields": {}}},
+     "services.w.claims.release: give push_to or set_fields: a release that only removes the id from "
+     "claimed_key drops the job"),
+    ({"release": {"push_to": None, "set_fields": {}, "delete_fields": []}}, "services.w.claims.release: give push_to"),
+])
+def test_a_release_that_would_drop_the_job_is_refused_naming_its_place(claims: dict[str, Any], problem: str) -> None:
+    """push_to: 'queue:{id}' pushed to a key literally named queue:{id}; a release with
+    neither push_to nor set_fields took the id out of the claimed set and left it
+    nowhere: both were accepted."""
+    from exporter.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as err:
+        parse_config({"services": {"w": {"match": {"comm": "x"}, "claims": claims,
+                                         "remediation": {"allow": ["release_claims"]}}}})
+    assert any(p.startswith(problem) for p in err.value.problems), err.value.problems
+
+
+@pytest.mark.parametrize("release", [{"push_to": None, "set_fields": {"status": "queued"}},
+                                     {"push_to": "jobs:pending", "set_fields": {}}])
+def test_a_release_that_pushes_or_marks_the_item_is_accepted(release: dict[str, Any], tmp_path: Path) -> None:
+    """A release without push_to is fine when the app finds queued items by their status."""
+    assert spec_of(claims_config(6379, tmp_path, release=release)).release.push_to == release["push_to"]

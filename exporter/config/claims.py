@@ -63,14 +63,16 @@ class ClaimsRelease(Model):
     ``delete_fields``, sets ``set_fields``, and pushes the id to ``push_to``."""
 
     push_to: KeyName | None = Field(default="task_queue", examples=["task_queue"])
-    """List the id is pushed back to, so that a worker takes it again; none: not pushed."""
+    """List the id is pushed back to, so that a worker takes it again; one key, written as
+    it is (no placeholders). None: not pushed, and then ``set_fields`` must mark the item
+    for the app to find it again."""
     push_end: Literal["left", "right"] = "right"
     """End of ``push_to`` the id goes to: ``right`` (``RPUSH``) for a queue that producers
     ``LPUSH`` to and workers ``BRPOP`` from, so that the released item is taken next;
     ``left`` (``LPUSH``) puts it behind the waiting ones."""
     set_fields: dict[FieldName, str] = Field(default_factory=lambda: {"status": "queued"},
                                              examples=[{"status": "queued"}])
-    """Fields of the item's hash set on release."""
+    """Fields of the item's hash set on release; may be empty only with ``push_to``."""
     delete_fields: tuple[FieldName, ...] | None = Field(
         default=None, examples=[["processId", "pid", "host", "startTime"]],
         json_schema_extra=DocDefault("the owner, pid, host and claim time fields"))
@@ -98,7 +100,8 @@ class Claims(RedisConnection):
     """How long one scan may take, and each Redis command. A scan that is not done when
     the scrape must answer goes on and serves the next scrape (counted as a ``timeout``)."""
     claimed_key: KeyName = Field(default="processing_issues", examples=["processing_issues"])
-    """Key of the set (or sorted set) of the ids being worked on."""
+    """Key of the set (or sorted set) of the ids being worked on; one key, written as it is
+    (no placeholders)."""
     claimed_type: Literal["set", "zset"] = "set"
     """Type of ``claimed_key``: ``set`` (``SSCAN``) or ``zset`` (``ZSCAN``; the scores are
     not used)."""
@@ -142,8 +145,15 @@ class Claims(RedisConnection):
             yield from _pattern_problems("heartbeat_key", self.heartbeat_key, ("owner", "id"), None)
         if self.heartbeat_key is None and self.pid_field is None and self.max_age is None:
             yield "give heartbeat_key, pid_field or max_age: without any, no claim can be found orphaned"
+        for place, key in ((("claimed_key",), self.claimed_key), (("release", "push_to"), self.release.push_to)):
+            if key is not None and ("{" in key or "}" in key):
+                yield place, (f"{key!r} has a brace; it is one key, written as it is (no placeholders): a release "
+                              "would use it literally")
         if self.release.push_to is not None and self.release.push_to == self.claimed_key:
             yield ("release", "push_to"), f"{self.release.push_to!r} is claimed_key: releasing would re-claim the id"
+        if self.release.push_to is None and not self.release.set_fields:
+            yield ("release",), ("give push_to or set_fields: a release that only removes the id from claimed_key "
+                                 "drops the job (no queue holds it, nothing marks it for a worker to find)")
         fields = self.claim_fields
         if len(set(fields)) < len(fields):
             yield "owner_field, pid_field, host_field and claim_time_field must be different fields"
