@@ -35,9 +35,11 @@ worker tries again; ``on_error="fail"`` sets ``status=failed`` and takes it out 
 claimed set without queueing it again (an item that fails every time would otherwise
 go round forever). ``KeyboardInterrupt`` and ``SystemExit`` (the process is being
 stopped) always release. The exception is raised again either way. Completing or
-releasing happens only if the claim is still this process's: if caretaker released it
-meanwhile (its heartbeat lapsed) and another worker took it, this one leaves it alone
-and logs a warning.
+releasing happens only if the claim is still this one (same owner, same claim time): if
+caretaker released it meanwhile (its heartbeat lapsed) and another worker, or another
+thread of this process (threads share the owner id; claim times, to the microsecond,
+are never the same twice in a process), took it, this one leaves it alone and logs a
+warning.
 
 **Never hurting the app**: Redis errors are logged, never raised into the app's work
 (a claim that cannot be registered lets the work go ahead untracked); the default
@@ -127,13 +129,15 @@ redis.call("SET", plain(plain(ARGV[2], "{owner}", ARGV[5]), "{id}", id), ARGV[5]
 return id
 """
 # KEYS[1] claimed set, KEYS[2] item, KEYS[3] queue. ARGV: id, owner field, owner, mode, status
-# field, then the claim fields to delete on release. Returns 1 when done, 0 when the claim
-# is no longer this owner's, -1 when the queue is not a list (nothing changed). Every check
-# comes before the first write: a command that fails in a script does not undo the writes
-# before it, so a failing RPUSH after SREM would lose the job.
+# field, claim time field, claim time, then the claim fields to delete on release. Returns 1
+# when done, 0 when the claim is no longer this one (another owner, or another claim of this
+# process: threads share the owner id, the claim time tells their claims apart), -1 when the
+# queue is not a list (nothing changed). Every check comes before the first write: a command
+# that fails in a script does not undo the writes before it, so a failing RPUSH after SREM
+# would lose the job.
 _FINISH = """
 if redis.call("SISMEMBER", KEYS[1], ARGV[1]) == 0 or redis.call("TYPE", KEYS[2]).ok ~= "hash"
-    or redis.call("HGET", KEYS[2], ARGV[2]) ~= ARGV[3] then
+    or redis.call("HGET", KEYS[2], ARGV[2]) ~= ARGV[3] or redis.call("HGET", KEYS[2], ARGV[6]) ~= ARGV[7] then
   return 0
 end
 if ARGV[4] == "release" then
@@ -142,7 +146,7 @@ if ARGV[4] == "release" then
 end
 redis.call("SREM", KEYS[1], ARGV[1])
 if ARGV[4] == "release" then
-  for i = 6, #ARGV do redis.call("HDEL", KEYS[2], ARGV[i]) end
+  for i = 8, #ARGV do redis.call("HDEL", KEYS[2], ARGV[i]) end
   redis.call("HSET", KEYS[2], ARGV[5], "queued")
   redis.call("RPUSH", KEYS[3], ARGV[1])
 else
@@ -165,8 +169,9 @@ _lock = threading.Lock()
 
 
 def _forget_parent() -> None:
-    global _lock  # noqa: PLW0603 - a lock held by a thread of the parent would never be released in the child
+    global _lock, _time_lock  # noqa: PLW0603 - a lock held by a thread of the parent would never be released in the child
     _lock = threading.Lock()
+    _time_lock = threading.Lock()
     _process.clear()
 
 
@@ -205,8 +210,19 @@ def _default_client() -> redis.Redis:
         return client
 
 
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+_last_claim_us = 0
+_time_lock = threading.Lock()
+
+
+def _claim_time() -> str:
+    """Now in ISO 8601, UTC, to the microsecond, and never the same twice in a process: the
+    claim time tells this process's claims of one item apart (its threads share the owner
+    id), so that one thread's end never completes another's claim."""
+    global _last_claim_us  # noqa: PLW0603 - one sequence per process
+    with _time_lock:
+        us = _last_claim_us = max(time.time_ns() // 1000, _last_claim_us + 1)
+    when = datetime.fromtimestamp(us // 1_000_000, UTC).replace(microsecond=us % 1_000_000)
+    return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 class _Keeper:
@@ -278,6 +294,8 @@ class Claim:
         self.on_error = on_error
         self.fields = dict(fields or {})
         self.owner = owner or owner_id()
+        self.claim_time: str | None = None
+        """The claim time this claim wrote (``claim_fields``), unique in the process."""
         self.registered = False
         self.result: str | None = None
         """After exit: ``done``, ``released``, ``failed``, ``lost`` (no longer ours), or
@@ -288,10 +306,12 @@ class Claim:
         return self.layout.heartbeat(self.owner, self.item_id)
 
     def claim_fields(self) -> dict[str, str]:
-        """The item's fields a claim sets, the owner's first."""
+        """The item's fields a claim sets, the owner's first, with a new claim time (kept as
+        :attr:`claim_time`)."""
         lay = self.layout
+        self.claim_time = _claim_time()
         return {lay.owner_field: self.owner, lay.status_field: "processing", lay.pid_field: str(os.getpid()),
-                lay.host_field: socket.gethostname(), lay.time_field: _now_iso(), **self.fields}
+                lay.host_field: socket.gethostname(), **self.fields, lay.time_field: self.claim_time}
 
     def register(self) -> bool:
         """SADD, HSET and the heartbeat in one transaction; False (logged) when Redis failed."""
@@ -330,6 +350,7 @@ class Claim:
         try:
             ours = self.client.eval(_FINISH, 3, lay.claimed_key, lay.item(self.item_id), lay.queue_key,
                                     self.item_id, lay.owner_field, self.owner, mode, lay.status_field,
+                                    lay.time_field, self.claim_time or "",
                                     lay.owner_field, lay.pid_field, lay.host_field, lay.time_field)
         except Exception as err:
             log.warning("caretaker claims: could not mark %s %s: %s", self.item_id, mode, err)

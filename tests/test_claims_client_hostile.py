@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import redis
 
-from caretaker_client.claims import claim
+from caretaker_client.claims import claim, take
 
 
 @pytest.fixture
@@ -29,3 +29,34 @@ def test_a_release_to_a_queue_of_the_wrong_type_changes_nothing(r: redis.Redis, 
     assert r.smembers("processing_issues") == {"9"}  # still claimed, by this process: nothing lost
     assert r.hgetall("issue:9") == item
     assert r.zrange("task_queue", 0, -1) == ["other"]
+
+
+def test_a_thread_never_finishes_another_threads_claim_of_the_same_item(r: redis.Redis, redis_port: int) -> None:
+    """Threads of a process share its owner id. Thread 1 held 5 too long, caretaker released
+    it, thread 2 took it again; thread 1 ending compared only the owner and completed
+    thread 2's live claim."""
+    c = client(redis_port)
+    first = claim("5", redis=c).__enter__()
+    # caretaker's release, as its script does it
+    r.srem("processing_issues", "5")
+    r.hdel("issue:5", "processId", "pid", "host", "startTime")
+    r.hset("issue:5", "status", "queued")
+    r.rpush("task_queue", "5")
+    second = take(timeout=1, redis=c)
+    assert second is not None and second.item_id == "5" and second.owner == first.owner
+    with second:
+        taken = r.hgetall("issue:5")
+        first.__exit__(None, None, None)
+        assert first.result == "lost"
+        assert r.smembers("processing_issues") == {"5"} and r.hgetall("issue:5") == taken
+    assert second.result == "done"
+    assert r.smembers("processing_issues") == set() and r.hget("issue:5", "status") == "done"
+
+
+def test_claims_of_one_process_have_distinct_claim_times(r: redis.Redis, redis_port: int) -> None:
+    c = client(redis_port)
+    held = [claim(str(i), redis=c).__enter__() for i in range(50)]
+    times = {r.hget(f"issue:{i}", "startTime") for i in range(50)}
+    assert len(times) == 50
+    for h in held:
+        h.__exit__(None, None, None)
