@@ -45,7 +45,8 @@ warning.
 (a claim that cannot be registered lets the work go ahead untracked); the default
 client gives every command 2 s and no retry, so a Redis that does not answer costs 2 s
 when a claim is registered and 2 s when it ends; the heartbeat is refreshed from one
-daemon thread per process, so the work itself never waits for Redis.
+daemon thread per process (which ends when no claim has been open for 10 s), so the work
+itself never waits for Redis.
 
 Redis: ``redis=`` a redis-py client, else the URL in ``CARETAKER_CLAIMS_REDIS_URL``
 (``redis://[:password@]host:port/db``, ``rediss://`` for TLS), else
@@ -80,6 +81,8 @@ DEFAULT_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_HEARTBEAT_TTL = 1800.0
 COMMAND_TIMEOUT = 2.0
 MAX_REFRESH_INTERVAL = 60.0
+KEEPER_IDLE_SECONDS = 10.0
+"""The heartbeat thread ends when no claim has been open this long (seconds)."""
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ class _Process:
 
     owner: str
     clients: dict[str, Any] = field(default_factory=dict)
-    keepers: dict[int, _Keeper] = field(default_factory=dict)
+    keeper: _Keeper | None = None
 
 
 _process: dict[int, _Process] = {}
@@ -226,54 +229,76 @@ def _claim_time() -> str:
 
 
 class _Keeper:
-    """Refreshes the heartbeat keys of a process's open claims from one daemon thread,
-    every third of the shortest TTL (at most every minute)."""
+    """The process's one daemon thread for its open claims: refreshes their heartbeat keys
+    every third of the shortest TTL (at most every minute), through each claim's client.
 
-    def __init__(self, client: redis.Redis) -> None:
-        self.client = client
-        self.ttls: dict[str, Counter[float]] = {}
+    The thread starts with the first claim and ends when none has been open for
+    :data:`KEEPER_IDLE_SECONDS`, so an app that makes a client per job has one thread, and
+    a client is held only while a claim of it is open."""
+
+    def __init__(self) -> None:
+        self.beats: dict[tuple[int, str], tuple[Any, Counter[float]]] = {}
+        """``(id(client), key)``: the client and the TTLs of the open claims that keep the key."""
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.thread: threading.Thread | None = None
 
-    def add(self, key: str, ttl: float) -> None:
+    def _start(self) -> None:
+        """Start the thread unless it runs (the lock held)."""
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="caretaker-claims-heartbeat", daemon=True)
+            self.thread.start()
+
+    def add(self, client: redis.Redis, key: str, ttl: float) -> None:
         with self.lock:
-            self.ttls.setdefault(key, Counter())[ttl] += 1
-            if self.thread is None or not self.thread.is_alive():
-                self.thread = threading.Thread(target=self._run, name="caretaker-claims-heartbeat", daemon=True)
-                self.thread.start()
+            self.beats.setdefault((id(client), key), (client, Counter()))[1][ttl] += 1
+            self._start()
         self.wake.set()
 
-    def remove(self, key: str, ttl: float) -> None:
+    def remove(self, client: redis.Redis, key: str, ttl: float) -> None:
         with self.lock:
-            counts = self.ttls.get(key)
-            if counts is not None:
+            entry = self.beats.get((id(client), key))
+            if entry is not None:
+                counts = entry[1]
                 counts[ttl] -= 1
                 if counts[ttl] <= 0:
                     del counts[ttl]
                 if not counts:
-                    del self.ttls[key]
+                    del self.beats[(id(client), key)]
 
     def _run(self) -> None:
+        idle_since: float | None = None
         while True:
             self.wake.clear()  # before reading the keys: a claim added after this wakes the wait below
             with self.lock:
-                keys = {key: min(counts) for key, counts in self.ttls.items()}
-            for key, ttl in keys.items():
-                try:
-                    self.client.set(key, str(int(time.time())), px=int(ttl * 1000))
-                except Exception as err:  # never into the app; the next round tries again
-                    log.warning("caretaker claims: heartbeat %s not refreshed: %s", key, err)
-            self.wake.wait(min([MAX_REFRESH_INTERVAL, *(ttl / 3 for ttl in keys.values())]))
+                if self.beats:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since >= KEEPER_IDLE_SECONDS:
+                    self.thread = None  # add() starts another from now on
+                    return
+            ttls = self._refresh()  # holds no client while it waits: a claim's end may be a client's last use
+            self.wake.wait(min([MAX_REFRESH_INTERVAL, *(ttl / 3 for ttl in ttls)]) if ttls else KEEPER_IDLE_SECONDS)
+
+    def _refresh(self) -> list[float]:
+        """Set every heartbeat key again; the TTLs (seconds) it used."""
+        with self.lock:
+            beats = [(client, key, min(counts)) for (_, key), (client, counts) in self.beats.items()]
+        for client, key, ttl in beats:
+            try:
+                client.set(key, str(int(time.time())), px=int(ttl * 1000))
+            except Exception as err:  # never into the app; the next round tries again
+                log.warning("caretaker claims: heartbeat %s not refreshed: %s", key, err)
+        return [ttl for _, _, ttl in beats]
 
 
-def _keeper(client: redis.Redis) -> _Keeper:
+def _keeper() -> _Keeper:
     state = _here()
     with _lock:
-        found = state.keepers.get(id(client))
-        if found is None or found.client is not client:
-            found = state.keepers[id(client)] = _Keeper(client)
-        return found
+        if state.keeper is None:
+            state.keeper = _Keeper()
+        return state.keeper
 
 
 class Claim:
@@ -333,14 +358,14 @@ class Claim:
         if not self.registered:
             self.register()
         if self.registered:
-            _keeper(self.client).add(self.heartbeat_key, self.heartbeat_ttl)
+            _keeper().add(self.client, self.heartbeat_key, self.heartbeat_ttl)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  tb: TracebackType | None) -> Literal[False]:
         if not self.registered:
             return False
-        _keeper(self.client).remove(self.heartbeat_key, self.heartbeat_ttl)
+        _keeper().remove(self.client, self.heartbeat_key, self.heartbeat_ttl)
         mode = "done" if kind is None else self.on_error if issubclass(kind, Exception) else "release"
         self.result = self._finish("failed" if mode == "fail" else mode)
         return False  # an exception of the app's goes on

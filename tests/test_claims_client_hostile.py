@@ -4,10 +4,18 @@ same item, many clients, bad URLs. The app's work is never hurt and no job is lo
 
 from __future__ import annotations
 
+import gc
+import threading
+import time
+import weakref
+
 import pytest
 import redis
 
+import caretaker_client.claims as claims_module
 from caretaker_client.claims import claim, take
+
+from .conftest import wait_for
 
 
 @pytest.fixture
@@ -60,3 +68,34 @@ def test_claims_of_one_process_have_distinct_claim_times(r: redis.Redis, redis_p
     assert len(times) == 50
     for h in held:
         h.__exit__(None, None, None)
+
+
+def keepers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "caretaker-claims-heartbeat"]
+
+
+def test_one_heartbeat_thread_per_process_gone_when_idle(r: redis.Redis, redis_port: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thread per client object, kept for ever: an app making a client per job had 20
+    threads after 20 jobs, each holding its client."""
+    monkeypatch.setattr(claims_module, "KEEPER_IDLE_SECONDS", 0.2, raising=False)
+    made = []
+    held = []
+    for i in range(20):  # an app that makes a client per job
+        made.append(weakref.ref(c := client(redis_port)))
+        held.append(claim(str(i), redis=c, heartbeat_ttl=0.6).__enter__())
+        assert len(keepers()) == 1
+    owner = held[0].owner
+    for _ in range(6):  # 1.2 s: two TTLs, refreshed through all 20 clients by the one thread
+        assert r.exists(f"heartbeat:{owner}")
+        time.sleep(0.2)
+    for h in held:
+        h.__exit__(None, None, None)
+    del h, held, c
+    wait_for(lambda: not keepers(), 5, what="the idle heartbeat thread to end")
+    gc.collect()
+    assert not [ref for ref in made if ref() is not None], "a client outlived its claims"
+    with claim("again", redis=client(redis_port), heartbeat_ttl=0.6) as again:  # started again on demand
+        assert len(keepers()) == 1
+        time.sleep(1.0)
+        assert r.exists(f"heartbeat:{again.owner}")
