@@ -41,8 +41,9 @@ thread of this process (threads share the owner id; claim times, to the microsec
 are never the same twice in a process), took it, this one leaves it alone and logs a
 warning.
 
-**Never hurting the app**: Redis errors are logged, never raised into the app's work
-(a claim that cannot be registered lets the work go ahead untracked); the default
+**Never hurting the app**: Redis errors, and a URL redis-py cannot read, are logged,
+never raised into the app's work (a claim that cannot be registered lets the work go
+ahead untracked; ``take()`` returns ``None``); the default
 client gives every command 2 s and no retry, so a Redis that does not answer costs 2 s
 when a claim is registered and 2 s when it ends; the heartbeat is refreshed from one
 daemon thread per process (which ends when no claim has been open for 10 s), so the work
@@ -313,7 +314,7 @@ class Claim:
         if heartbeat_ttl <= 0:
             raise ValueError("heartbeat_ttl must be more than 0 seconds")
         self.item_id = item_id
-        self.client = redis if redis is not None else _default_client()
+        self._client = redis
         self.layout = layout
         self.heartbeat_ttl = heartbeat_ttl
         self.on_error = on_error
@@ -325,6 +326,15 @@ class Claim:
         self.result: str | None = None
         """After exit: ``done``, ``released``, ``failed``, ``lost`` (no longer ours), or
         ``error`` (Redis failed)."""
+
+    @property
+    def client(self) -> redis.Redis:
+        """The redis-py client: the one given, else the process's for ``CARETAKER_CLAIMS_REDIS_URL``,
+        made on first use. Raises ``ValueError`` for a URL redis-py cannot read: only ever
+        asked inside the guarded calls, so that never reaches the app."""
+        if self._client is None:
+            self._client = _default_client()
+        return self._client
 
     @property
     def heartbeat_key(self) -> str:

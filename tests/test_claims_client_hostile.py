@@ -13,7 +13,7 @@ import pytest
 import redis
 
 import caretaker_client.claims as claims_module
-from caretaker_client.claims import claim, take
+from caretaker_client.claims import ENV_URL, claim, take
 
 from .conftest import wait_for
 
@@ -99,3 +99,17 @@ def test_one_heartbeat_thread_per_process_gone_when_idle(r: redis.Redis, redis_p
         assert len(keepers()) == 1
         time.sleep(1.0)
         assert r.exists(f"heartbeat:{again.owner}")
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:6379", "redis://127.0.0.1:notaport/0", "redis://[::1/0"])
+def test_a_bad_redis_url_never_reaches_the_app(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+                                               url: str) -> None:
+    """The client was made outside any try: claim() and take() raised ValueError into the app."""
+    monkeypatch.setenv(ENV_URL, url)
+    done = []
+    with claim("1") as held:
+        done.append(1)
+    assert done == [1] and held.registered is False
+    assert take(timeout=0.1, poll=0.05) is None
+    assert any("working on it untracked" in m for m in caplog.messages), caplog.messages
+    assert any("could not take work" in m for m in caplog.messages), caplog.messages
