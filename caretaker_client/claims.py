@@ -121,14 +121,23 @@ local function plain(s, pattern, value)
 end
 """
 # KEYS[1] claimed set, KEYS[2] queue. ARGV: item pattern, heartbeat pattern, ttl ms, then the
-# item's field/value pairs, the owner's first (ARGV[5] is the owner). Returns the id taken, or false.
+# item's field/value pairs, the owner's first (ARGV[5] is the owner). Returns the id taken,
+# false when the queue is empty, or an error (nothing changed) when a key has the wrong type:
+# every check comes before the first write (RPOP included), since a failing command in a
+# script does not undo the writes before it.
 _TAKE = _LUA_KEYS + """
-local id = redis.call("RPOP", KEYS[2])
+local claimed = redis.call("TYPE", KEYS[1]).ok
+if claimed ~= "set" and claimed ~= "none" then return redis.error_reply("WRONGTYPE " .. KEYS[1] .. " is not a set") end
+local id = redis.call("LINDEX", KEYS[2], -1)
 if not id then return false end
+local item = plain(ARGV[1], "{id}", id)
+local kind = redis.call("TYPE", item).ok
+if kind ~= "hash" and kind ~= "none" then return redis.error_reply("WRONGTYPE " .. item .. " is not a hash") end
+redis.call("RPOP", KEYS[2])
 local fields = {}
 for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call("SADD", KEYS[1], id)
-redis.call("HSET", plain(ARGV[1], "{id}", id), unpack(fields))
+redis.call("HSET", item, unpack(fields))
 redis.call("SET", plain(plain(ARGV[2], "{owner}", ARGV[5]), "{id}", id), ARGV[5], "PX", ARGV[3])
 return id
 """

@@ -113,3 +113,16 @@ def test_a_bad_redis_url_never_reaches_the_app(monkeypatch: pytest.MonkeyPatch, 
     assert take(timeout=0.1, poll=0.05) is None
     assert any("working on it untracked" in m for m in caplog.messages), caplog.messages
     assert any("could not take work" in m for m in caplog.messages), caplog.messages
+
+
+def test_take_with_a_key_of_the_wrong_type_leaves_the_queue_as_it_was(r: redis.Redis, redis_port: int) -> None:
+    """The take script popped the id, then SADD or HSET failed on a key of the wrong
+    type: the id was in no queue and no claimed set, lost."""
+    r.rpush("task_queue", "a", "b")
+    r.set("issue:b", "a string, not a hash")
+    assert take(timeout=0.1, redis=client(redis_port)) is None
+    assert r.lrange("task_queue", 0, -1) == ["a", "b"] and not r.exists("processing_issues")
+    r.delete("issue:b")
+    r.rpush("processing_issues", "x")  # the claimed set is a list
+    assert take(timeout=0.1, redis=client(redis_port)) is None
+    assert r.lrange("task_queue", 0, -1) == ["a", "b"] and not r.exists("issue:b")
