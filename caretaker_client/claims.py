@@ -43,7 +43,20 @@ warning.
 
 **Never hurting the app**: Redis errors, and a URL redis-py cannot read, are logged,
 never raised into the app's work (a claim that cannot be registered lets the work go
-ahead untracked; ``take()`` returns ``None``); the default
+ahead untracked; ``take()`` returns ``None``).
+
+**Nothing left claimed behind the app's back**: a claim Redis holds for this live process
+stays ``active`` for caretaker (its pid runs), so what Redis must still be told is told
+by the process's background thread, again and again (every 0.5 s doubling to 30 s) until
+Redis answers: the end of a claim that failed (Redis restarting, unreachable); the end of
+a claim whose registration was sent but not answered (Redis may have applied it: the
+end is checked against this claim's owner and claim time, so it changes nothing if it
+did not); and a ``take()`` whose answer was lost after Redis ran it: the thread looks
+for the claim with this process's owner and that take's claim time (unique in the
+process) in the claimed set (``SSCAN``, pipelined ``HMGET``) and releases it to the
+queue, as the app never saw it. No key is added to the layout for this. A command that
+certainly never reached Redis (the connection was refused) changed nothing and is not
+retried. The default
 client gives every command 2 s and no retry, so a Redis that does not answer costs 2 s
 when a claim is registered and 2 s when it ends; the heartbeat is refreshed from one
 daemon thread per process (which ends when no claim has been open for 10 s), so the work
@@ -58,13 +71,15 @@ caretaker's ``exporter`` or ``receiver``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -73,7 +88,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     import redis
 
-__all__ = ["DEFAULT_URL", "ENV_URL", "Claim", "Layout", "claim", "owner_id", "take"]
+__all__ = ["DEFAULT_URL", "ENV_URL", "Claim", "Layout", "claim", "owner_id", "pending", "take"]
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +98,12 @@ DEFAULT_HEARTBEAT_TTL = 1800.0
 COMMAND_TIMEOUT = 2.0
 MAX_REFRESH_INTERVAL = 60.0
 KEEPER_IDLE_SECONDS = 10.0
-"""The heartbeat thread ends when no claim has been open this long (seconds)."""
+"""The background thread ends when it has had nothing to do for this long (seconds)."""
+RETRY_FIRST, RETRY_MAX = 0.5, 30.0
+"""Seconds before the first retry of a failed finish, doubling up to the second."""
+MAX_PENDING = 10_000
+"""Retries kept at most; beyond, the oldest is dropped (logged): its claim stays until the
+process exits, and caretaker then releases it."""
 
 
 @dataclass(frozen=True)
@@ -238,20 +258,39 @@ def _claim_time() -> str:
     return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-class _Keeper:
-    """The process's one daemon thread for its open claims: refreshes their heartbeat keys
-    every third of the shortest TTL (at most every minute), through each claim's client.
+@dataclass
+class _Retry:
+    """Something Redis must still be told, tried again until it answers."""
 
-    The thread starts with the first claim and ends when none has been open for
+    what: str
+    """For the log: ``mark 17 done``."""
+    run: Callable[[], str]
+    """Tells Redis; returns what came of it (for the log); raises when Redis did not answer."""
+    due: float = 0.0
+    """``time.monotonic()`` of the next try."""
+    delay: float = RETRY_FIRST
+    tries: int = 0
+
+
+class _Keeper:
+    """The process's one daemon thread for its claims: refreshes the heartbeat keys of the
+    open ones every third of the shortest TTL (at most every minute), through each claim's
+    client, and tries again what Redis must still be told (:class:`_Retry`: a claim whose
+    end failed; a take or a registration whose answer was lost), every
+    :data:`RETRY_FIRST` seconds doubling to :data:`RETRY_MAX`, until Redis answers.
+
+    The thread starts with the first claim and ends when it has had nothing to do for
     :data:`KEEPER_IDLE_SECONDS`, so an app that makes a client per job has one thread, and
-    a client is held only while a claim of it is open."""
+    a client is held only while a claim of it is open or a retry needs it."""
 
     def __init__(self) -> None:
         self.beats: dict[tuple[int, str], tuple[Any, Counter[float]]] = {}
         """``(id(client), key)``: the client and the TTLs of the open claims that keep the key."""
+        self.retries: deque[_Retry] = deque()
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.thread: threading.Thread | None = None
+        self.next_refresh = 0.0
 
     def _start(self) -> None:
         """Start the thread unless it runs (the lock held)."""
@@ -262,6 +301,7 @@ class _Keeper:
     def add(self, client: redis.Redis, key: str, ttl: float) -> None:
         with self.lock:
             self.beats.setdefault((id(client), key), (client, Counter()))[1][ttl] += 1
+            self.next_refresh = 0.0  # refresh now: the new claim's TTL may be the shortest
             self._start()
         self.wake.set()
 
@@ -276,20 +316,43 @@ class _Keeper:
                 if not counts:
                     del self.beats[(id(client), key)]
 
+    def retry(self, what: str, run: Callable[[], str]) -> None:
+        """Try ``run`` again later, until Redis answers."""
+        with self.lock:
+            if len(self.retries) >= MAX_PENDING:
+                dropped = self.retries.popleft()
+                log.error("caretaker claims: %d retries pending; giving up on: %s (its claim stays until this "
+                          "process exits; caretaker then releases it)", MAX_PENDING, dropped.what)
+            self.retries.append(_Retry(what, run, time.monotonic() + RETRY_FIRST))
+            self._start()
+        self.wake.set()
+
+    def pending(self) -> int:
+        with self.lock:
+            return len(self.retries)
+
     def _run(self) -> None:
         idle_since: float | None = None
         while True:
             self.wake.clear()  # before reading the keys: a claim added after this wakes the wait below
+            now = time.monotonic()
             with self.lock:
-                if self.beats:
+                if self.beats or self.retries:
                     idle_since = None
                 elif idle_since is None:
-                    idle_since = time.monotonic()
-                elif time.monotonic() - idle_since >= KEEPER_IDLE_SECONDS:
-                    self.thread = None  # add() starts another from now on
+                    idle_since = now
+                elif now - idle_since >= KEEPER_IDLE_SECONDS:
+                    self.thread = None  # add() and retry() start another from now on
                     return
-            ttls = self._refresh()  # holds no client while it waits: a claim's end may be a client's last use
-            self.wake.wait(min([MAX_REFRESH_INTERVAL, *(ttl / 3 for ttl in ttls)]) if ttls else KEEPER_IDLE_SECONDS)
+                refresh = bool(self.beats) and now >= self.next_refresh
+            if refresh:
+                ttls = self._refresh()  # holds no client while it waits: a claim's end may be a client's last use
+                with self.lock:
+                    self.next_refresh = now + min([MAX_REFRESH_INTERVAL, *(ttl / 3 for ttl in ttls)])
+            self._retry_due()
+            with self.lock:
+                wakes = [r.due for r in self.retries] + ([self.next_refresh] if self.beats else [])
+            self.wake.wait(max(0.0, min(wakes) - time.monotonic()) if wakes else KEEPER_IDLE_SECONDS)
 
     def _refresh(self) -> list[float]:
         """Set every heartbeat key again; the TTLs (seconds) it used."""
@@ -301,6 +364,30 @@ class _Keeper:
             except Exception as err:  # never into the app; the next round tries again
                 log.warning("caretaker claims: heartbeat %s not refreshed: %s", key, err)
         return [ttl for _, _, ttl in beats]
+
+    def _retry_due(self) -> None:
+        """Each retry that is due, once; those Redis did not answer wait longer."""
+        now = time.monotonic()
+        with self.lock:
+            due = [r for r in self.retries if r.due <= now]
+        for item in due:
+            item.tries += 1
+            try:
+                outcome = item.run()
+            except Exception as err:
+                item.due, item.delay = time.monotonic() + item.delay, min(RETRY_MAX, item.delay * 2)
+                log.debug("caretaker claims: %s failed again (try %d, next in %.1fs): %s", item.what, item.tries,
+                          item.delay, err)
+                continue
+            with self.lock:
+                self.retries.remove(item)
+            log.info("caretaker claims: %s: %s (after %d tries)", item.what, outcome, item.tries)
+
+
+def pending() -> int:
+    """How many things this process must still tell Redis (claims whose end failed, takes
+    or registrations whose answer was lost): the background thread retries them."""
+    return _keeper().pending()
 
 
 def _keeper() -> _Keeper:
@@ -332,9 +419,13 @@ class Claim:
         self.claim_time: str | None = None
         """The claim time this claim wrote (``claim_fields``), unique in the process."""
         self.registered = False
+        self.unsure = False
+        """The registration failed after it was sent (its answer was lost): Redis may hold
+        the claim. The work goes ahead as if untracked; its end is still told to Redis."""
         self.result: str | None = None
         """After exit: ``done``, ``released``, ``failed``, ``lost`` (no longer ours), or
-        ``error`` (Redis failed)."""
+        ``error`` (Redis failed: the background thread tries again until Redis answers);
+        ``None`` for a claim that was never registered."""
 
     @property
     def client(self) -> redis.Redis:
@@ -368,7 +459,9 @@ class Claim:
                 pipe.set(self.heartbeat_key, str(int(time.time())), px=int(self.heartbeat_ttl * 1000))
                 pipe.execute()
         except Exception as err:
-            log.warning("caretaker claims: could not claim %s, working on it untracked: %s", self.item_id, err)
+            self.unsure = not _never_sent(err)
+            log.warning("caretaker claims: could not claim %s, working on it untracked%s: %s", self.item_id,
+                        " (Redis may hold the claim: its end will be told to Redis)" if self.unsure else "", err)
             return False
         self.registered = True
         return True
@@ -376,36 +469,53 @@ class Claim:
     def __enter__(self) -> Claim:
         if not self.registered:
             self.register()
-        if self.registered:
+        if self.registered or self.unsure:
             _keeper().add(self.client, self.heartbeat_key, self.heartbeat_ttl)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  tb: TracebackType | None) -> Literal[False]:
-        if not self.registered:
+        if not self.registered and not self.unsure:
             return False
         _keeper().remove(self.client, self.heartbeat_key, self.heartbeat_ttl)
-        mode = "done" if kind is None else self.on_error if issubclass(kind, Exception) else "release"
-        self.result = self._finish("failed" if mode == "fail" else mode)
+        chosen = "done" if kind is None else self.on_error if issubclass(kind, Exception) else "release"
+        mode = "failed" if chosen == "fail" else chosen
+        if self.registered:
+            self.result = self._finish(mode)
+        else:  # unsure: Redis did not answer a moment ago; do not make the app wait for it again
+            _keeper().retry(f"mark {self.item_id} {mode} (if its claim was registered)", self._retrier(mode))
         return False  # an exception of the app's goes on
 
     def _finish(self, mode: str) -> str:
-        lay = self.layout
+        """Tell Redis the claim ended (``done``, ``release``, ``failed``); the result. When
+        Redis does not answer, the background thread tries again until it does."""
         try:
-            ours = self.client.eval(_FINISH, 3, lay.claimed_key, lay.item(self.item_id), lay.queue_key,
-                                    self.item_id, lay.owner_field, self.owner, mode, lay.status_field,
-                                    lay.time_field, self.claim_time or "",
-                                    lay.owner_field, lay.pid_field, lay.host_field, lay.time_field)
+            return self._finish_once(mode)
         except Exception as err:
-            log.warning("caretaker claims: could not mark %s %s: %s", self.item_id, mode, err)
+            log.warning("caretaker claims: could not mark %s %s (tried again in the background): %s",
+                        self.item_id, mode, err)
+            _keeper().retry(f"mark {self.item_id} {mode}", self._retrier(mode))
             return "error"
+
+    def _retrier(self, mode: str) -> Callable[[], str]:
+        return lambda: self._finish_once(mode, quiet=True)
+
+    def _finish_once(self, mode: str, quiet: bool = False) -> str:
+        """One try of :meth:`_finish`; raises when Redis does not answer. ``quiet``: a
+        retry, for a claim the app may never have had (an unsure registration)."""
+        lay = self.layout
+        ours = self.client.eval(_FINISH, 3, lay.claimed_key, lay.item(self.item_id), lay.queue_key,
+                                self.item_id, lay.owner_field, self.owner, mode, lay.status_field,
+                                lay.time_field, self.claim_time or "",
+                                lay.owner_field, lay.pid_field, lay.host_field, lay.time_field)
         if ours == -1:
             log.error("caretaker claims: %s not released: %s is not a list; the claim is left as it is, held by %s",
                       self.item_id, lay.queue_key, self.owner)
             return "error"
         if not ours:
-            log.warning("caretaker claims: %s is no longer claimed by %s (released while its heartbeat lapsed?); "
-                        "left as it is", self.item_id, self.owner)
+            if not quiet:
+                log.warning("caretaker claims: %s is no longer claimed by %s (released while its heartbeat "
+                            "lapsed?); left as it is", self.item_id, self.owner)
             return "lost"
         return {"done": "done", "release": "released"}.get(mode, mode)
 
@@ -432,7 +542,13 @@ def take(timeout: float = 5.0, poll: float = 0.2, **options: Any) -> Claim | Non
             taken = job.client.eval(_TAKE, 2, lay.claimed_key, lay.queue_key, lay.item_key, lay.heartbeat_key,
                                     str(int(job.heartbeat_ttl * 1000)), *values)
         except Exception as err:
-            log.warning("caretaker claims: could not take work from %s: %s", lay.queue_key, err)
+            lost = not _never_sent(err)
+            log.warning("caretaker claims: could not take work from %s%s: %s", lay.queue_key,
+                        " (if Redis took an item for this process, it is given back in the background)" if lost
+                        else "", err)
+            if lost:
+                _keeper().retry(f"give back what a take of {job.owner} at {job.claim_time} may have claimed",
+                                functools.partial(_give_back, job))
             return None
         if taken is not None:
             job.item_id = taken.decode() if isinstance(taken, bytes) else str(taken)
@@ -441,3 +557,45 @@ def take(timeout: float = 5.0, poll: float = 0.2, **options: Any) -> Claim | Non
         if time.monotonic() + poll > deadline:
             return None
         time.sleep(poll)
+
+
+def _never_sent(err: Exception) -> bool:
+    """Whether a failed command certainly never reached Redis, so that it changed nothing:
+    a client that could not be made (a bad URL), a connection that could not be opened
+    (redis-py's ``Error N connecting to HOST:PORT``, ``Timeout connecting to server``), or
+    Redis's own error answer. Anything else (a timeout waiting for the answer, a
+    connection lost after sending) may have been applied."""
+    from redis import exceptions as errors  # noqa: PLC0415 - imported with the client, on first use
+
+    if isinstance(err, errors.ResponseError | errors.DataError | ValueError):
+        return True  # Redis answered with an error, or redis-py refused to send it
+    text = str(err)
+    return (isinstance(err, errors.ConnectionError | errors.TimeoutError)
+            and (" connecting to " in text or text.startswith("Timeout connecting")))
+
+
+def _give_back(job: Claim) -> str:
+    """After a take whose answer was lost: find the claim it may have made (this owner, this
+    claim time: unique in the process) and release it to the queue, as the app never saw
+    it. Raises when Redis does not answer (the keeper tries again)."""
+    lay = job.layout
+    owner, when = job.owner.encode(), (job.claim_time or "").encode()
+    cursor = 0
+    while True:  # ends: SSCAN's cursor comes back to 0
+        cursor, found = job.client.sscan(lay.claimed_key, cursor, count=500)
+        ids = [_bytes(i) for i in found]  # a client may decode its answers, or not
+        if ids:
+            with job.client.pipeline(transaction=False) as pipe:
+                for raw in ids:
+                    pipe.hmget(lay.item_key.encode().replace(b"{id}", raw), [lay.owner_field, lay.time_field])
+                rows = pipe.execute(raise_on_error=False)
+            for raw, row in zip(ids, rows, strict=True):
+                if isinstance(row, list) and [_bytes(v) for v in row] == [owner, when]:
+                    job.item_id = raw.decode("utf-8", "replace")
+                    return f"{job.item_id} released: {job._finish_once('release', quiet=True)}"
+        if int(cursor) == 0:
+            return "it had claimed nothing"
+
+
+def _bytes(value: object) -> bytes:
+    return value if isinstance(value, bytes) else b"" if value is None else str(value).encode()

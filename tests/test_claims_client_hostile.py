@@ -5,9 +5,15 @@ same item, many clients, bad URLs. The app's work is never hurt and no job is lo
 from __future__ import annotations
 
 import gc
+import os
+import signal
+import subprocess
 import threading
 import time
 import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -15,7 +21,7 @@ import redis
 import caretaker_client.claims as claims_module
 from caretaker_client.claims import ENV_URL, claim, take
 
-from .conftest import wait_for
+from .conftest import Children, free_port, port_open, require_binary, wait_for
 
 
 @pytest.fixture
@@ -126,3 +132,89 @@ def test_take_with_a_key_of_the_wrong_type_leaves_the_queue_as_it_was(r: redis.R
     r.rpush("processing_issues", "x")  # the claimed set is a list
     assert take(timeout=0.1, redis=client(redis_port)) is None
     assert r.lrange("task_queue", 0, -1) == ["a", "b"] and not r.exists("issue:b")
+
+
+# --- claims Redis holds that the app does not know about ----------------------------------------------
+
+def frozen_redis(proc: subprocess.Popen[bytes]) -> Any:
+    """with frozen_redis(proc): Redis is SIGSTOPped inside the block, and continued after it."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def frozen() -> Iterator[None]:
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+    return frozen()
+
+
+def test_a_finish_that_failed_is_retried_until_redis_answers(children: Children, tmp_path: Path) -> None:
+    """Marking a job done failed while Redis restarted, and was never tried again: the
+    claim stayed active for as long as the worker lived (its pid runs)."""
+    port = free_port()
+    argv = [require_binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+            "--appendonly", "yes", "--dir", str(tmp_path)]
+    proc = children.start(argv)
+    wait_for(lambda: port_open(port), 10, what="redis")
+    r = redis.Redis(port=port, decode_responses=True)
+    held = claim("A", redis=redis.Redis(port=port, socket_timeout=1), heartbeat_ttl=1.0).__enter__()
+    r.shutdown()  # Redis restarts while the job ends (appendonly: the claim survives)
+    proc.wait(10)
+    held.__exit__(None, None, None)  # the work is done; marking it done fails
+    assert held.result == "error"
+    children.start(argv)
+    wait_for(lambda: port_open(port), 10, what="redis again")
+    r = redis.Redis(port=port, decode_responses=True)
+    assert r.sismember("processing_issues", "A")  # the claim is still there, for the retry to end it
+    wait_for(lambda: not r.sismember("processing_issues", "A"), 15, what="the retry to complete the claim")
+    assert r.hget("issue:A", "status") == "done"
+
+
+def test_a_take_whose_answer_was_lost_gives_the_job_back(redis_server: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The take script ran but its answer timed out: take() returned None while Redis held
+    the job claimed by this live process, for ever."""
+    port = free_port()
+    proc = redis_server(port)
+    r = redis.Redis(port=port, decode_responses=True)
+    r.lpush("task_queue", "job")
+    app = redis.Redis(port=port, socket_timeout=0.5)
+    app.ping()
+    with frozen_redis(proc):
+        assert take(timeout=0.1, redis=app) is None  # the script is sent; the answer times out
+    wait_for(lambda: r.lrange("task_queue", 0, -1) == ["job"], 15, what="the job back in the queue")
+    assert not r.smembers("processing_issues")
+    assert r.hget("issue:job", "status") == "queued" and r.hget("issue:job", "processId") is None
+    assert take(timeout=1, redis=app) is not None  # and a worker takes it again
+
+
+def test_a_claim_whose_registration_answer_was_lost_is_still_ended(redis_server: Any) -> None:
+    """The registration applied but its answer timed out: the app worked untracked and
+    nothing ever ended the claim Redis held."""
+    port = free_port()
+    proc = redis_server(port)
+    r = redis.Redis(port=port, decode_responses=True)
+    app = redis.Redis(port=port, socket_timeout=0.5)
+    app.ping()
+    done = []
+    with frozen_redis(proc):
+        held = claim("B", redis=app).__enter__()  # times out, then Redis applies it
+    assert held.registered is False
+    done.append("B")  # the app's work goes on
+    held.__exit__(None, None, None)
+    wait_for(lambda: r.hget("issue:B", "status") == "done", 15, what="the claim to be completed")
+    assert not r.smembers("processing_issues") and done == ["B"]
+
+
+def test_what_was_never_sent_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing listens: no claim can have been made, nothing is handed to the background."""
+    monkeypatch.setenv(ENV_URL, f"redis://127.0.0.1:{free_port()}/0")
+    before = claims_module.pending()  # what earlier tests' Redis servers, now gone, left to retry
+    started = time.monotonic()
+    with claim("1") as held:
+        pass
+    assert take(timeout=0.1) is None
+    assert held.registered is False and held.unsure is False and held.result is None
+    assert time.monotonic() - started < 2
+    assert claims_module.pending() == before
