@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiohttp
@@ -72,6 +73,11 @@ class Scraper:
         self.claims = {name: ClaimsWatch(name, cfg.claims, config.base_dir, self.reader)
                        for name, cfg in config.services.items() if cfg.claims is not None}
         self._claims_scans: dict[str, asyncio.Future[ClaimsSeen]] = {}
+        self._claims_threads = {name: ThreadPoolExecutor(1, thread_name_prefix=f"caretaker-claims-{name}")
+                                for name in self.claims}
+        """One thread per service's claims scans: a Redis that does not answer holds that
+        thread only, never the default executor that the process scan and the heartbeat
+        endpoint use (its thread is started with the first scan)."""
         self.snapshot = self._first_snapshot(time.time())
         self._probe_ctx: ProbeContext | None = None
         self._running: asyncio.Task[Snapshot] | None = None
@@ -103,6 +109,8 @@ class Scraper:
         for followers in self.followers.values():
             for f in followers:
                 f.close()
+        for threads in self._claims_threads.values():
+            threads.shutdown(wait=False, cancel_futures=True)  # a scan in progress ends within claims.timeout
         for watch in self.claims.values():
             watch.close()
 
@@ -149,14 +157,15 @@ class Scraper:
         return None
 
     async def _scan_claims(self, name: str, deadline: float) -> ClaimsSeen:
-        """The service's claims, scanned in a thread, at most one scan at a time (a scrape
-        while one runs waits for it), as seen at ``deadline``. A scan that is not done by
-        then goes on (within ``claims.timeout``), counts itself as a timeout and serves the
-        next scrape (:meth:`ClaimsWatch.scan`)."""
+        """The service's claims, scanned in the service's own thread, at most one scan at a
+        time (a scrape while one runs waits for it), as seen at ``deadline``. A scan that is
+        not done by then goes on (within ``claims.timeout``), counts itself as a timeout and
+        serves the next scrape (:meth:`ClaimsWatch.scan`)."""
         watch = self.claims[name]
         scan = self._claims_scans.get(name)
         if scan is None or scan.done():
-            scan = self._claims_scans[name] = asyncio.get_running_loop().run_in_executor(None, watch.scan, deadline)
+            scan = self._claims_scans[name] = asyncio.get_running_loop().run_in_executor(
+                self._claims_threads[name], watch.scan, deadline)
         with contextlib.suppress(TimeoutError):
             return await asyncio.wait_for(asyncio.shield(scan), max(0.0, deadline - time.monotonic()))
         return watch.seen

@@ -324,3 +324,41 @@ def test_a_release_that_would_drop_the_job_is_refused_naming_its_place(claims: d
 def test_a_release_that_pushes_or_marks_the_item_is_accepted(release: dict[str, Any], tmp_path: Path) -> None:
     """A release without push_to is fine when the app finds queued items by their status."""
     assert spec_of(claims_config(6379, tmp_path, release=release)).release.push_to == release["push_to"]
+
+
+# --- a scan never holds up anything else of the exporter ------------------------------------------------
+
+async def test_scans_of_a_frozen_redis_never_delay_heartbeats_nor_the_process_scan(
+        exporter_for: Any, redis_server: Any, tmp_path: Path) -> None:
+    """Claims scans ran in the default executor, shared with the process scan and the
+    heartbeat endpoint: with as many services as its threads watching a frozen Redis, a
+    heartbeat POST was answered after 4.2 s and the process scan timed out."""
+    import signal
+
+    from exporter.config import parse_config
+
+    from .conftest import free_port
+
+    port = free_port()
+    proc = redis_server(port)
+    put_claim(redis.Redis(port=port), "1", "w", dead_pid(), time.time() - 5)
+    services: dict[str, Any] = {f"w{i}": {"match": {"comm": "^nothing-matches$"}, "processes": {"min": 0},
+                                          "claims": {"port": port}}
+                                for i in range(min(32, (os.cpu_count() or 1) + 4))}  # the default executor's size
+    services["app"] = {"match": {"comm": "^nothing-matches$"}, "processes": {"min": 0},
+                       "heartbeats": [{"name": "hb", "timeout": 30}]}
+    config = parse_config({"exporter": {"state_file": "s.json"}, "services": services}, base_dir=tmp_path)
+    client = await exporter_for(config)
+    await scrape(client, timeout="1")  # connections made
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        answered = []
+        for _ in range(3):  # scrapes every second, as the shipped prometheus.yml does
+            data = samples(await scrape(client, timeout="1"))
+            started = time.monotonic()
+            assert (await client.post(f"/heartbeat/hb?pid={os.getpid()}")).status == 200
+            answered.append(time.monotonic() - started)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert max(answered) < 1.0, f"heartbeat POSTs answered after {answered}"
+    assert value(data, "caretaker_exporter_errors_total", reason="scan_timeout") == 0
