@@ -4,8 +4,9 @@
 
 For each row it fills a fresh Redis with N claims in the issue's layout (the
 ``claims:`` defaults), each with its own owner id, a given share of them orphaned
-(their heartbeat key absent and their pid not running: a look in ``/proc`` and an
-``EXISTS`` each), the others active: owned by one of 20 live processes on this host
+(their heartbeat key absent and their pid not running: an ``EXISTS`` each, and no look
+in ``/proc`` since the scan lists the running pids once), the others active: owned by
+one of 20 live processes on this host
 (one look in ``/proc`` per process, no ``EXISTS``), or, in the ``remote`` rows, by
 owners on another host, whose heartbeat key is there (an ``EXISTS`` each). Then it
 times:
@@ -53,7 +54,7 @@ PID_MAX = int(Path("/proc/sys/kernel/pid_max").read_text())
 
 def _dead_pids() -> Sequence[int]:
     """Pids above this machine's pid_max, below Linux's largest (2^22): valid pids that no
-    process has, as a dead owner's (each costs a look in /proc). Where pid_max is already
+    process has, as a dead owner's (many distinct ones, as many dead workers leave). Where pid_max is already
     the largest: the pid of a process that has just exited, for every claim."""
     above = range(PID_MAX + 1, min(PID_MAX + 100_001, 1 << 22))
     if above:

@@ -37,6 +37,7 @@ import heapq
 import itertools
 import logging
 import math
+import os
 import socket
 import time
 from collections import Counter
@@ -209,19 +210,40 @@ class ClaimsScanError(Exception):
 class Liveness:
     """Whether a claim's owner process runs on this host: its pid runs a process that
     started before the claim (within :data:`~exporter.procfs.PIDFILE_SLACK_SECONDS`).
-    ``/proc`` is read once per pid for the life of the object: make one per scan."""
+    ``/proc`` is read once per pid for the life of the object: make one per scan.
+
+    The pids that run are listed once (``/proc``'s directory, on the first look), so a pid
+    that was not running then is not looked up when its claim is older than the listing
+    (less the slack): whatever runs under that pid now started after the claim, so the
+    claim's owner is dead either way. That saves a failed ``open`` per dead owner, the
+    cost of a scan of many orphans. A claim made since is looked up as before."""
 
     def __init__(self, reader: ProcReader | None = None, host: str | None = None) -> None:
         self.reader = reader or ProcReader()
         self.host = this_host() if host is None else host
         self._seen: dict[int, ProcessInfo | None] = {}
+        self._running: frozenset[int] | None = None
+        self._listed_at = 0.0
 
     def is_local(self, host: str) -> bool:
         """An empty host field means this host."""
         return not host or host == self.host
 
+    def _ran_before(self, pid: int, claimed_at: float) -> bool:
+        """False when ``pid`` certainly did not run a process that started before the claim."""
+        if self._running is None:
+            self._listed_at = time.time()
+            try:
+                self._running = frozenset(int(n) for n in os.listdir(self.reader.root) if n.isdigit())
+            except OSError:
+                self._running = frozenset()
+                self._listed_at = 0.0  # no listing: every pid is looked up
+        return pid in self._running or claimed_at + PIDFILE_SLACK_SECONDS >= self._listed_at
+
     def owner(self, pid: int, claimed_at: float) -> Literal["alive", "dead", "reused"]:
         if pid not in self._seen:
+            if not self._ran_before(pid, claimed_at):
+                return "dead"  # not cached: a later claim of this pid may be newer than the listing
             self._seen[pid] = self.reader.stat(pid)  # None: gone, a zombie, or a kernel thread
         info = self._seen[pid]
         if info is None:

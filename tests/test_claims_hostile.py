@@ -22,6 +22,7 @@ from receiver.actions import ActionContext, StepLog
 from receiver.catalogue import run_action
 
 from .claims_util import claims_config, dead_pid, put_claim
+from .conftest import wait_for
 from .test_exporter import samples, scrape, value
 
 SVC = {"service_name": "worker"}
@@ -96,13 +97,14 @@ class _Failing(ProcReader):
 
 
 def test_a_claim_that_cannot_be_judged_is_invalid_and_the_others_are_judged(r: redis.Redis, redis_port: int,
-                                                                            tmp_path: Path) -> None:
-    now = time.time()
-    bad, dead = dead_pid(), dead_pid()
-    put_claim(r, "cursed", "w-1", bad, now - 30)
-    put_claim(r, "plain", "w-2", dead, now - 20)
-    put_claim(r, "alive", "w-3", os.getpid(), now)  # claimed after this process started
-    verdicts = judged(claims_config(redis_port, tmp_path), Liveness(_Failing(bad)))
+                                                                            tmp_path: Path, children: Any) -> None:
+    other = children.start(["sleep", "60"])
+    wait_for(lambda: ProcReader().stat(other.pid) is not None, 5, what="sleep to run")
+    now = time.time() + 1  # after both processes started
+    put_claim(r, "cursed", "w-1", os.getpid(), now)
+    put_claim(r, "plain", "w-2", dead_pid(), now - 20)
+    put_claim(r, "alive", "w-3", other.pid, now)
+    verdicts = judged(claims_config(redis_port, tmp_path), Liveness(_Failing(os.getpid())))
     assert verdicts == {"cursed": ("invalid", "unreadable"), "plain": ("orphaned", "owner_dead")}
 
 
@@ -362,3 +364,17 @@ async def test_scans_of_a_frozen_redis_never_delay_heartbeats_nor_the_process_sc
         os.kill(proc.pid, signal.SIGCONT)
     assert max(answered) < 1.0, f"heartbeat POSTs answered after {answered}"
     assert value(data, "caretaker_exporter_errors_total", reason="scan_timeout") == 0
+
+
+def test_a_pid_that_started_after_the_listing_of_proc_is_still_looked_up(children: Any) -> None:
+    """A scan lists the running pids once, and looks up only those (a dead owner's pid costs
+    no failed open): a process that started since, owning a claim made since, is alive."""
+    live = Liveness()
+    assert live.owner(dead_pid(), time.time() - 60) == "dead"  # the listing is made here
+    late = children.start(["sleep", "60"])
+    wait_for(lambda: ProcReader().stat(late.pid) is not None, 5, what="sleep to run")
+    assert live.owner(late.pid, time.time()) == "alive"  # a claim made after the listing: looked up
+    assert Liveness().owner(late.pid, time.time() - 60) == "reused"
+    old = Liveness()
+    assert old.owner(os.getpid(), time.time()) == "alive"  # listed
+    assert old.owner(late.pid, time.time() - 60) == "reused"  # listed too: looked up
