@@ -10,7 +10,8 @@ The restart state machine, as a careful operator would do it::
       -> if the service already runs its min processes: do not start a second copy
       -> start argv detached (own session; stdout/stderr to log_file)
       -> verify: processes within [min, max], every probe passes, and each of the
-         service's heartbeats is fed by the new incarnation (after the start), within
+         service's heartbeats is fed by the new incarnation (after the start, by one of
+         the service's processes that started after it), within
          verify_timeout (a start that exits at once fails at once, with the tail of its log)
 
 The other repairs on processes: ``stop_duplicates``, ``free_port`` and ``signal``.
@@ -130,12 +131,16 @@ async def find_processes(ctx: ActionContext, name: str) -> list[ProcessInfo]:
 
 
 async def verify(ctx: ActionContext, name: str, timeout: float, step: StepLog,
-                 child: subprocess.Popen[bytes] | None = None, heartbeats_since: float | None = None) -> None:
+                 child: subprocess.Popen[bytes] | None = None, heartbeats_since: float | None = None,
+                 started_after: float | None = None) -> None:
     """Wait until the service runs ``[min, max]`` processes and all probes pass and, when
     ``heartbeats_since`` is given (Unix seconds: when a restart started the service), until
-    each of its heartbeats has been fed after that, by the new incarnation (read from the
-    exporter's state file, which it saves at most once a second: :mod:`receiver.heartbeats`).
-    A heartbeat that turns fresh is a step, ``heartbeat NAME fresh after Ns``.
+    each of its heartbeats has been fed after that by one of the processes just found (or a
+    descendant), which, with ``started_after`` (Unix seconds: the receiver started a new
+    incarnation then), started at or after it: never by the old incarnation draining
+    after SIGTERM (read from the exporter's state file, which it saves at most once a
+    second: :mod:`receiver.heartbeats`). A heartbeat that turns fresh is a step,
+    ``heartbeat NAME fresh after Ns``; one fed without a pid says so.
 
     Raises ``RepairFailed`` with the last problem seen when ``timeout`` runs out, or
     at once if the started child exited with an error and nothing runs.
@@ -166,10 +171,12 @@ async def verify(ctx: ActionContext, name: str, timeout: float, step: StepLog,
                 if waiting:
                     assert heartbeats_since is not None
                     fresh, problem = await asyncio.to_thread(heartbeats.fed_since, ctx.config, waiting,
-                                                             heartbeats_since)
+                                                             heartbeats_since, procs, ctx.reader, started_after)
                     for hb, state in fresh.items():
-                        step(f"heartbeat {hb} fresh after {state.last_seen - heartbeats_since:.1f}s", heartbeat=hb,
-                             fed_at=state.last_seen, pid=state.pid)
+                        step(f"heartbeat {hb} fresh after {state.last_seen - heartbeats_since:.1f}s"
+                             + ("" if state.pid else " (fed without a pid: which process fed it cannot be told; "
+                                "counted as it came after the service's newest process started)"),
+                             heartbeat=hb, fed_at=state.last_seen, pid=state.pid)
                     fed += fresh
                     waiting = [hb for hb in waiting if hb not in fresh]
                 # A process that dies right after its start (a port in use, a bad config)
@@ -285,7 +292,8 @@ async def start_if_needed(ctx: ActionContext, name: str, step: StepLog) -> None:
             child = await asyncio.to_thread(start_service, ctx.config, name)
         ctx.reaper.add(child, name)
         step(f"started {' '.join(cfg.start.argv)} as pid {child.pid}")
-    await verify(ctx, name, cfg.remediation.verify_timeout, step, child, heartbeats_since=since)
+    await verify(ctx, name, cfg.remediation.verify_timeout, step, child, heartbeats_since=since,
+                 started_after=since if child is not None else None)
 
 
 async def restart_managed(ctx: ActionContext, name: str, step: StepLog) -> None:
@@ -309,7 +317,7 @@ async def restart_managed(ctx: ActionContext, name: str, step: StepLog) -> None:
     step(f"{' '.join(argv)}: exit status {status}", output=output)
     if status != 0 or "ERROR" in output:
         raise RepairFailed(f"{argv[0]} failed (exit status {status}): {output.strip()[-200:]}")
-    await verify(ctx, name, cfg.remediation.verify_timeout, step, heartbeats_since=since)
+    await verify(ctx, name, cfg.remediation.verify_timeout, step, heartbeats_since=since, started_after=since)
 
 
 async def stop_duplicates(ctx: ActionContext, name: str, step: StepLog) -> None:
