@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -94,11 +95,15 @@ class Heartbeat:
     work loop, and a sender, :meth:`start` (a daemon thread) or :meth:`run_async` (a task).
 
     ``interval``: seconds between reports while the loop beats (default 10);
-    ``timeout``: seconds one report may take (default 2).
+    ``timeout``: seconds one report may take (default 2). Both must be finite and more
+    than 0, else ``ValueError`` (an interval of 0 would spin the sender at full CPU).
     """
 
     def __init__(self, name: str, url: str | None = None, interval: float = DEFAULT_INTERVAL,
                  timeout: float = 2.0) -> None:
+        for option, value in (("interval", interval), ("timeout", timeout)):
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{option} must be a number of seconds more than 0, not {value!r}")
         self.name = name
         self.url = exporter_url() if url is None else url
         self.interval = interval
