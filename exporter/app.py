@@ -65,6 +65,17 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def _count(text: str, most: int) -> int | None:
+    """``text`` as a number from 1 to ``most``, in ASCII digits only; ``None`` otherwise.
+    (``str.isdigit()`` also says yes to ``²``, which ``int()`` refuses, and ``int()``
+    reads other scripts' digits and refuses more than 4,300 of them: the length is
+    bounded first.)"""
+    if not (text.isascii() and text.isdigit() and len(text) <= len(str(most))):
+        return None
+    value = int(text)
+    return value if 0 < value <= most else None
+
+
 async def heartbeat(request: web.Request) -> web.Response:
     scraper = request.app[SCRAPER_KEY]
     name = request.match_info["name"]
@@ -74,16 +85,16 @@ async def heartbeat(request: web.Request) -> web.Response:
     pid_text = request.query.get("pid")
     pid = None
     if pid_text is not None:
-        if not pid_text.isdigit() or not 0 < int(pid_text) < 2**22:
+        pid = _count(pid_text, 2**22 - 1)
+        if pid is None:
             return web.json_response({"status": "error", "error": "pid must be a positive process id"}, status=400)
-        pid = int(pid_text)
     beats_text = request.query.get("beats")
     beats = 0
     if beats_text is not None:
-        if not beats_text.isdigit() or not 0 < int(beats_text) <= MAX_BEATS:
+        beats = _count(beats_text, MAX_BEATS) or 0
+        if not beats:
             return web.json_response({"status": "error", "error": "beats must be a positive count of work-loop "
                                       f"beats since the previous report, at most {MAX_BEATS}"}, status=400)
-        beats = int(beats_text)
     store = scraper.heartbeats
     if request.match_info.get("fail"):
         await asyncio.to_thread(store.fail, name, pid)
