@@ -16,11 +16,18 @@ Threads (workers, scripts, Flask)::
         do_one_job()
         heartbeat.beat()                       # cheap, never blocks, never raises
 
+A process forked after :meth:`Heartbeat.start` (a gunicorn worker of an app loaded
+before the fork, ``--preload``) gets a sender thread of its own at the fork
+(``os.register_at_fork``), which reports that worker's pid and beats.
+
 asyncio (uvicorn, aiohttp)::
 
     heartbeat = Heartbeat("api")
     app.state.heartbeat = asyncio.create_task(heartbeat.run_async())   # keep the task
     ...                                        # heartbeat.beat() from the loop's work
+
+(create the task in the worker's own event loop, at its startup: a task does not follow
+a fork).
 
 A report is ``POST /heartbeat/NAME?pid=PID&beats=N`` on the exporter (N: beats since
 the previous report), sent at once for the first beat, then at most once per
@@ -45,6 +52,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+import weakref
 
 __all__ = ["DEFAULT_INTERVAL", "DEFAULT_URL", "URL_VARIABLE", "Heartbeat", "exporter_url", "send"]
 
@@ -153,16 +161,29 @@ class Heartbeat:
         return self._send(beats) if beats else None
 
     def start(self) -> Heartbeat:
-        """Start the sender in a daemon thread (once; later calls do nothing); returns self."""
+        """Start the sender in a daemon thread (once; later calls do nothing); returns self.
+        A process forked afterwards (a gunicorn worker of a ``--preload`` app) gets a sender
+        of its own, reporting its own pid and beats: threads do not survive ``fork()``."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=f"caretaker-heartbeat-{self.name}", daemon=True)
             self._thread.start()
+            _started.add(self)
         return self
+
+    def _forked(self) -> None:
+        """In a child just forked: its parent's sender thread is not here; start afresh."""
+        self._count = itertools.count(1)
+        self._latest = self._reported = 0
+        self.reports = 0
+        self._stop = threading.Event()
+        self._thread = None
+        self.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the sender thread (waits up to ``timeout`` seconds for it); beats not
         reported yet are not sent."""
         self._stop.set()
+        _started.discard(self)
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -191,3 +212,15 @@ class Heartbeat:
                 continue
             reported_once = True
             wait = max(0.0, self.interval - (loop.time() - began))
+
+
+_started: weakref.WeakSet[Heartbeat] = weakref.WeakSet()
+"""Heartbeats whose sender thread was started (and not stopped) in this process."""
+
+
+def _after_fork_in_child() -> None:
+    for heartbeat in list(_started):
+        heartbeat._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -44,3 +44,47 @@ async def test_a_query_no_client_of_ours_sends_is_a_400_with_a_reason(exporter_f
     assert resp.status == 400, query[:30]
     assert error in (await resp.json())["error"]
     assert (await client.post("/heartbeat/worker?pid=1&beats=3")).status == 200
+
+
+PRELOAD = """\
+import os, sys, time
+from caretaker_client import Heartbeat
+
+heartbeat = Heartbeat("app", interval=0.2).start()  # made before the fork, as gunicorn --preload does
+pid = os.fork()
+if pid == 0:  # a worker: its loop beats
+    print(os.getpid(), flush=True)
+    for _ in range(100):
+        heartbeat.beat()
+        time.sleep(0.05)
+    os._exit(0)
+os.waitpid(pid, 0)  # the master never beats
+"""
+
+
+async def test_a_heartbeat_made_before_the_fork_reports_from_the_worker(tmp_path: Path) -> None:
+    """Threads do not survive fork(): a worker forked after the heartbeat started beat into
+    a sender that no longer ran, and its reports never came."""
+    import asyncio
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from caretaker_client.heartbeat import URL_VARIABLE
+
+    from .test_heartbeats import app_config, serving_exporter, wait_async
+
+    async with serving_exporter(app_config(tmp_path)) as (url, store):
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", PRELOAD, stdout=subprocess.PIPE,
+                                                    env={**os.environ, URL_VARIABLE: url}, start_new_session=True)
+        try:
+            assert proc.stdout is not None
+            worker = int(await asyncio.wait_for(proc.stdout.readline(), 30))
+            await wait_async(lambda: store.states["app"].pid == worker and store.states["app"].beats > 0, 15)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the master and its worker
+            await proc.wait()
+    assert store.states["app"].pid == worker != proc.pid
