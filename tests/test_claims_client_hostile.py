@@ -218,3 +218,24 @@ def test_what_was_never_sent_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> 
     assert held.registered is False and held.unsure is False and held.result is None
     assert time.monotonic() - started < 2
     assert claims_module.pending() == before
+
+
+def test_entering_a_claim_against_a_frozen_redis_returns_within_the_command_timeout(
+        redis_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tests/test_claims_client.py's frozen-Redis test measures the app's own work, which
+    nothing blocks; where the app waits is entering the claim (its registration)."""
+    port = free_port()
+    proc = redis_server(port)
+    monkeypatch.setenv(ENV_URL, f"redis://127.0.0.1:{port}/0")  # the default client: 2 s per command
+    redis.Redis(port=port).ping()
+    done = []
+    with frozen_redis(proc):
+        started = time.monotonic()
+        with claim("1") as held:
+            entered = time.monotonic() - started
+            done.append(1)
+        left = time.monotonic() - started - entered
+    assert done == [1] and held.registered is False
+    assert entered < claims_module.COMMAND_TIMEOUT + 1.0, f"entering took {entered:.1f}s"
+    assert entered >= claims_module.COMMAND_TIMEOUT * 0.9  # it did wait for Redis: the bound was met, not skipped
+    assert left < 0.5, f"leaving took {left:.1f}s"  # the end of an unsure claim is told in the background

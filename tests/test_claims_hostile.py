@@ -378,3 +378,39 @@ def test_a_pid_that_started_after_the_listing_of_proc_is_still_looked_up(childre
     old = Liveness()
     assert old.owner(os.getpid(), time.time()) == "alive"  # listed
     assert old.owner(late.pid, time.time() - 60) == "reused"  # listed too: looked up
+
+
+# --- tests that assert what their names say ------------------------------------------------------------
+
+async def test_a_slow_worker_on_another_host_is_kept_by_its_heartbeat(r: redis.Redis, redis_port: int,
+                                                                     tmp_path: Path, children: Any,
+                                                                     release_claims: Any) -> None:
+    """tests/test_claims_release.py's slow worker is local and alive, so its heartbeat is
+    never asked. Here its host field names another host: only its heartbeat keeps it,
+    through a job of more than eight TTLs; stopped, it is orphaned by that alone."""
+    import signal
+
+    from .claims_util import start_worker
+
+    ttl = 0.6
+    r.hset("issue:slow", "seconds", "6")
+    r.lpush("task_queue", "slow")
+    worker = start_worker(children, redis_port, "remote-slow", "--ttl", str(ttl), "--host", "elsewhere",
+                          log=tmp_path / "slow.log")
+    wait_for(lambda: r.get("started:slow") == "1", 15, what="the worker to start its job")
+    assert r.hget("issue:slow", "host") == "elsewhere"
+    config = claims_config(redis_port, tmp_path)
+    looks: list[float] = []
+    while r.get("done:slow") is None and time.monotonic() - (looks or [time.monotonic()])[0] < 4.0:
+        seen = scan_claims(connect(spec_of(config), tmp_path), spec_of(config), Liveness(), time.monotonic() + 5)
+        if r.get("done:slow") is None:
+            assert seen.counts() == {"active": 1, "orphaned": 0, "invalid": 0}
+        steps = await release_claims(config)
+        assert not any(s.get("released") for s in steps.steps), steps.steps
+        looks.append(time.monotonic())
+        time.sleep(0.3)
+    assert looks[-1] - looks[0] > 5 * ttl, "looked at it throughout, not only at its start"
+    os.kill(worker.pid, signal.SIGSTOP)  # alive here, but remote: only the heartbeat speaks for it
+    owner = r.hget("issue:slow", "processId")
+    wait_for(lambda: not r.exists(f"heartbeat:{owner}"), 5, what="the heartbeat to lapse")
+    assert judged(config) == {"slow": ("orphaned", "heartbeat_absent")}
