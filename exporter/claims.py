@@ -7,7 +7,8 @@ and judges it:
 
 - **orphaned** when the owner's heartbeat key is gone *and* its process is not alive
   on this host: the pid does not run, or runs a process that started after the claim
-  (a reused pid; start times from ``/proc/PID/stat``, known to about a second). An
+  (a reused pid; start times from ``/proc/PID/stat``, known to about a second; the claim
+  time read as ``claim_time_zone`` says, :func:`plausible_claim_time`). An
   owner on another host is judged by its heartbeat alone. With ``max_age``, an older
   claim is orphaned whatever its owner says;
 - **active** otherwise (the heartbeat is there, or the owner runs);
@@ -20,8 +21,10 @@ and judges it:
   claims are counted, never released: nothing proves them orphaned.
 
 The scan uses ``SSCAN``/``ZSCAN`` (never ``KEYS``) in batches of :data:`SCAN_BATCH`
-ids, each batch one pipelined round of ``HMGET``, then ``/proc`` (once per distinct
-pid), then ``EXISTS`` for the heartbeat keys of the claims whose owner is not alive here
+ids, each batch one pipelined round of ``HMGET`` (an item of the wrong type is its own
+answer, not the batch's failure), then ``/proc`` (the running pids listed once per scan,
+then once per distinct pid that may be an owner: :class:`Liveness`), then ``EXISTS`` for
+the heartbeat keys of the claims whose owner is not alive here
 (a live owner decides alone; each key is asked once per scan): one ``EXISTS`` of them
 all, and one per key, pipelined, only when some exist and some do not.
 It is blocking (run it in a thread) and bounded by a deadline. redis-py is imported
