@@ -264,6 +264,9 @@ class _Retry:
 
     what: str
     """For the log: ``mark 17 done``."""
+    client: int
+    """``id()`` of the redis-py client it uses: one Redis that does not answer holds up
+    only its own retries."""
     run: Callable[[], str]
     """Tells Redis; returns what came of it (for the log); raises when Redis did not answer."""
     due: float = 0.0
@@ -316,14 +319,14 @@ class _Keeper:
                 if not counts:
                     del self.beats[(id(client), key)]
 
-    def retry(self, what: str, run: Callable[[], str]) -> None:
-        """Try ``run`` again later, until Redis answers."""
+    def retry(self, what: str, client: redis.Redis, run: Callable[[], str]) -> None:
+        """Try ``run`` (which uses ``client``) again later, until Redis answers."""
         with self.lock:
             if len(self.retries) >= MAX_PENDING:
                 dropped = self.retries.popleft()
                 log.error("caretaker claims: %d retries pending; giving up on: %s (its claim stays until this "
                           "process exits; caretaker then releases it)", MAX_PENDING, dropped.what)
-            self.retries.append(_Retry(what, run, time.monotonic() + RETRY_FIRST))
+            self.retries.append(_Retry(what, id(client), run, time.monotonic() + RETRY_FIRST))
             self._start()
         self.wake.set()
 
@@ -366,18 +369,26 @@ class _Keeper:
         return [ttl for _, _, ttl in beats]
 
     def _retry_due(self) -> None:
-        """Each retry that is due, once; those Redis did not answer wait longer."""
+        """Each retry that is due, once; when one fails, its client's Redis is not
+        answering, and that client's other retries due wait as long as it does (a round
+        costs one command timeout per Redis at most; the heartbeats are refreshed between
+        rounds)."""
         now = time.monotonic()
         with self.lock:
             due = [r for r in self.retries if r.due <= now]
+        failed: dict[int, float] = {}  # id(client): when its retries are due again
         for item in due:
+            if item.client in failed:
+                item.due = failed[item.client]
+                continue
             item.tries += 1
             try:
                 outcome = item.run()
             except Exception as err:
-                item.due, item.delay = time.monotonic() + item.delay, min(RETRY_MAX, item.delay * 2)
+                item.due = failed[item.client] = time.monotonic() + item.delay
                 log.debug("caretaker claims: %s failed again (try %d, next in %.1fs): %s", item.what, item.tries,
                           item.delay, err)
+                item.delay = min(RETRY_MAX, item.delay * 2)
                 continue
             with self.lock:
                 self.retries.remove(item)
@@ -483,7 +494,8 @@ class Claim:
         if self.registered:
             self.result = self._finish(mode)
         else:  # unsure: Redis did not answer a moment ago; do not make the app wait for it again
-            _keeper().retry(f"mark {self.item_id} {mode} (if its claim was registered)", self._retrier(mode))
+            _keeper().retry(f"mark {self.item_id} {mode} (if its claim was registered)", self.client,
+                            self._retrier(mode))
         return False  # an exception of the app's goes on
 
     def _finish(self, mode: str) -> str:
@@ -494,7 +506,7 @@ class Claim:
         except Exception as err:
             log.warning("caretaker claims: could not mark %s %s (tried again in the background): %s",
                         self.item_id, mode, err)
-            _keeper().retry(f"mark {self.item_id} {mode}", self._retrier(mode))
+            _keeper().retry(f"mark {self.item_id} {mode}", self.client, self._retrier(mode))
             return "error"
 
     def _retrier(self, mode: str) -> Callable[[], str]:
@@ -548,7 +560,7 @@ def take(timeout: float = 5.0, poll: float = 0.2, **options: Any) -> Claim | Non
                         else "", err)
             if lost:
                 _keeper().retry(f"give back what a take of {job.owner} at {job.claim_time} may have claimed",
-                                functools.partial(_give_back, job))
+                                job.client, functools.partial(_give_back, job))
             return None
         if taken is not None:
             job.item_id = taken.decode() if isinstance(taken, bytes) else str(taken)
