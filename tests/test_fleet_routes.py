@@ -1,0 +1,349 @@
+"""Many hosts (docs/fleet.md), the second round: what a review of the first found.
+
+The route generator (scripts/fleet-alertmanager.py) with bases people really have: a
+pre-fleet base whose inhibit rules compare no host (a real Alertmanager shows what they
+inhibit), a caretaker route without ``continue``, a nested route to ``caretaker``, a
+receiver name a host's would take; its own output as its base; ``-o``; host lists YAML
+1.1 would misread. Also: the Redis key layout of a receiver, whatever its mode; the
+warning, audit detail and alert of a receiver that gets other hosts' alerts; the rules'
+host matching (mutants of the shipped rules that promtool must reject); IPv6 targets.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .conftest import REPO, Children, free_port, port_open, require_binary, wait_for
+
+SCRIPT = REPO / "scripts" / "fleet-alertmanager.py"
+FLEET = REPO / "prometheus" / "fleet"
+PROM = REPO / "prometheus"
+
+# The shipped alertmanager.yml before the fleet work (git show 850dfce:prometheus/alertmanager.yml,
+# and what docs/integrating.md showed): its inhibit rules compare service_name only.
+PROBES = "CaretakerProbeFailing|CaretakerProbeSlow|CaretakerHealthLow|CaretakerHeartbeatMissing"
+PRE_FLEET_BASE = f"""\
+route:
+  receiver: people
+  group_by: [alertname, service_name]
+  group_wait: 1s
+  group_interval: 5s
+  repeat_interval: 4h
+  routes:
+    - receiver: caretaker
+      matchers: ['remediation=~".+"']
+      group_wait: 0s
+      group_interval: 1s
+      repeat_interval: 10m
+      continue: true
+    - receiver: people-critical
+      matchers: [severity="critical"]
+      group_wait: 30s
+    - receiver: people
+      matchers: [severity=~"warning|info"]
+      group_wait: 30s
+receivers:
+  - name: caretaker
+    webhook_configs:
+      - url: http://127.0.0.1:8931/alerts
+        send_resolved: true
+        http_config:
+          authorization:
+            type: Bearer
+            credentials_file: secrets/receiver-token
+  - name: people-critical
+  - name: people
+inhibit_rules:
+  - source_matchers: [alertname="CaretakerServiceDown"]
+    target_matchers: ['alertname=~"{PROBES}"']
+    equal: [service_name]
+  - source_matchers: [alertname="CaretakerProbeFailing"]
+    target_matchers: [alertname="CaretakerHealthLow"]
+    equal: [service_name]
+"""
+
+TWO_HOSTS = {"hosts": {"a": {"urls": ["http://10.0.0.1:8931/alerts"]}, "b": {"urls": ["http://10.0.0.2:8931/alerts"]}}}
+
+
+def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO, check=False, **kwargs)
+
+
+def script(tmp_path: Path, *args: str, hosts: Any = None, base: str | None = None,
+           **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run the script on ``hosts`` (written to hosts.yml) and ``base`` (base.yml), if given."""
+    argv = [sys.executable, str(SCRIPT)]
+    if base is not None:
+        (tmp_path / "base.yml").write_text(base)
+        argv += ["--base", str(tmp_path / "base.yml")]
+    if hosts is not None:
+        (tmp_path / "hosts.yml").write_text(hosts if isinstance(hosts, str) else yaml.safe_dump(hosts))
+        argv.append(str(tmp_path / "hosts.yml"))
+    return run([*argv, *args], **kwargs)
+
+
+def amtool_check(path: Path) -> None:
+    result = run([require_binary("amtool"), "check-config", str(path)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def routes_test(path: Path, labels: str) -> str:
+    result = run([require_binary("amtool"), "config", "routes", "test", "--config.file", str(path), *labels.split()])
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.strip()
+
+
+# --- 1. inhibit rules compare the host ------------------------------------------------------------
+
+@pytest.fixture
+def alertmanager_with(tmp_path: Path) -> Iterator[Any]:
+    """alertmanager_with(config_path) -> the URL of a real Alertmanager running that config."""
+    binary = require_binary("prometheus-alertmanager", "alertmanager")
+    children = Children()
+
+    def start(config: Path) -> str:
+        port = free_port()
+        data = tmp_path / f"am-{port}"
+        data.mkdir()
+        children.start([binary, f"--config.file={config}", f"--storage.path={data}",
+                        f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="])
+        wait_for(lambda: port_open(port), 20, what="alertmanager")
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    children.stop_all()
+
+
+def post_alerts(url: str, alerts: list[dict[str, Any]]) -> None:
+    req = urllib.request.Request(f"{url}/api/v2/alerts", data=json.dumps(alerts).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        assert resp.status == 200
+
+
+def states(url: str) -> dict[tuple[str, str], tuple[str, list[str]]]:
+    """``{(alertname, host): (state, receivers)}`` of the alerts Alertmanager holds."""
+    with urllib.request.urlopen(f"{url}/api/v2/alerts", timeout=5) as resp:
+        return {(a["labels"]["alertname"], a["labels"]["host"]): (a["status"]["state"],
+                                                                 sorted(r["name"] for r in a["receivers"]))
+                for a in json.load(resp)}
+
+
+def test_a_pre_fleet_bases_inhibit_rules_compare_the_host_in_a_real_alertmanager(
+        tmp_path: Path, alertmanager_with: Any) -> None:
+    """Redis down on host a inhibits host a's probe alert, and no longer host b's, whose
+    repair alert must reach b's receiver."""
+    result = script(tmp_path, "-o", str(tmp_path / "am.yml"), hosts=TWO_HOSTS, base=PRE_FLEET_BASE)
+    assert result.returncode == 0, result.stderr
+    assert "inhibit_rules[0]: equal ['service_name'] lacks host: added it" in result.stderr
+    assert "inhibit_rules[1]: equal ['service_name'] lacks host: added it" in result.stderr
+    written = yaml.safe_load((tmp_path / "am.yml").read_text())
+    assert [r["equal"] for r in written["inhibit_rules"]] == [["host", "service_name"]] * 2
+    amtool_check(tmp_path / "am.yml")
+
+    url = alertmanager_with(tmp_path / "am.yml")
+    now = datetime.now(UTC)
+
+    def alert(name: str, host: str) -> dict[str, Any]:
+        return {"labels": {"alertname": name, "service_name": "redis", "host": host, "severity": "critical",
+                           "remediation": "restart"},
+                "startsAt": now.isoformat(), "endsAt": (now + timedelta(minutes=5)).isoformat()}
+
+    post_alerts(url, [alert("CaretakerServiceDown", "a"), alert("CaretakerProbeFailing", "a"),
+                      alert("CaretakerProbeFailing", "b")])
+    expected = {("CaretakerServiceDown", "a"): ("active", ["caretaker-a", "people-critical"]),
+                ("CaretakerProbeFailing", "a"): ("suppressed", ["caretaker-a", "people-critical"]),
+                ("CaretakerProbeFailing", "b"): ("active", ["caretaker-b", "people-critical"])}
+    wait_for(lambda: states(url) == expected, 15, 0.2, what=f"Alertmanager to show {expected}")
+
+
+def test_inhibit_rules_that_compare_the_host_or_nothing_are_left_as_they_are(tmp_path: Path) -> None:
+    second = '\n  - source_matchers: [alertname="CaretakerProbeFailing"]'
+    base = PRE_FLEET_BASE.replace(f"equal: [service_name]{second}", f"equal: [host, service_name]{second}")
+    base = base.replace("    target_matchers: [alertname=\"CaretakerHealthLow\"]\n    equal: [service_name]\n",
+                        "    target_matchers: [alertname=\"CaretakerHealthLow\"]\n")
+    result = script(tmp_path, hosts=TWO_HOSTS, base=base)
+    assert result.returncode == 0, result.stderr
+    assert "inhibit_rules" not in result.stderr
+    rules = yaml.safe_load(result.stdout)["inhibit_rules"]
+    assert [r.get("equal") for r in rules] == [["host", "service_name"], None]
+
+
+# --- 4. the base route's `continue` is kept ---------------------------------------------------------
+
+NO_CONTINUE_BASE = """\
+route:
+  receiver: default
+  routes:
+    - receiver: caretaker
+      matchers: ['remediation=~".+"']
+    - receiver: oncall
+      matchers: [severity="critical"]
+receivers:
+  - name: default
+  - name: oncall
+  - name: caretaker
+    webhook_configs:
+      - url: http://127.0.0.1:8931/alerts
+"""
+
+
+@pytest.mark.parametrize(("go_on", "receivers"), [(False, "caretaker-a"), (True, "caretaker-a,oncall")])
+def test_the_per_host_routes_keep_the_base_routes_continue(tmp_path: Path, go_on: bool, receivers: str) -> None:
+    base = NO_CONTINUE_BASE.replace("matchers: ['remediation=~\".+\"']",
+                                    "matchers: ['remediation=~\".+\"']\n      continue: true") if go_on \
+        else NO_CONTINUE_BASE
+    result = script(tmp_path, "-o", str(tmp_path / "am.yml"), hosts=TWO_HOSTS, base=base)
+    assert result.returncode == 0, result.stderr
+    amtool_check(tmp_path / "am.yml")
+    labels = "alertname=CaretakerServiceDown service_name=redis remediation=restart severity=critical"
+    assert routes_test(tmp_path / "am.yml", f"{labels} host=a") == receivers
+    assert routes_test(tmp_path / "am.yml", f"{labels} host=b") == receivers.replace("-a", "-b")
+    # As the base did, with its one caretaker receiver.
+    assert routes_test(tmp_path / "base.yml", labels) == receivers.replace("caretaker-a", "caretaker")
+    routes = yaml.safe_load((tmp_path / "am.yml").read_text())["route"]["routes"]
+    assert [r.get("continue", False) for r in routes] == [go_on, go_on, False]
+
+
+# --- 5. writing the file: -o, its own output as base, what must not pass ----------------------------
+
+def test_dash_o_writes_only_a_good_file_and_never_the_base(tmp_path: Path) -> None:
+    out = tmp_path / "alertmanager.yml"
+    out.write_text("# the config Alertmanager runs now\n")
+    bad = script(tmp_path, "-o", str(out), hosts={"hosts": {"web 1": {"urls": ["http://a/alerts"]}}})
+    assert bad.returncode == 2 and "hosts.web 1: a host name is" in bad.stderr
+    assert out.read_text() == "# the config Alertmanager runs now\n", "a failed run left the file as it was"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "no temporary file left"
+
+    good = script(tmp_path, "-o", str(out), hosts=TWO_HOSTS)
+    assert (good.returncode, good.stdout) == (0, ""), good.stderr
+    amtool_check(out)
+    assert routes_test(out, "host=b remediation=restart severity=critical") == "caretaker-b,people-critical"
+
+    (tmp_path / "base.yml").write_text(PRE_FLEET_BASE)
+    same = script(tmp_path, "-o", str(tmp_path / "." / "base.yml"), hosts=TWO_HOSTS, base=PRE_FLEET_BASE)
+    assert same.returncode == 2 and "is the base" in same.stderr
+    assert (tmp_path / "base.yml").read_text() == PRE_FLEET_BASE
+
+
+def test_stdout_redirected_over_the_base_is_named(tmp_path: Path) -> None:
+    """`--base X > X`: the shell empties X before the script runs; it says so instead of
+    calling the base 'not an Alertmanager configuration'."""
+    base = tmp_path / "base.yml"
+    base.write_text(PRE_FLEET_BASE)
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(TWO_HOSTS))
+    with base.open("w") as out:  # what `> base.yml` does
+        result = subprocess.run([sys.executable, str(SCRIPT), "--base", str(base), str(tmp_path / "hosts.yml")],
+                                stdout=out, stderr=subprocess.PIPE, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert "is also stdout (--base X > X)" in result.stderr and "write with -o" in result.stderr
+
+
+def test_the_script_takes_its_own_output_as_base_and_gives_the_same_file(tmp_path: Path) -> None:
+    first = script(tmp_path, "-o", str(tmp_path / "one.yml"), hosts=TWO_HOSTS, base=PRE_FLEET_BASE)
+    assert first.returncode == 0, first.stderr
+    again = run([sys.executable, str(SCRIPT), "--base", str(tmp_path / "one.yml"), str(tmp_path / "hosts.yml"),
+                 "-o", str(tmp_path / "two.yml")])
+    assert again.returncode == 0, again.stderr
+    assert "inhibit_rules" not in again.stderr  # host is in every equal already
+    assert (tmp_path / "two.yml").read_text() == (tmp_path / "one.yml").read_text()
+
+    # A host added to the list: its route and receiver join the others', in place; people's stay.
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump({"hosts": {**TWO_HOSTS["hosts"],
+                                                                  "c": {"urls": ["http://10.0.0.3:8931/alerts"]}}}))
+    more = run([sys.executable, str(SCRIPT), "--base", str(tmp_path / "two.yml"), str(tmp_path / "hosts.yml"),
+                "-o", str(tmp_path / "three.yml")])
+    assert more.returncode == 0, more.stderr
+    amtool_check(tmp_path / "three.yml")
+    from_base = script(tmp_path, hosts=(tmp_path / "hosts.yml").read_text(), base=PRE_FLEET_BASE)
+    assert (tmp_path / "three.yml").read_text() == from_base.stdout
+    config = yaml.safe_load(from_base.stdout)
+    assert [r["receiver"] for r in config["route"]["routes"]] == [
+        "caretaker-a", "caretaker-b", "caretaker-c", "people-critical", "people"]
+    assert [r["name"] for r in config["receivers"]] == [
+        "caretaker-a", "caretaker-b", "caretaker-c", "people-critical", "people"]
+
+    # The shipped example is such a file too.
+    example = run([sys.executable, str(SCRIPT), "--base", str(FLEET / "alertmanager.yml"), str(FLEET / "hosts.yml")])
+    assert example.returncode == 0, example.stderr
+    assert example.stdout == (FLEET / "alertmanager.yml").read_text()
+
+
+@pytest.mark.parametrize(("base", "message"), [
+    # A second route to caretaker, nested in people's: it would point at a receiver that is gone.
+    (NO_CONTINUE_BASE.replace("    - receiver: oncall\n      matchers: [severity=\"critical\"]\n",
+                              "    - receiver: oncall\n      matchers: [severity=\"critical\"]\n      routes:\n"
+                              "        - receiver: caretaker\n          matchers: [alertname=\"CaretakerDiskFull\"]\n"),
+     "route.routes[1].routes[0]: sends to 'caretaker', which the per-host receivers replace"),
+    # The root route itself.
+    (NO_CONTINUE_BASE.replace("  receiver: default\n", "  receiver: caretaker\n", 1), "route: sends to 'caretaker'"),
+    # A receiver of one's own that a host's would take.
+    (NO_CONTINUE_BASE.replace("  - name: oncall\n", "  - name: oncall\n  - name: caretaker-b\n"),
+     "receivers: 'caretaker-b' is also the name of a host's receiver (caretaker-HOST): rename yours, or the host"),
+    (NO_CONTINUE_BASE.replace("  - name: oncall\n", "  - name: oncall\n  - name: oncall\n"),
+     "receivers: 'oncall' is defined 2 times"),
+    (NO_CONTINUE_BASE.replace("receiver: oncall", "receiver: pager"), "route.routes[1]: the receiver 'pager' is not "
+                                                                      "defined"),
+    (NO_CONTINUE_BASE.replace("  routes:\n    - receiver: caretaker\n",
+                              "  routes:\n    - receiver: caretaker\n      receiver: default\n"),
+     "the key 'receiver' is given twice"),
+])
+def test_a_base_that_would_give_an_invalid_config_is_refused(tmp_path: Path, base: str, message: str) -> None:
+    result = script(tmp_path, "-o", str(tmp_path / "am.yml"), hosts=TWO_HOSTS, base=base)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert not (tmp_path / "am.yml").exists()
+
+
+@pytest.mark.parametrize(("hosts", "message"), [
+    ('hosts:\n  a: {urls: ["http://10.0.0.1:8931/alerts"]}\n  a: {urls: ["http://10.0.0.9:8931/alerts"]}\n',
+     "the key 'a' is given twice (first line 2)"),
+    ('hosts:\n  web 1: {urls: ["http://10.0.0.1:8931/alerts"]}\n', "hosts.web 1: a host name is"),
+    ('hosts:\n  ? [a, b]\n  : {urls: ["http://10.0.0.1:8931/alerts"]}\n', "a mapping key must be a scalar"),
+    ('hosts: [a, b]\n', "hosts: must map each host name"),
+])
+def test_a_bad_host_list_is_refused(tmp_path: Path, hosts: str, message: str) -> None:
+    result = script(tmp_path, hosts=hosts)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert message in result.stderr
+
+
+def test_host_names_are_kept_as_written(tmp_path: Path) -> None:
+    """YAML 1.1 reads `no` as false and `1.10` as 1.1: the host list keeps them as text."""
+    hosts = 'hosts:\n  no: {urls: ["http://10.0.0.1:8931/alerts"]}\n  1.10: {urls: ["http://10.0.0.2:8931/alerts"]}\n'
+    result = script(tmp_path, "-o", str(tmp_path / "am.yml"), hosts=hosts)
+    assert result.returncode == 0, result.stderr
+    amtool_check(tmp_path / "am.yml")
+    assert routes_test(tmp_path / "am.yml", "host=no remediation=restart severity=critical") == \
+        "caretaker-no,people-critical"
+    assert routes_test(tmp_path / "am.yml", "host=1.10 remediation=restart severity=critical") == \
+        "caretaker-1.10,people-critical"
+
+
+# --- 11. a host Prometheus scrapes but the host list lacks ------------------------------------------
+
+def test_targets_name_a_host_the_list_lacks(tmp_path: Path) -> None:
+    targets = tmp_path / "exporters.yml"
+    targets.write_text(yaml.safe_dump([{"targets": ["10.0.0.1:8930"], "labels": {"host": "a"}},
+                                       {"targets": ["b:8930", "web-9.example.net:8930"]},
+                                       {"targets": ["[2001:db8::1]:8930"]}]))  # no host label: no host
+    result = script(tmp_path, "-o", str(tmp_path / "am.yml"), "--targets", str(targets), hosts=TWO_HOSTS)
+    assert result.returncode == 2
+    assert f"hosts.web-9.example.net: missing, but {targets} has targets of it" in result.stderr
+    assert "hosts.a" not in result.stderr and "hosts.b" not in result.stderr
+    assert not (tmp_path / "am.yml").exists()
+
+    # The shipped target files and host list agree.
+    example = run([sys.executable, str(SCRIPT), str(FLEET / "hosts.yml"), "--targets",
+                   *map(str, sorted((FLEET / "targets").glob("*.yml")))])
+    assert example.returncode == 0, example.stderr
