@@ -11,19 +11,29 @@ host matching (mutants of the shipped rules that promtool must reject); IPv6 tar
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import subprocess
 import sys
+import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+import redis.asyncio as aioredis
 import yaml
 
-from .conftest import REPO, Children, free_port, port_open, require_binary, wait_for
+from receiver.shared import SharedState
+
+from .conftest import REPO, Children, free_port, port_open, require_binary, settle, wait_for
+from .test_receiver import AUTH, alert, notification
+from .test_reconcile import config_for, pids, sleeper
 
 SCRIPT = REPO / "scripts" / "fleet-alertmanager.py"
 FLEET = REPO / "prometheus" / "fleet"
@@ -101,6 +111,14 @@ def routes_test(path: Path, labels: str) -> str:
     result = run([require_binary("amtool"), "config", "routes", "test", "--config.file", str(path), *labels.split()])
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout.strip()
+
+
+async def until(predicate: Any, timeout: float, what: str) -> None:
+    """wait_for, without blocking the event loop the receiver under test runs on."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        await asyncio.sleep(0.1)
 
 
 # --- 1. inhibit rules compare the host ------------------------------------------------------------
@@ -347,3 +365,83 @@ def test_targets_name_a_host_the_list_lacks(tmp_path: Path) -> None:
     example = run([sys.executable, str(SCRIPT), str(FLEET / "hosts.yml"), "--targets",
                    *map(str, sorted((FLEET / "targets").glob("*.yml")))])
     assert example.returncode == 0, example.stderr
+
+
+# --- 2. the Redis key layout follows the host, in either mode -----------------------------------
+
+async def test_a_pair_switched_to_fleet_mode_one_receiver_at_a_time_still_repairs_once(
+        receiver_for: Any, redis_port: int, tmp_path: Path) -> None:
+    """A rolling switch of an HA pair: one receiver in fleet mode, the other not yet. Both
+    get the alert (as from two Alertmanagers); one claims it, one repair runs."""
+    svc = sleeper()
+    clients, configs = [], []
+    for i, fleet in enumerate((False, True)):
+        (tmp_path / f"r{i}").mkdir()
+        config = config_for(tmp_path / f"r{i}", {"svc": svc}, host="db-1", fleet=fleet,
+                            shared_state={"port": redis_port})
+        configs.append(config)
+        clients.append(await receiver_for(config))
+    payload = notification(alert("same", service_name="svc", remediation="restart", host="db-1"))
+    answers = [await (await c.post("/alerts", json=payload, headers=AUTH)).json() for c in clients]
+    assert [(a["queued"], a["duplicates"]) for a in answers] == [(1, 0), (0, 0)], answers
+    assert answers[1]["skipped"] == 1  # claimed by the other: a duplicate
+    await until(lambda: len(pids(configs[0], "svc")) == 1, 20, "the service started")
+    entries = [await settle(c) for c in clients]
+    assert [e["decision"] for e in entries[0]] == ["acted"]
+    assert [(e["decision"], e["reason"]) for e in entries[1]] == [("skipped", "duplicate")]
+    keys = redis.Redis(port=redis_port)
+    try:
+        assert {k.decode().rsplit(":", 1)[0] for k in keys.keys("*") if b":lock:" not in k} == {
+            "caretaker:db-1:alert:same:2026-11-22T03:00:00.000000+00:00", "caretaker:db-1:finished",
+            "caretaker:db-1:repairs"}
+    finally:
+        keys.close()
+
+
+async def test_hosts_sharing_a_redis_outside_fleet_mode_keep_their_own_budgets(
+        receiver_for: Any, redis_port: int, tmp_path: Path) -> None:
+    prefix = f"nf-{uuid.uuid4().hex[:8]}:"
+    for host in ("host-a", "host-b"):
+        (tmp_path / host).mkdir()
+        config = config_for(tmp_path / host, {"svc": sleeper()}, host=host, attempts={"max": 1, "window": "1h"},
+                            shared_state={"port": redis_port, "key_prefix": prefix})
+        client = await receiver_for(config)
+        resp = await client.post("/alerts", json=notification(alert(f"f{host[-1]}", service_name="svc",
+                                                                    remediation="restart", host=host)), headers=AUTH)
+        assert resp.status == 200
+        entries = await settle(client)
+        assert [(e["decision"], e["result"]) for e in entries] == [("acted", "success")], (host, entries)
+        assert len(pids(config, "svc")) == 1
+    keys = redis.Redis(port=redis_port)
+    try:
+        assert {k.decode()[len(prefix):].split(":", 1)[0] for k in keys.keys(f"{prefix}*")} == {"host-a", "host-b"}
+    finally:
+        keys.close()
+
+
+async def test_a_receiver_keeping_its_keys_without_the_host_is_named_in_an_error(
+        receiver_for: Any, redis_port: int, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other of a pair still on the earlier version (outside fleet mode its keys had
+    no host): each repair it starts after this receiver started is an ERROR here; one
+    from before (the upgrade's leftovers) is not."""
+    import receiver.app
+
+    monkeypatch.setattr(receiver.app, "LAYOUT_CHECK_SECONDS", 0.2)
+    caplog.set_level(logging.ERROR, logger="receiver.app")
+    earlier = SharedState(aioredis.Redis(port=redis_port), "caretaker:", 3600)  # what that version wrote
+    try:
+        await earlier.record_start("svc", time.time() - 60)
+        await receiver_for(config_for(tmp_path, {"svc": sleeper()}, host="db-1", shared_state={"port": redis_port}))
+        await asyncio.sleep(1.0)
+        assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+        await earlier.record_start("svc", time.time())
+        await until(lambda: any(r.levelno == logging.ERROR for r in caplog.records), 10, "an ERROR")
+        await asyncio.sleep(0.6)  # three more looks: still one line for one repair
+        (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        message = record.getMessage()
+        assert message.startswith("1 repair(s) of svc since this receiver started are recorded under "
+                                  "caretaker:repairs:svc")
+        assert "this one keeps them under caretaker:db-1:" in message and "stop it, upgrade it, start it" in message
+    finally:
+        await earlier.client.aclose()
