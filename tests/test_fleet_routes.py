@@ -85,8 +85,8 @@ inhibit_rules:
 TWO_HOSTS = {"hosts": {"a": {"urls": ["http://10.0.0.1:8931/alerts"]}, "b": {"urls": ["http://10.0.0.2:8931/alerts"]}}}
 
 
-def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO, check=False, **kwargs)
+def run(argv: list[str], cwd: Path = REPO, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=cwd, check=False, **kwargs)
 
 
 def script(tmp_path: Path, *args: str, hosts: Any = None, base: str | None = None,
@@ -445,3 +445,139 @@ async def test_a_receiver_keeping_its_keys_without_the_host_is_named_in_an_error
         assert "this one keeps them under caretaker:db-1:" in message and "stop it, upgrade it, start it" in message
     finally:
         await earlier.client.aclose()
+
+
+# --- 3. a receiver that gets other hosts' alerts says so -------------------------------------------
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "receiver.admission"]
+
+
+async def test_another_hosts_alerts_are_a_warning_and_their_hosts_are_in_the_audit_row(
+        receiver_for: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A single host whose Prometheus labels it 127.0.0.1 (the address) while receiver.host
+    is its name: it repairs nothing, and now says so, naming both."""
+    caplog.set_level(logging.WARNING)
+    config = config_for(tmp_path, {"svc": sleeper()}, host="web-1")
+    client = await receiver_for(config)
+    for i, host in enumerate(("127.0.0.1", "127.0.0.1", "10.0.0.7", "127.0.0.1")):
+        resp = await client.post("/alerts", json=notification(alert(f"o{i}", service_name="svc",
+                                                                    remediation="restart", host=host)), headers=AUTH)
+        assert (await resp.json())["skipped"] == 1
+    entries = await settle(client)
+    assert pids(config, "svc") == []
+    (first, second) = warnings(caplog)  # once per host value, not once per alert
+    assert first.startswith("alert CaretakerServiceDown (o0) is about host '127.0.0.1', and this receiver repairs "
+                            "host 'web-1' (receiver.host): not acting (other_host). If '127.0.0.1' is this host's "
+                            "name in Prometheus's targets, set receiver.host to it")
+    assert "'10.0.0.7'" in second and "More of these within 10 minutes are only counted" in second
+    (row,) = entries
+    assert (row["fingerprint"], row["reason"], row["times_seen"]) == ("~other_host", "other_host", 4)
+    assert row["observation"] == {"receiver_host": "web-1", "fleet": False, "hosts": ["10.0.0.7", "127.0.0.1"]}
+
+
+async def test_alerts_without_a_host_in_fleet_mode_are_a_warning(receiver_for: Any, tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    client = await receiver_for(config_for(tmp_path, {"svc": sleeper()}, host="web-1", fleet=True))
+    for i in range(3):
+        await client.post("/alerts", json=notification(alert(f"n{i}", service_name="svc", remediation="restart")),
+                          headers=AUTH)
+    (row,) = await settle(client)
+    (message,) = warnings(caplog)
+    assert message.startswith("alert CaretakerServiceDown (n0) has no host label, and this receiver (receiver.host "
+                              "'web-1') is in fleet mode (receiver.fleet), where every alert must name its host")
+    assert (row["reason"], row["times_seen"]) == ("no_host", 3)
+    assert row["observation"] == {"receiver_host": "web-1", "fleet": True, "hosts": []}
+
+
+def test_the_warning_comes_again_after_its_interval_and_the_rows_hosts_are_bounded(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from receiver.admission import HostSkips
+    from receiver.payload import Alert
+
+    caplog.set_level(logging.WARNING)
+    now = [1000.0]
+    skips = HostSkips("web-1", False, lambda: now[0], warn_every=600.0)
+
+    def seen(host: str, hour: str = "h1") -> str:
+        a = Alert.model_validate(alert("x", service_name="svc", host=host))
+        return skips.observation(a, "other_host", ("~other_host", hour, "firing"))
+
+    assert json.loads(seen("web-2"))["hosts"] == ["web-2"]
+    assert seen("web-2") == "null"  # the row has it: nothing more to write
+    now[0] += 599
+    seen("web-2")
+    assert len(warnings(caplog)) == 1
+    now[0] += 2
+    seen("web-2")
+    assert len(warnings(caplog)) == 2
+    for i in range(30):
+        seen(f"h-{i}")
+    assert seen("h-29") == "null"
+    assert json.loads(seen("web-2", hour="h2"))["hosts"] == ["web-2"]  # a new hour, a new row
+
+
+def test_a_rows_hosts_add_up_across_restarts_in_the_store(tmp_path: Path) -> None:
+    """Each receiver run passes a host to a row once; the store keeps the union (and a
+    resend without one keeps the row's)."""
+    from receiver.store import NewAlert, Store
+
+    store = Store(tmp_path / "state.sqlite")
+    try:
+        def admit(*hosts: str) -> None:
+            observation = json.dumps({"receiver_host": "web-1", "fleet": False, "hosts": list(hosts)}) if hosts \
+                else "null"
+            store.admit([NewAlert("~other_host", "2026-12-02T14:00Z", "firing", "Down", "svc", "restart", "skipped",
+                                  "other_host", "", observation)], 1.0)
+
+        admit("b")
+        admit()
+        admit("a")
+        admit(*(f"h{i:02d}" for i in range(30)))
+        (entry,) = store.list()
+        assert entry.times_seen == 4
+        assert entry.observation["receiver_host"] == "web-1"
+        hosts = entry.observation["hosts"]
+        assert hosts[:2] == ["a", "b"] and len(hosts) == 20
+    finally:
+        store.close()
+
+
+# --- 8. promtool's fleet cases catch a rule that stops matching on the host ------------------------
+
+MUTANTS = {
+    # Each drops the host from an `and`'s matching: prometheus/tests/caretaker-fleet-matching.test.yml
+    # must fail with each. (The rest of the review's mutants, aggregations and other matches that
+    # drop the host, fail caretaker-fleet.test.yml, which takes promtool 16 s a run: checked by hand.)
+    "ProbeSlow": ("> 1 and caretaker_probe_success == 1",
+                  "> 1 and on (service_name, probe) caretaker_probe_success == 1"),
+    "FileStale, last and": ("caretaker_file_max_age_seconds and caretaker_file_exists == 1",
+                            "caretaker_file_max_age_seconds and on (service_name, path) caretaker_file_exists == 1"),
+    "FileStale, first and": ("caretaker_file_max_age_seconds > 0 and time()",
+                             "caretaker_file_max_age_seconds > 0 and on (service_name, path) time()"),
+}
+
+
+@pytest.mark.parametrize("name", list(MUTANTS))
+def test_the_fleet_promtool_cases_fail_when_an_and_forgets_the_host(tmp_path: Path, name: str) -> None:
+    promtool = require_binary("promtool")
+    before, after = MUTANTS[name]
+    tests = "caretaker-fleet-matching.test.yml"
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "tests").mkdir()
+    for path in (PROM / "rules").glob("*.yml"):
+        (tmp_path / "rules" / path.name).write_text(path.read_text())
+    (tmp_path / "tests" / tests).write_text((PROM / "tests" / tests).read_text())
+    alerts = tmp_path / "rules" / "caretaker-alerts.yml"
+    text = alerts.read_text()
+    assert text.count(before) == 1, f"the mutant {name!r} no longer applies to caretaker-alerts.yml: update it"
+    alerts.write_text(text.replace(before, after))
+    assert run([promtool, "check", "rules", str(alerts)]).returncode == 0, "the mutant is a valid rule"
+    unchanged = run([promtool, "test", "rules", tests], cwd=PROM / "tests")
+    assert unchanged.returncode == 0, unchanged.stdout
+    result = run([promtool, "test", "rules", tests], cwd=tmp_path / "tests")
+    assert result.returncode != 0, f"promtool passes {tests} with the mutant {name!r}"
+    # It fails because the alert fires for a host whose own right-hand side is false.
+    got = next(line for line in result.stderr.splitlines() if line.strip().startswith("got:"))
+    assert 'host="web-1"' in got or 'host="web-3"' in got, result.stderr
