@@ -581,3 +581,30 @@ def test_the_fleet_promtool_cases_fail_when_an_and_forgets_the_host(tmp_path: Pa
     # It fails because the alert fires for a host whose own right-hand side is false.
     got = next(line for line in result.stderr.splitlines() if line.strip().startswith("got:"))
     assert 'host="web-1"' in got or 'host="web-3"' in got, result.stderr
+
+
+# --- 6. the host a target's address gives is one receiver.host takes ----------------------------
+
+def test_the_host_from_an_address_is_a_name_receiver_host_takes_and_ipv6_needs_a_label(tmp_path: Path) -> None:
+    from exporter.config import parse_config
+
+    promtool = require_binary("promtool")
+    config = yaml.safe_load((FLEET / "prometheus.yml").read_text())
+    config["rule_files"] = []
+    (tmp_path / "targets").mkdir()
+    (tmp_path / "targets" / "exporters.yml").write_text(yaml.safe_dump([
+        {"targets": ["db-1:8930", "db-2.example.com:8930", "10.0.0.13:8930", "web-9", "[2001:db8::1]:8930"]},
+        {"targets": ["[2001:db8::2]:8930"], "labels": {"host": "db-3"}},
+        {"targets": ["10.0.0.14:8930"], "labels": {"host": ""}},
+    ]))
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    result = run([promtool, "check", "service-discovery", "--timeout=5s", str(tmp_path / "prometheus.yml"),
+                  "caretaker-exporter"])
+    assert result.returncode == 0, result.stderr
+    hosts = {t["labels"]["instance"]: t["labels"].get("host") for t in json.loads(result.stdout)}
+    assert hosts == {"db-1:8930": "db-1", "db-2.example.com:8930": "db-2.example.com", "10.0.0.13:8930": "10.0.0.13",
+                     "web-9:80": "web-9", "[2001:db8::1]:8930": None, "[2001:db8::2]:8930": "db-3",
+                     "10.0.0.14:8930": "10.0.0.14"}
+    for host in filter(None, hosts.values()):  # each one a receiver can be
+        assert parse_config({"receiver": {"host": host}, "services": {"a": {"match": {"comm": "x"}}}}).receiver.host \
+            == host
