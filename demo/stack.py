@@ -176,6 +176,9 @@ class Stack:
     alertmanager_port: int = 9093
     python: str = sys.executable
     alertmanager_overrides: dict[str, Any] = field(default_factory=dict)
+    alertmanager_args: tuple[str, ...] = ()
+    """More flags for both Alertmanagers, after the cluster ones (``--cluster.peer-timeout=0s``:
+    both members notify at once, where the second would wait for the first's gossip)."""
     children: list[Child] = field(default_factory=list)
     services: list[subprocess.Popen[bytes]] = field(default_factory=list)
     """Services this stack started (reaped in :meth:`stop`)."""
@@ -364,6 +367,9 @@ class Fleet:
     interval: str = "1s"
     python: str = sys.executable
     alertmanager_overrides: dict[str, Any] = field(default_factory=dict)
+    alertmanager_args: tuple[str, ...] = ()
+    """More flags for both Alertmanagers, after the cluster ones (``--cluster.peer-timeout=0s``:
+    both members notify at once, where the second would wait for the first's gossip)."""
     children: list[Child] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -424,7 +430,7 @@ class Fleet:
             # and a short settle time lets the pair notify within seconds of starting.
             cluster = [f"--cluster.listen-address=127.0.0.1:{mine}", f"--cluster.advertise-address=127.0.0.1:{mine}",
                        f"--cluster.peer=127.0.0.1:{peer}", "--cluster.settle-timeout=2s",
-                       "--cluster.pushpull-interval=5s"]
+                       "--cluster.pushpull-interval=5s", *self.alertmanager_args]
             spawn(self.children, self.run_dir, f"alertmanager-{i}",
                   alertmanager_argv(self.binaries["alertmanager"], am_yml, port, self.run_dir / f"alertmanager-{i}",
                                     cluster), f"http://127.0.0.1:{port}/-/ready")

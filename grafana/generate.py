@@ -153,10 +153,12 @@ def repairs() -> Board:
         "[$__rate_interval]))",
         "{{service_name}} {{action}} {{result}}")])
     b.panel("Repair duration (p50, p95)", "timeseries", [
-        (f"histogram_quantile(0.5, sum by (le, action) (rate(caretaker_remediation_duration_seconds_bucket{{{HOST}}}"
-         "[$__rate_interval])))", "{{action}} p50, selected hosts"),
-        (f"histogram_quantile(0.95, sum by (le, action) (rate(caretaker_remediation_duration_seconds_bucket{{{HOST}}}"
-         "[$__rate_interval])))", "{{action}} p95, selected hosts")], unit="s")
+        (f"histogram_quantile(0.5, sum by (host, le, action) "
+         f"(rate(caretaker_remediation_duration_seconds_bucket{{{HOST}}}[$__rate_interval])))",
+         "{{host}} {{action}} p50"),
+        (f"histogram_quantile(0.95, sum by (host, le, action) "
+         f"(rate(caretaker_remediation_duration_seconds_bucket{{{HOST}}}[$__rate_interval])))",
+         "{{host}} {{action}} p95")], unit="s")
     b.panel("Attempt budget exhausted", "stat", [(f"caretaker_remediation_attempts_exhausted{{{SVC}}}",
                                                   "{{service_name}}")], defaults={"min": 0, "max": 1})
     b.panel("Repairs in progress", "stat", [(f"sum by (host) (caretaker_remediations_in_progress{{{HOST}}})",

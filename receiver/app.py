@@ -59,7 +59,7 @@ from .metrics import ReceiverMetrics
 from .payload import Notification
 from .repairs import BackupKeeper
 from .server import GUARD_KEY, ConnectionGuard, GuardedProtocol, serve
-from .shared import SharedState, SharedStateError
+from .shared import SharedState, SharedStateError, key_prefix
 from .state import LocalState, RepairState
 from .store import Store
 from .vocabulary import ProblemState
@@ -74,6 +74,9 @@ REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 TOKEN_KEY = web.AppKey("token", str)
 BASIC_KEY = web.AppKey("basic", str)
 PROTECTED = ("/alerts", "/api/")
+LAYOUT_CHECK_SECONDS = 30.0
+"""How often a receiver with shared state looks for repairs recorded in the key layout
+before the host (:func:`watch_layout`)."""
 
 
 def _error(status: int, reason: str) -> web.Response:
@@ -287,6 +290,32 @@ async def reap_forever(reaper: ChildReaper, interval: float = 2.0) -> None:
         reaper.reap()
 
 
+async def watch_layout(state: SharedState, legacy_prefix: str, services: list[str], started: float) -> None:
+    """Every :data:`LAYOUT_CHECK_SECONDS`, an ERROR for each repair that a receiver keeping
+    its Redis keys without the host (``<legacy_prefix>repairs:<service>``: a receiver of an
+    earlier version, outside fleet mode) started after this one (``started``, Unix
+    seconds): such a receiver shares no lock nor budget with this one, so if it serves
+    this host, both may repair one service at once. Redis errors are the executor's to
+    report; here they only skip a look."""
+    told: dict[str, int] = {}
+    while True:
+        await asyncio.sleep(LAYOUT_CHECK_SECONDS)
+        try:
+            found = await state.legacy_repairs(legacy_prefix, services, started)
+        except SharedStateError as err:
+            log.debug("key layout check skipped: %s", err)
+            continue
+        for service, count in found.items():
+            if count > told.get(service, 0):
+                log.error("%d repair(s) of %s since this receiver started are recorded under %srepairs:%s, the "
+                          "Redis keys of a receiver that keeps them without its host (an earlier version, outside "
+                          "fleet mode); this one keeps them under %s. If that receiver serves this host (the other "
+                          "of its pair), the two share no lock nor budget and may repair %s at once: stop it, "
+                          "upgrade it, start it (docs/fleet.md, \"A receiver pair per host\")",
+                          count - told.get(service, 0), service, legacy_prefix, service, state.prefix, service)
+            told[service] = count
+
+
 class QuietProtocolErrors(logging.Filter):
     """At most one WARNING line per ``interval`` seconds, with a count, for what a
     client's malformed request or a connection flood makes aiohttp and asyncio log
@@ -408,14 +437,15 @@ def create_app(config: Config, reader: ProcReader | None = None, dry_run: bool =
             # The one place where a lone receiver and an HA pair differ (receiver/state.py).
             state: RepairState = LocalState(store)
             redis_client = None
+            shared: SharedState | None = None
             if recv.shared_state is not None:
                 spec = recv.shared_state
                 redis_client = aioredis.Redis(host=spec.host, port=spec.port, db=spec.db,
                                               password=read_secret(spec.password, config.base_dir)
                                               if spec.password else None, socket_timeout=5, socket_connect_timeout=5)
-                # In fleet mode the receivers of several hosts may share one Redis: each host its own keys.
-                prefix = f"{spec.key_prefix}{recv.host}:" if recv.fleet else spec.key_prefix
-                state = SharedState(redis_client, prefix, spec.dedupe_ttl, store)
+                # Each host its own keys, in either mode: a pair meets on them, hosts sharing a Redis do not.
+                shared = SharedState(redis_client, key_prefix(spec.key_prefix, recv.host), spec.dedupe_ttl, store)
+                state = shared
             executor = Executor(config, store, state, ctx, receiver_metrics, clock=clock, dry_run=dry_run)
             executors.append(executor)
             ctx.may_start = executor.may_start
@@ -426,6 +456,9 @@ def create_app(config: Config, reader: ProcReader | None = None, dry_run: bool =
                           asyncio.create_task(backup_forever(backups, recv.backup_interval)),
                           asyncio.create_task(executor.watch_exhausted()),
                           asyncio.create_task(executor.checkpoint_forever())]
+            if shared is not None and recv.shared_state is not None:
+                background.append(asyncio.create_task(
+                    watch_layout(shared, recv.shared_state.key_prefix, list(config.services), time.time())))
             yield
             for task in background:
                 task.cancel()

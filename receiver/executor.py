@@ -54,7 +54,7 @@ from typing import Any, TypeVar
 from exporter.config import Config
 
 from .actions import ActionContext, RepairFailed
-from .admission import AGGREGATED, RECORDED_AS, Admission, GroupCommit, QueueFull, audit_rows
+from .admission import AGGREGATED, RECORDED_AS, Admission, GroupCommit, HostSkips, QueueFull, audit_rows
 from .budget import EXHAUSTED_ALERT, EXHAUSTED_REPOST_SECONDS, Budget
 from .family import boot_id
 from .metrics import ReceiverMetrics
@@ -146,6 +146,7 @@ class Executor:
         self.budget = Budget(config, store, state, ctx, metrics, clock, self.wake)
         self.runner = RepairRunner(config, store, state, ctx, metrics, clock)
         self._commit = GroupCommit(store, clock)
+        self._host_skips = HostSkips(config.receiver.host, config.receiver.fleet, clock)
         self._slots = asyncio.Semaphore(config.receiver.workers)
         self._tasks: set[asyncio.Task[None]] = set()
         self._workers: dict[str, asyncio.Task[None]] = {}
@@ -250,7 +251,7 @@ class Executor:
         decisions = [decide(a, self.config) for a in alerts]
         # Raises SharedStateError (the webhook answers 503) before anything is recorded.
         decisions = await self.state.claim(alerts, decisions)
-        ids = await self._commit.write(audit_rows(alerts, decisions, self.clock))
+        ids = await self._commit.write(audit_rows(alerts, decisions, self.clock, self._host_skips))
         duplicates = queued = 0
         metrics = self.metrics
         for alert, decision, entry_id in zip(alerts, decisions, ids, strict=True):

@@ -2,7 +2,8 @@
 
 With two Alertmanagers in HA mode each notifying its own receiver, or several hosts,
 each alert must still be acted on once and each service repaired by one receiver at a
-time, within one budget. Redis keys (``PREFIX`` is ``shared_state.key_prefix``):
+time, within one budget. Redis keys (``PREFIX`` is ``shared_state.key_prefix`` followed
+by ``receiver.host`` and a colon, :func:`key_prefix`: ``caretaker:web-1:``):
 
 - ``PREFIX alert:<fingerprint>:<startsAt>:<status>``: ``SET NX EX dedupe_ttl``; the
   receiver that sets it owns the alert.
@@ -16,6 +17,11 @@ time, within one budget. Redis keys (``PREFIX`` is ``shared_state.key_prefix``):
 :class:`~receiver.state.RepairState`. Every method raises :class:`SharedStateError`
 when Redis cannot be reached; the receiver then repairs nothing (answering 503 so
 Alertmanager retries).
+
+The layout depends on the host alone, never on ``receiver.fleet``: the two receivers of
+a pair must meet on the same keys whatever either's mode, and hosts that share one Redis
+must not meet. Receivers before this layout kept their keys under ``PREFIX`` without
+the host (outside fleet mode); :meth:`SharedState.legacy_repairs` finds their repairs.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from .payload import Alert, Decision
 from .store import Store
 from .vocabulary import Reason
 
-__all__ = ["SharedState", "SharedStateError"]
+__all__ = ["SharedState", "SharedStateError", "key_prefix"]
 
 _RELEASE = """
 if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) else return 0 end
@@ -39,6 +45,13 @@ if redis.call("GET", KEYS[1]) == ARGV[1] then return redis.call("DEL", KEYS[1]) 
 
 class SharedStateError(Exception):
     """Redis could not be reached or answered with an error."""
+
+
+def key_prefix(configured: str, host: str) -> str:
+    """The prefix of every key of the receivers of ``host``: ``shared_state.key_prefix``,
+    the host, a colon (``caretaker:`` and ``web-1``: ``caretaker:web-1:``). A contract:
+    the receivers of a pair (each version of them) must compute the same."""
+    return f"{configured}{host}:"
 
 
 class SharedState:
@@ -132,6 +145,21 @@ class SharedState:
         if not finished or (reset and float(finished) <= float(reset)):
             return None
         return float(finished)
+
+    async def legacy_repairs(self, legacy_prefix: str, services: Sequence[str], since: float) -> dict[str, int]:
+        """Per service, how many repairs started after ``since`` (Unix seconds) are recorded
+        under ``legacy_prefix`` (``<legacy_prefix>repairs:<service>``, one ZCOUNT each, in one
+        pipeline): the repairs of receivers that keep their keys without the host, as
+        receivers did before :func:`key_prefix` outside fleet mode. Those share no lock nor
+        budget with this one."""
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for service in services:
+                    pipe.zcount(f"{legacy_prefix}repairs:{service}", f"({since!r}", "+inf")
+                counts = await pipe.execute()
+        except (redis_errors.RedisError, OSError) as err:
+            raise SharedStateError(str(err)) from err
+        return {service: int(n) for service, n in zip(services, counts, strict=True) if n}
 
     async def reset_budget(self, service: str, now: float, reason: str) -> None:
         """Write the reset to the state file (with ``store``), then set ``reset:<service>``

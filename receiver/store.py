@@ -162,8 +162,25 @@ class NewAlert(NamedTuple):
     reason: str
     labels: str = ""
     """The alert's labels as JSON, for an alert that opens a problem; else empty."""
+    observation: str = "null"
+    """JSON for the row's ``observation``, or ``null``: nothing. An aggregated row of alerts
+    about another host or none (``~other_host``, ``~no_host``) keeps what the receiver is
+    and which hosts its alerts named, ``{"receiver_host": ..., "fleet": ..., "hosts": [...]}``:
+    a later one adds its hosts to the row's (at most 20)."""
 
 
+_ADMIT = (
+    "INSERT INTO remediations (received_at, fingerprint, starts_at, status, alertname, service_name, "
+    "action, decision, reason, state, last_seen, observation) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
+    "ON CONFLICT (fingerprint, starts_at, status) WHERE problem_id IS NULL DO UPDATE SET "
+    "times_seen = times_seen + 1, last_seen = excluded.last_seen, "
+    # A resent row keeps its observation, unless the new one has some (NewAlert.observation):
+    # then the new one, with the hosts of both.
+    "observation = CASE WHEN excluded.observation = 'null' THEN remediations.observation "
+    "WHEN remediations.observation = 'null' THEN excluded.observation "
+    "ELSE json_set(excluded.observation, '$.hosts', json((SELECT json_group_array(value) FROM ("
+    "SELECT value FROM json_each(remediations.observation, '$.hosts') UNION "
+    "SELECT value FROM json_each(excluded.observation, '$.hosts') LIMIT 20)))) END")
 _AUDIT_COLUMNS = ("id", "received_at", "fingerprint", "starts_at", "status", "alertname", "service_name", "action",
                   "decision", "reason", "state", "result", "started_at", "finished_at", "steps", "times_seen",
                   "problem_id", "observation")
@@ -414,16 +431,12 @@ class Store:
         an IMMEDIATE transaction).
         """
         rows = [(now, a.fingerprint, a.starts_at, a.status, a.alertname, a.service_name, a.action, a.decision,
-                 a.reason, _QUEUED if a.decision == _QUEUED else _DONE, now)
+                 a.reason, _QUEUED if a.decision == _QUEUED else _DONE, now, a.observation)
                 for alerts in notifications for a in alerts]
 
         def upsert(cur: sqlite3.Cursor) -> dict[tuple[str, str, str], int]:
             (last,) = cur.execute("SELECT COALESCE(MAX(id), 0) FROM remediations").fetchone()
-            cur.executemany(
-                "INSERT INTO remediations (received_at, fingerprint, starts_at, status, alertname, service_name, "
-                "action, decision, reason, state, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
-                "ON CONFLICT (fingerprint, starts_at, status) WHERE problem_id IS NULL DO UPDATE SET "
-                "times_seen = times_seen + 1, last_seen = excluded.last_seen", rows)
+            cur.executemany(_ADMIT, rows)
             new = {(fingerprint, starts_at, status): entry_id for entry_id, fingerprint, starts_at, status in
                    cur.execute("SELECT id, fingerprint, starts_at, status FROM remediations WHERE id > ?", (last,))}
             self._problems(cur, notifications, new, now)

@@ -19,7 +19,7 @@ from exporter.config import parse_config
 from receiver.executor import Executor
 from receiver.metrics import ReceiverMetrics
 from receiver.payload import Alert, Decision
-from receiver.shared import SharedState, SharedStateError
+from receiver.shared import SharedState, SharedStateError, key_prefix
 from receiver.state import LOCAL_LOCK, LocalState, RepairState
 from receiver.store import NewAlert, Store
 from receiver.vocabulary import AuditDecision, EntryState, Reason, RepairResult
@@ -174,20 +174,30 @@ async def test_the_budget_and_the_cooldown_are_shared(redis_pair: tuple[SharedSt
 
 
 async def test_the_redis_keys_are_those_of_earlier_receivers(redis_pair: tuple[SharedState, SharedState, Any]) -> None:
-    """HA deployments keep the keys they have: these names are a contract."""
+    """HA deployments keep the keys they have: these names are a contract.
+
+    Changed once, on purpose (issue 13's review): the host now follows the prefix in every
+    mode (``caretaker:web-1:``), where before it did only with ``receiver.fleet``, so that
+    the two receivers of a pair meet on the same keys while one is switched to fleet mode,
+    and hosts sharing one Redis never share a lock or budget. docs/fleet.md says how to
+    upgrade a pair (stop both, upgrade, start). The names stay pinned here."""
     a, _, redis = redis_pair
+    a = SharedState(a.client, key_prefix("caretaker:", "web-1"), 3600)
     await a.claim([alert("f00d")], [Decision("svc", "restart", "")])
     token = await a.acquire("svc", 30.0)
     await a.record_start("svc", 100.0)
     await a.record_finish("svc", 110.0)
     await a.reset_budget("svc", 120.0, "reset by an operator")
-    assert sorted(await redis.keys("*")) == [f"caretaker:alert:f00d:{STARTS}:firing", "caretaker:finished:svc",
-                                             "caretaker:lock:svc", "caretaker:repairs:svc", "caretaker:reset:svc"]
-    assert await redis.get("caretaker:lock:svc") == token
-    assert (await redis.get("caretaker:finished:svc"), await redis.get("caretaker:reset:svc")) == ("110.0", "120.0")
-    assert [score for _, score in await redis.zrange("caretaker:repairs:svc", 0, -1, withscores=True)] == [100.0]
-    assert 3500 < await redis.ttl(f"caretaker:alert:f00d:{STARTS}:firing") <= 3600
-    assert 0 < await redis.pttl("caretaker:lock:svc") <= 30_000
+    assert sorted(await redis.keys("*")) == [f"caretaker:web-1:alert:f00d:{STARTS}:firing",
+                                             "caretaker:web-1:finished:svc", "caretaker:web-1:lock:svc",
+                                             "caretaker:web-1:repairs:svc", "caretaker:web-1:reset:svc"]
+    assert await redis.get("caretaker:web-1:lock:svc") == token
+    assert (await redis.get("caretaker:web-1:finished:svc"), await redis.get("caretaker:web-1:reset:svc")) == (
+        "110.0", "120.0")
+    assert [score for _, score in await redis.zrange("caretaker:web-1:repairs:svc", 0, -1, withscores=True)] == [
+        100.0]
+    assert 3500 < await redis.ttl(f"caretaker:web-1:alert:f00d:{STARTS}:firing") <= 3600
+    assert 0 < await redis.pttl("caretaker:web-1:lock:svc") <= 30_000
 
 
 async def test_every_call_without_redis_is_a_shared_state_error() -> None:

@@ -129,8 +129,9 @@ class RedisState(Model):
     """Password (``AUTH``), from a file or an environment variable."""
     key_prefix: str = "caretaker:"
     """Prefix of every key the receivers write (one per group of receivers that share services).
-    With ``receiver.fleet`` the host name follows it (``caretaker:web-1:``), so the receivers
-    of several hosts may share one Redis: each host keeps its own locks, budgets and cooldowns."""
+    ``receiver.host`` follows it in every key, in either mode (``caretaker:web-1:``): the two
+    receivers of a host meet on the same keys, and the receivers of several hosts may share
+    one Redis, each host with its own locks, budgets and cooldowns."""
     dedupe_ttl: PositiveSeconds = 7 * 86400.0
     """How long an alert (fingerprint, startsAt, status) is remembered as seen."""
 
