@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 
 import pytest
 from aiohttp import web
 
-from exporter.config import parse_config
 from receiver.app import QuietProtocolErrors, create_app
 
-from .conftest import AUTH_TOKEN, free_port
+from .helpers import MakeConfig, free_port, idle_service
 
 
 async def raw_request(port: int, head: bytes) -> bytes:
@@ -26,11 +24,9 @@ async def raw_request(port: int, head: bytes) -> bytes:
     return data.split(b"\r\n")[0]
 
 
-async def test_malformed_requests_are_4xx_with_one_warning_and_no_traceback(tmp_path: Path,
+async def test_malformed_requests_are_4xx_with_one_warning_and_no_traceback(make_config: MakeConfig,
                                                                             caplog: pytest.LogCaptureFixture) -> None:
-    (tmp_path / "token").write_text(AUTH_TOKEN)
-    config = parse_config({"receiver": {"bearer_token": {"file": "token"}, "state_file": "s.sqlite"},
-                           "services": {"svc": {"match": {"comm": "x"}}}}, base_dir=tmp_path)
+    config = make_config(service=idle_service(), token=True)
     quiet = QuietProtocolErrors(interval=60)
     server_log = logging.getLogger("aiohttp.server")
     server_log.addFilter(quiet)
