@@ -1,15 +1,17 @@
 """Fixtures: ports, child processes, a fake /proc tree, real servers, configs, the apps
-under test, repair contexts. What test modules share that is not a fixture is in
-helpers.py."""
+under test, repair contexts; and a guard that fails a test which blocks the event loop.
+What test modules share that is not a fixture is in helpers.py."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,43 @@ from .helpers import (
     wait_for,
     wait_until,
 )
+
+# --- no blocking waits on the event loop ------------------------------------------------------
+
+_real_sleep = time.sleep
+_real_wait = subprocess.Popen.wait
+_BLOCKS = ("on the event loop's thread stops the app under test (which runs on that loop) while the test "
+           "waits: await asyncio.sleep() or helpers.wait_until(), or run the blocking call in asyncio.to_thread()")
+
+
+def _on_a_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # no loop runs in this thread: a sync test or fixture, a worker thread
+        return False
+    return True
+
+
+def _sleep_off_the_loop(seconds: float) -> None:
+    if _on_a_loop():
+        raise AssertionError(f"time.sleep() (wait_for() too) {_BLOCKS}")
+    _real_sleep(seconds)
+
+
+def _wait_off_the_loop(self: subprocess.Popen[Any], timeout: float | None = None) -> int:
+    if _on_a_loop():
+        raise AssertionError(f"Popen.wait() (subprocess.run() too) {_BLOCKS}")
+    return _real_wait(self, timeout)
+
+
+@pytest.fixture(autouse=True)
+def no_blocking_waits_on_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``time.sleep`` and ``Popen.wait`` raise when called on a thread that runs an event
+    loop, as aiohttp's own suite fails a test that blocks the loop: there, the test's wait
+    would stop the app under test (its workers, its reaper, its answers) as well."""
+    monkeypatch.setattr(time, "sleep", _sleep_off_the_loop)
+    monkeypatch.setattr(subprocess.Popen, "wait", _wait_off_the_loop)
+
 
 # --- ports, processes, a fake /proc -----------------------------------------------------------
 

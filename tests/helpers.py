@@ -1,13 +1,14 @@
 """What the test modules share: ports, waits, child processes, a fake /proc tree, real
 servers, configs, alerts, scrapes.
 
-Test modules import these from here, never from one another; fixtures are in
-conftest.py. Two rules for waiting:
+Test modules import these from here, never from one another (tests/test_suite.py
+checks it); fixtures are in conftest.py. Two rules for waiting:
 
 - In an ``async def`` test the app under test (the aiohttp test server, the receiver's
   workers, the exporter's scans) runs on the test's own event loop: wait there with
   ``await wait_until(...)`` and ``await asyncio.sleep(...)``, never with
-  :func:`wait_for` or ``time.sleep``, which stop the app while the test waits.
+  :func:`wait_for` or ``time.sleep``, which stop the app while the test waits
+  (conftest.py fails a test that sleeps on the loop).
 - Wait for a state (a file written, a port open, a signal handler installed, a log
   line), never for a fixed time, unless the time itself is what is tested (a stall,
   a window in which nothing may happen): such a sleep says so in a comment.
