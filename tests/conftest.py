@@ -191,8 +191,8 @@ async def receiver_for() -> AsyncIterator[Callable[..., Awaitable[Client]]]:
 
     async def make(config: Config, **kwargs: Any) -> Client:
         client = TestClient(TestServer(create_receiver(config, **kwargs), host="127.0.0.1"))
+        made.append((client, config))  # closed at teardown even if it fails to start
         await client.start_server()
-        made.append((client, config))
         return client
 
     yield make
@@ -210,8 +210,8 @@ async def exporter_for() -> AsyncIterator[Callable[..., Awaitable[Client]]]:
 
     async def make(config: Config, reader: ProcReader | None = None) -> Client:
         client = TestClient(TestServer(create_exporter(config, reader), host="127.0.0.1"))
+        clients.append(client)  # closed at teardown even if it fails to start
         await client.start_server()
-        clients.append(client)
         return client
 
     yield make

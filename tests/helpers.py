@@ -475,8 +475,8 @@ async def receiver_with_clock(config: Config, clock: ManualClock) -> AsyncIterat
     """A started receiver whose executor reads ``clock``; at the end its services are
     paused and stopped, then the app is closed."""
     client = TestClient(TestServer(create_receiver(config, clock=clock), host="127.0.0.1"))
-    await client.start_server()
     try:
+        await client.start_server()
         yield client
     finally:
         await leave_alone(client)
@@ -522,12 +522,23 @@ async def scrape_samples(client: Client) -> Samples:
 
 
 @contextlib.asynccontextmanager
-async def serving_exporter(config: Config) -> AsyncIterator[tuple[str, HeartbeatStore]]:
-    """The real exporter app listening on ``config.exporter.port``: (its URL, its heartbeat store)."""
-    runner = web.AppRunner(create_exporter(config))
+async def serving(app: web.Application, port: int | None = None, **site: Any) -> AsyncIterator[int]:
+    """``app`` listening on 127.0.0.1 (``port``, or a free one; ``site``: TCPSite's other
+    arguments, e.g. ``ssl_context``): the port. Cleaned up even when the port cannot be
+    bound, so that what the app opened at start (a client session) is closed."""
+    port = port or free_port()
+    runner = web.AppRunner(app)
     await runner.setup()
-    try:  # cleaned up even when the port cannot be bound: its client session is closed
-        await web.TCPSite(runner, "127.0.0.1", config.exporter.port).start()
-        yield f"http://127.0.0.1:{config.exporter.port}", runner.app[SCRAPER_KEY].heartbeats
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port, **site).start()
+        yield port
     finally:
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def serving_exporter(config: Config) -> AsyncIterator[tuple[str, HeartbeatStore]]:
+    """The real exporter app listening on ``config.exporter.port``: (its URL, its heartbeat store)."""
+    app = create_exporter(config)
+    async with serving(app, config.exporter.port) as port:
+        yield f"http://127.0.0.1:{port}", app[SCRAPER_KEY].heartbeats

@@ -26,6 +26,7 @@ from .helpers import (
     require_binary,
     samples,
     scrape,
+    serving,
     value,
 )
 
@@ -108,12 +109,7 @@ async def test_probes_pass_against_live_servers(client_for: Any, make_config: Ma
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", hello)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    try:
+    async with serving(app) as port:
         config = make_config({"s": {"match": {"comm": "^nothing$"}, "probes": [
             {"name": "tcp", "type": "tcp", "port": port},
             {"name": "ok", "type": "http", "url": f"http://127.0.0.1:{port}/health"},
@@ -129,8 +125,6 @@ async def test_probes_pass_against_live_servers(client_for: Any, make_config: Ma
         assert value(data, "caretaker_service_health_component_ratio", service_name="s", component="probes") == 0.75
         result = client.server.app[SCRAPER_KEY].snapshot.services["s"].probes["wrong_status"]
         assert (result.reason, result.detail) == ("status", "HTTP 204, expected [200]")
-    finally:
-        await runner.cleanup()
 
 
 async def test_scrape_respects_prometheus_scrape_timeout(client_for: Any, make_config: MakeConfig) -> None:

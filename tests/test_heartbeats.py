@@ -18,11 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from caretaker_client import Heartbeat
 from caretaker_client.heartbeat import URL_VARIABLE, send
-from exporter.app import SCRAPER_KEY, create_app
 from exporter.client import Feeder
 from exporter.config import Config
 from exporter.heartbeats import HeartbeatStore, read_saved
@@ -105,21 +103,13 @@ def app_config(make_config: MakeConfig) -> Config:
 
 
 async def test_client_feeds_a_heartbeat_without_blocking_or_raising(make_config: MakeConfig) -> None:
-    config = app_config(make_config)
-    runner = web.AppRunner(create_app(config))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", config.exporter.port).start()
-    url = f"http://127.0.0.1:{config.exporter.port}"
-    try:
-        store = runner.app[SCRAPER_KEY].heartbeats
+    async with serving_exporter(app_config(make_config)) as (url, store):
         with pytest.warns(DeprecationWarning, match="cannot prove"):
             feeder = Feeder("app", url, interval=0.2)
         await asyncio.to_thread(feeder.start)
         await wait_until(lambda: store.states["app"].received >= 2, 10)
         await asyncio.to_thread(feeder.stop)
         assert store.states["app"].pid == os.getpid()
-    finally:
-        await runner.cleanup()
     # the exporter is gone: the client says False, never raises, and returns quickly
     started = time.monotonic()
     assert await asyncio.to_thread(send, "app", url, timeout=1) is False

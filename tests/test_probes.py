@@ -24,6 +24,7 @@ from .helpers import (
     make_cert,
     port_open,
     require_binary,
+    serving,
     wait_until,
 )
 
@@ -138,12 +139,8 @@ async def https_server(tmp_path: Path) -> AsyncIterator[tuple[int, Path]]:
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
-    yield port, cert
-    await runner.cleanup()
+    async with serving(app, ssl_context=context) as port:
+        yield port, cert
 
 
 async def test_https_probe_reports_certificate_expiry(https_server: tuple[int, Path], ctx: ProbeContext) -> None:

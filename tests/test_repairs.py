@@ -34,6 +34,7 @@ from .helpers import (
     process_state,
     processes,
     require_binary,
+    serving,
     signal_caught,
     started_ticks_ago,
     wait_until,
@@ -393,11 +394,7 @@ async def test_http_action(run_repair: Any, make_config: MakeConfig) -> None:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", reset)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+    async with serving(app) as port:
         for path, ok in (("/reset", True), ("/broken", False)):
             config = make_config(service={"match": {"comm": "^none$"}, "remediation": {
                 "allow": ["http"], "http": {"url": f"http://127.0.0.1:{port}{path}"}}})
@@ -406,8 +403,6 @@ async def test_http_action(run_repair: Any, make_config: MakeConfig) -> None:
             else:
                 with pytest.raises(RepairFailed, match="answered 500"):
                     await run_repair(config, "http")
-    finally:
-        await runner.cleanup()
     assert calls == ["POST", "POST"]
 
 
