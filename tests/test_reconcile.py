@@ -508,7 +508,11 @@ async def test_a_service_that_recovers_while_its_repair_waits_for_a_slot_is_not_
 STALLS_WHILE_FLAGGED = ("import http.server, os, sys, time\n"
                         "class H(http.server.BaseHTTPRequestHandler):\n"
                         "    def do_GET(self):\n"
-                        "        while os.path.exists(sys.argv[2]): time.sleep(0.05)  # a stall: a GC, an fsync\n"
+                        "        if os.path.exists(sys.argv[2]):  # a stall (a GC, an fsync): a request that comes\n"
+                        "            with open(sys.argv[3], 'a') as seen:  # during it is noted, and fails\n"
+                        "                seen.write('probe\\n')\n"
+                        "            while os.path.exists(sys.argv[2]): time.sleep(0.05)\n"
+                        "            self.send_response(503); self.end_headers(); return\n"
                         "        self.send_response(200); self.end_headers(); self.wfile.write(b'ok')\n"
                         "    def log_message(self, *a): pass\n"
                         "http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n")
@@ -516,18 +520,21 @@ STALLS_WHILE_FLAGGED = ("import http.server, os, sys, time\n"
 
 async def test_a_service_that_stalls_for_a_few_seconds_is_not_restarted(receiver_for: Any, tmp_path: Path,
                                                                         config_for: MakeConfig) -> None:
-    port, flag = free_port(), tmp_path / "stalled"
-    config = config_for({"svc": sleeper(STALLS_WHILE_FLAGGED, str(port), str(flag), probes=[
+    port, flag, seen = free_port(), tmp_path / "stalled", tmp_path / "probed-while-stalled"
+    config = config_for({"svc": sleeper(STALLS_WHILE_FLAGGED, str(port), str(flag), str(seen), probes=[
         {"name": "health", "type": "http", "url": f"http://127.0.0.1:{port}/", "timeout": "500ms"}])})
     child = start_service(config, "svc")
     try:
         await wait_until(lambda: port_open(port), 10, what="service up")
         client = await receiver_for(config)
-        flag.touch()  # a 3 s stall: the exporter's probe fails, and the alert fires at once
+        flag.touch()  # a stall: the exporter's probe fails, and the alert fires at once
         started = time.monotonic()
         await post_alerts(client, alert("st", alertname="CaretakerProbeFailing", service_name="svc", probe="health",
                                         remediation="restart"))
-        await asyncio.sleep(3)
+        # The receiver probes three times over its 5 s confirmation window: the stall lasts
+        # over the first two (2.5 s apart), and is over by the third.
+        await wait_until(lambda: seen.exists() and len(seen.read_text().split()) >= 2, 20,
+                         what="the receiver's second probe during the stall")
         flag.unlink()
         (entry,) = await wait_audit(client, lambda es: es and es[0]["reason"], 20)
         assert (entry["decision"], entry["reason"]) == ("skipped", "condition_cleared")
