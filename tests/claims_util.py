@@ -4,7 +4,6 @@ of the issue's layout writes them, and the real worker program."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,21 +11,19 @@ from typing import Any
 
 import redis
 
-from exporter.config import Config, parse_config
+from exporter.config import Config
 
-from .conftest import REPO, Children
+from .helpers import REPO, Children, build_config, idle_service
 
 WORKER = REPO / "tests" / "claims_worker.py"
 
 
 def claims_config(port: int, tmp_path: Path, service: str = "worker", **claims: Any) -> Config:
     """One service ``service`` (no process of it runs, and none need to) with
-    ``claims: {port, **claims}`` that allows ``release_claims``."""
-    return parse_config({"exporter": {"state_file": "state.json"}, "receiver": {"state_file": "state.sqlite"},
-                         "services": {service: {"match": {"comm": "^nothing-matches$"}, "processes": {"min": 0},
-                                                "claims": {"port": port, **claims},
-                                                "remediation": {"allow": ["release_claims"]}}}},
-                        base_dir=tmp_path)
+    ``claims: {port, **claims}`` that allows ``release_claims`` (made by
+    :func:`helpers.build_config` in ``tmp_path``; the claims block is what differs)."""
+    return build_config(tmp_path, {service: idle_service(processes={"min": 0}, claims={"port": port, **claims},
+                                                         remediation={"allow": ["release_claims"]})})
 
 
 def iso(when: float) -> str:
@@ -54,10 +51,11 @@ def put_claim(r: redis.Redis, item_id: str, owner: str, pid: int | str | None, c
 
 
 def dead_pid() -> int:
-    """The pid of a process that has exited (and been reaped) just now."""
-    proc = subprocess.Popen(["true"])
-    proc.wait(10)
-    return proc.pid
+    """The pid of a process that has exited (and been reaped) just now. (``true`` ends at
+    once: waiting for it costs an event loop nothing worth a thread.)"""
+    pid = os.posix_spawnp("true", ["true"], os.environ)
+    os.waitpid(pid, 0)
+    return pid
 
 
 def worker_env(port: int) -> dict[str, str]:

@@ -1,86 +1,93 @@
-"""Shared fixtures: free ports, a fake /proc tree, real binaries, child processes."""
+"""Fixtures: ports, child processes, a fake /proc tree, real servers, configs, the apps
+under test, repair contexts; and a guard that fails a test which blocks the event loop.
+What test modules share that is not a fixture is in helpers.py."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
-from exporter.procfs import ProcReader, scan_services
-from receiver.process import send_signal
+from exporter.app import create_app as create_exporter
+from exporter.config import Config
+from exporter.procfs import ProcReader
+from receiver.actions import ActionContext, StepLog
+from receiver.app import create_app as create_receiver
+from receiver.catalogue import run_action
+from receiver.evidence import EvidenceKeeper
+from receiver.repairs import BackupKeeper
 
-REPO = Path(__file__).resolve().parent.parent
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+from .helpers import (
+    Children,
+    Client,
+    FakeProc,
+    MakeConfig,
+    Postgres,
+    build_config,
+    free_port,
+    leave_alone,
+    port_open,
+    postgres_bin,
+    require_binary,
+    stop_services,
+    wait_for,
+    wait_until,
+)
+
+# --- no blocking waits on the event loop ------------------------------------------------------
+
+_real_sleep = time.sleep
+_real_wait = subprocess.Popen.wait
+_BLOCKS = ("on the event loop's thread stops the app under test (which runs on that loop) while the test "
+           "waits: await asyncio.sleep() or helpers.wait_until(), or run the blocking call in asyncio.to_thread()")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _on_a_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # no loop runs in this thread: a sync test or fixture, a worker thread
+        return False
+    return True
 
+
+def _sleep_off_the_loop(seconds: float) -> None:
+    if _on_a_loop():
+        raise AssertionError(f"time.sleep() (wait_for() too) {_BLOCKS}")
+    _real_sleep(seconds)
+
+
+def _wait_off_the_loop(self: subprocess.Popen[Any], timeout: float | None = None) -> int:
+    if _on_a_loop():
+        raise AssertionError(f"Popen.wait() (subprocess.run() too) {_BLOCKS}")
+    return _real_wait(self, timeout)
+
+
+@pytest.fixture(autouse=True)
+def no_blocking_waits_on_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``time.sleep`` and ``Popen.wait`` raise when called on a thread that runs an event
+    loop, as aiohttp's own suite fails a test that blocks the loop: there, the test's wait
+    would stop the app under test (its workers, its reaper, its answers) as well."""
+    monkeypatch.setattr(time, "sleep", _sleep_off_the_loop)
+    monkeypatch.setattr(subprocess.Popen, "wait", _wait_off_the_loop)
+
+
+# --- ports, processes, a fake /proc -----------------------------------------------------------
 
 @pytest.fixture
 def port() -> int:
     return free_port()
-
-
-def require_binary(*names: str) -> str:
-    """Path of the first program found; under CI a missing one fails the test (never skips)."""
-    for name in names:
-        path = shutil.which(name)
-        if path:
-            return path
-    message = f"{' or '.join(names)} not installed (Debian packages; `make test` installs them)"
-    pytest.fail(message) if IN_CI else pytest.skip(message)  # under CI a missing binary fails, never skips
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.05, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-class Children:
-    """Processes a test started; each in its own group, stopped by group at teardown."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, argv: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
-        kwargs.setdefault("stdin", subprocess.DEVNULL)
-        kwargs.setdefault("stdout", subprocess.DEVNULL)
-        kwargs.setdefault("stderr", subprocess.DEVNULL)
-        proc = subprocess.Popen(argv, start_new_session=True, **kwargs)  # type: ignore[call-overload]
-        self.procs.append(proc)
-        return proc
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                for sig in (signal.SIGCONT, signal.SIGKILL):
-                    try:
-                        os.killpg(proc.pid, sig)
-                    except ProcessLookupError:
-                        break
-            proc.wait(10)
 
 
 @pytest.fixture
@@ -95,65 +102,32 @@ def python() -> str:
     return sys.executable
 
 
-# --- a fake /proc tree --------------------------------------------------------------
-
-CLK_TCK = 100
-PAGE = 4096
-BTIME = 1_700_000_000
-
-
-class FakeProc:
-    """A /proc tree on disk: ``add(pid, comm=..., cmdline=[...])`` writes a process."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "stat").write_text(f"cpu  1 2 3 4\nbtime {BTIME}\n")
-
-    def add(self, pid: int, comm: str = "proc", cmdline: list[str] | None = None, state: str = "S",
-            ppid: int = 1, pgid: int | None = None, start_ticks: int = 1000, utime: int = 0, stime: int = 0,
-            rss_pages: int = 0, flags: int = 0, exe: str | None = None, fds: int = 0, threads: int = 1) -> None:
-        # Like the kernel, a new process gets a new /proc/PID inode: build it beside the old one.
-        final = self.root / str(pid)
-        d = self.root / f".new-{pid}"
-        d.mkdir()
-        fields = [state, ppid, pgid if pgid is not None else pid, pid, 0, -1, flags, 0, 0, 0, 0, utime, stime,
-                  0, 0, 20, 0, threads, 0, start_ticks, 0, rss_pages] + [0] * 30
-        (d / "stat").write_text(f"{pid} ({comm}) " + " ".join(str(f) for f in fields) + "\n")
-        argv = cmdline if cmdline is not None else [comm]
-        (d / "cmdline").write_bytes(b"".join(a.encode() + b"\0" for a in argv))
-        if exe is not None:
-            (d / "exe").symlink_to(exe)
-        (d / "fd").mkdir()
-        for i in range(fds):
-            (d / "fd" / str(i)).write_text("")
-        if final.exists():
-            shutil.rmtree(final)
-        d.rename(final)
-
-    def set_cmdline(self, pid: int, argv: list[str]) -> None:
-        """Change a process's title in place (setproctitle): same process, same inode."""
-        (self.root / str(pid) / "cmdline").write_bytes(b"".join(a.encode() + b"\0" for a in argv))
-
-    def set_comm(self, pid: int, comm: str) -> None:
-        """Change comm in place, as exec does (same pid, same /proc inode)."""
-        stat = self.root / str(pid) / "stat"
-        text = stat.read_text()
-        stat.write_text(f"{pid} ({comm}) " + text[text.rindex(")") + 2:])
-
-    def remove(self, pid: int) -> None:
-        shutil.rmtree(self.root / str(pid))
-
-
 @pytest.fixture
 def fake_proc(tmp_path: Path) -> FakeProc:
     return FakeProc(tmp_path / "proc")
+
+
+# --- configs ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> MakeConfig:
+    """make_config(services | service=..., exporter=..., token=False, directory=tmp_path,
+    **receiver) -> Config: :func:`helpers.build_config` with the test's ``tmp_path`` as the
+    config file's directory unless ``directory`` is given."""
+    def make(services: Mapping[str, Any] | None = None, /, *, service: Mapping[str, Any] | None = None,
+             exporter: Mapping[str, Any] | None = None, token: bool = False, directory: Path | None = None,
+             **receiver: Any) -> Config:
+        return build_config(directory or tmp_path, services, service=service, exporter=exporter, token=token,
+                            **receiver)
+    return make
 
 
 # --- real Redis -------------------------------------------------------------------------
 
 @pytest.fixture
 def redis_server(children: Children, tmp_path: Path) -> Callable[[int], subprocess.Popen[bytes]]:
+    """redis_server(port) -> a Redis started on ``port``, once it listens. It waits
+    (blocking): from async code, ``await asyncio.to_thread(redis_server, port)``."""
     binary = require_binary("redis-server")
 
     def start(port: int) -> subprocess.Popen[bytes]:
@@ -171,16 +145,6 @@ def redis_port(redis_server: Callable[[int], subprocess.Popen[bytes]]) -> int:
     port = free_port()
     redis_server(port)
     return port
-
-
-def stop_config_services(config: Any) -> None:
-    """Stop every process the config's services match (what the receiver may have started)."""
-    reader = ProcReader()
-    found = scan_services(reader, config.services, (os.getpid(),), with_fds=False)
-    procs = [p for ps in found.values() for p in ps]
-    send_signal(reader, procs, signal.SIGKILL)
-    wait_for(lambda: not any(scan_services(reader, config.services, (os.getpid(),), with_fds=False).values()), 10,
-             what="services to stop")
 
 
 # --- a real Alertmanager -------------------------------------------------------------------
@@ -203,53 +167,6 @@ def alertmanager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 # --- real PostgreSQL ----------------------------------------------------------------------
 
-def postgres_bin(name: str) -> str:
-    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
-    if found:
-        return str(found[-1])
-    return require_binary(name)
-
-
-class Postgres:
-    """A throwaway PostgreSQL cluster on 127.0.0.1 with SCRAM password authentication."""
-
-    def __init__(self, root: Path, port: int, password: str) -> None:
-        self.root, self.port, self.password = root, port, password
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-
-    def start(self) -> None:
-        initdb, postgres = postgres_bin("initdb"), postgres_bin("postgres")
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "pw").write_text(self.password + "\n")
-        if self.as_user:
-            shutil.chown(self.root, "postgres")
-            shutil.chown(self.root / "pw", "postgres")
-        subprocess.run([*self.as_user, initdb, "-D", str(self.root / "data"), "-U", "postgres",
-                        "--auth=scram-sha-256", f"--pwfile={self.root / 'pw'}", "-E", "UTF8"],
-                       check=True, capture_output=True, timeout=120)
-        with open(self.root / "postgres.log", "ab") as out:
-            self.proc = subprocess.Popen(
-                [*self.as_user, postgres, "-D", str(self.root / "data"), "-p", str(self.port),
-                 "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.root}"],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        # Listening is not ready: until recovery ends it answers "the database system is
-        # starting up". pg_isready asks the server itself (exit 0: accepting connections).
-        isready = postgres_bin("pg_isready")
-        wait_for(lambda: subprocess.run([isready, "-q", "-h", "127.0.0.1", "-p", str(self.port)],
-                                        timeout=10).returncode == 0, 30, interval=0.1,
-                 what="postgres to accept connections")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)  # fast shutdown
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-
-
 @pytest.fixture(scope="module")
 def postgres_server() -> Iterator[Postgres]:
     postgres_bin("postgres")
@@ -264,78 +181,78 @@ def postgres_server() -> Iterator[Postgres]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-# --- receiver apps ------------------------------------------------------------------------
-
-AUTH_TOKEN = "test-token-0123456789"
-
+# --- the apps under test ----------------------------------------------------------------------
 
 @pytest.fixture
-async def receiver_for() -> Any:
-    """receiver_for(config) -> a started test client; at teardown the config's services
-    are stopped first (so closing the app reaps them), then the app."""
-    from aiohttp.test_utils import TestClient, TestServer
+async def receiver_for() -> AsyncIterator[Callable[..., Awaitable[Client]]]:
+    """receiver_for(config, **create_app_kwargs) -> a started test client; at teardown the
+    config's services are stopped first (so closing the app reaps them), then the app."""
+    made: list[tuple[Client, Config]] = []
 
-    from receiver.app import create_app
-
-    made: list[tuple[Any, Any]] = []
-
-    async def make(config: Any) -> Any:
-        client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
+    async def make(config: Config, **kwargs: Any) -> Client:
+        client = TestClient(TestServer(create_receiver(config, **kwargs), host="127.0.0.1"))
+        made.append((client, config))  # closed at teardown even if it fails to start
         await client.start_server()
-        made.append((client, config))
         return client
 
     yield make
-    for client, config in made:
+    for client, _ in made:
         await leave_alone(client)
-        stop_config_services(config)
+    for client, config in made:
+        await stop_services(config)
         await client.close()
 
 
-async def leave_alone(client: Any) -> None:
-    """Pause every service of a receiver under test, so that its workers, which repair
-    what they see broken, do not start again what the test's teardown stops."""
-    from receiver.app import EXECUTOR_KEY
-
-    executor = client.server.app.get(EXECUTOR_KEY)
-    if executor is None or client.server.closed:  # never started, or closed by the test already
-        return
-    for name in executor.config.services:
-        await executor.pause(name, None, "test teardown")
-
-
-async def settle(client: Any, timeout: float = 30.0) -> list[dict[str, Any]]:
-    """Wait until the receiver has no repair in flight; its audit trail, newest first."""
-    import asyncio
-
-    from receiver.app import EXECUTOR_KEY
-
-    executor = client.server.app[EXECUTOR_KEY]
-    deadline = time.monotonic() + timeout
-    while executor.pending:
-        assert time.monotonic() < deadline, "repairs did not finish"
-        await asyncio.sleep(0.05)
-    resp = await client.get("/api/v1/remediations", headers={"Authorization": f"Bearer {AUTH_TOKEN}"})
-    return list((await resp.json())["data"])
-
-
-# --- exporter apps ------------------------------------------------------------------------
-
 @pytest.fixture
-async def exporter_for() -> Any:
+async def exporter_for() -> AsyncIterator[Callable[..., Awaitable[Client]]]:
     """exporter_for(config, reader=None) -> a started test client (real /proc unless given)."""
-    from aiohttp.test_utils import TestClient, TestServer
+    clients: list[Client] = []
 
-    from exporter.app import create_app
-
-    clients: list[Any] = []
-
-    async def make(config: Any, reader: ProcReader | None = None) -> Any:
-        client = TestClient(TestServer(create_app(config, reader), host="127.0.0.1"))
+    async def make(config: Config, reader: ProcReader | None = None) -> Client:
+        client = TestClient(TestServer(create_exporter(config, reader), host="127.0.0.1"))
+        clients.append(client)  # closed at teardown even if it fails to start
         await client.start_server()
-        clients.append(client)
         return client
 
     yield make
     for c in clients:
         await c.close()
+
+
+# --- repairs without a receiver ----------------------------------------------------------------
+
+@pytest.fixture
+async def ctx_for() -> AsyncIterator[Callable[..., ActionContext]]:
+    """ctx_for(config, **fields) -> an ActionContext (one HTTP session for all); at
+    teardown the config's services are stopped and the children it started reaped."""
+    contexts: list[ActionContext] = []
+    async with aiohttp.ClientSession() as session:
+        def make(config: Config, **fields: Any) -> ActionContext:
+            contexts.append(ActionContext(config, session, **fields))
+            return contexts[-1]
+        yield make
+    for ctx in contexts:
+        await stop_services(ctx.config)
+        await wait_until(functools.partial(reaped, ctx), 5, what="children reaped")
+
+
+def reaped(ctx: ActionContext) -> bool:
+    """Reap what the context started; whether none is left."""
+    ctx.reaper.reap()
+    return not ctx.reaper.children
+
+
+@pytest.fixture
+def run_repair(ctx_for: Callable[..., ActionContext]) -> Callable[..., Awaitable[StepLog]]:
+    """run_repair(config, action, labels=None, service="svc") -> the StepLog of one repair,
+    as the receiver runs it (evidence and backups beside its state file), without a receiver."""
+    async def go(config: Config, action: str, labels: dict[str, str] | None = None,
+                 service: str = "svc") -> StepLog:
+        state = config.resolve(config.receiver.state_file).parent
+        ctx = ctx_for(config, reader=ProcReader(), labels=labels or {},
+                      backups=BackupKeeper(config, state / "backups"),
+                      evidence=EvidenceKeeper(config, state / "evidence", ProcReader()))
+        steps = StepLog()
+        await run_action(ctx, action, service, steps)
+        return steps
+    return go

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import REPO, require_binary
+from .helpers import REPO, require_binary
 
 PROM = REPO / "prometheus"
 ALERTS = yaml.safe_load((PROM / "rules" / "caretaker-alerts.yml").read_text())

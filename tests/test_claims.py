@@ -19,8 +19,7 @@ from exporter.config import ConfigError, parse_config
 from exporter.procfs import ProcReader
 
 from .claims_util import claims_config, dead_pid, iso, put_claim
-from .conftest import BTIME, CLK_TCK, PAGE, FakeProc, free_port
-from .test_exporter import samples, scrape, value
+from .helpers import BTIME, CLK_TCK, PAGE, FakeProc, free_port, samples, scrape, value
 
 # --- config --------------------------------------------------------------------------------
 
@@ -117,7 +116,7 @@ RULE_CASES: list[tuple[str, dict[str, str], bool, int | None, str, str]] = [
 ]
 
 
-async def test_each_claim_is_judged_by_the_rule(redis_port: int, fake_proc: FakeProc, tmp_path: Path) -> None:
+def test_each_claim_is_judged_by_the_rule(redis_port: int, fake_proc: FakeProc, tmp_path: Path) -> None:
     r = redis.Redis(port=redis_port)
     for pid, (item, fields, beating, ticks, _, _) in enumerate(RULE_CASES, start=5000):
         if ticks is not None:
@@ -140,7 +139,7 @@ async def test_each_claim_is_judged_by_the_rule(redis_port: int, fake_proc: Fake
     assert seen.oldest_orphan == pytest.approx(CLAIMED)
 
 
-async def test_max_age_orphans_a_claim_whatever_its_owner_says(redis_port: int, fake_proc: FakeProc,
+def test_max_age_orphans_a_claim_whatever_its_owner_says(redis_port: int, fake_proc: FakeProc,
                                                                tmp_path: Path) -> None:
     r = redis.Redis(port=redis_port)
     fake_proc.add(4242, start_ticks=BEFORE)
@@ -158,7 +157,7 @@ async def test_max_age_orphans_a_claim_whatever_its_owner_says(redis_port: int, 
     ({"claimed_type": "zset", "claim_time_format": "epoch_ms"}, lambda t: str(int(t * 1000))),
     ({"claim_time_format": "epoch_seconds", "pid_field": None, "host_field": None}, lambda t: f"{t:.3f}"),
 ])
-async def test_other_layouts(redis_port: int, fake_proc: FakeProc, tmp_path: Path, options: dict[str, Any],
+def test_other_layouts(redis_port: int, fake_proc: FakeProc, tmp_path: Path, options: dict[str, Any],
                              written: Any) -> None:
     r = redis.Redis(port=redis_port)
     spec = claims_config(redis_port, tmp_path, claimed_key="busy", item_key="job:{id}:meta",
@@ -183,7 +182,7 @@ async def test_other_layouts(redis_port: int, fake_proc: FakeProc, tmp_path: Pat
     assert seen.active == 1
 
 
-async def test_the_scan_uses_sscan_and_pipelines_never_keys(redis_port: int, fake_proc: FakeProc,
+def test_the_scan_uses_sscan_and_pipelines_never_keys(redis_port: int, fake_proc: FakeProc,
                                                              tmp_path: Path) -> None:
     r = redis.Redis(port=redis_port)
     dead = dead_pid()
@@ -204,8 +203,7 @@ async def test_the_scan_uses_sscan_and_pipelines_never_keys(redis_port: int, fak
 
     watcher = threading.Thread(target=monitor, daemon=True)
     watcher.start()
-    assert ready.wait(5)
-    time.sleep(0.1)
+    assert ready.wait(5)  # MONITOR acknowledged: every later command is seen
     seen = scan_claims(connect(spec, tmp_path), spec, _live(fake_proc), time.monotonic() + 5)
     r.echo("done")
     watcher.join(10)
@@ -219,7 +217,7 @@ async def test_the_scan_uses_sscan_and_pipelines_never_keys(redis_port: int, fak
     assert commands.count("SSCAN") >= 2
 
 
-async def test_ten_thousand_claims_are_counted_right(redis_port: int, tmp_path: Path) -> None:
+def test_ten_thousand_claims_are_counted_right(redis_port: int, tmp_path: Path) -> None:
     """Correctness only; bench/claims.py times the same scan."""
     r = redis.Redis(port=redis_port)
     now = time.time()
@@ -245,7 +243,7 @@ async def test_ten_thousand_claims_are_counted_right(redis_port: int, tmp_path: 
     assert seen.oldest_orphan == pytest.approx(now, abs=0.01)
 
 
-async def test_scan_errors_have_a_reason(redis_port: int, tmp_path: Path) -> None:
+def test_scan_errors_have_a_reason(redis_port: int, tmp_path: Path) -> None:
     r = redis.Redis(port=redis_port)
     r.rpush("processing_issues", "1")  # the wrong type
     spec = claims_config(redis_port, tmp_path).services["worker"].claims
@@ -307,7 +305,7 @@ async def test_claims_series_show_the_last_scan(exporter_for: Any, redis_port: i
 async def test_a_frozen_redis_costs_the_scrape_its_deadline_and_the_late_scan_serves_the_next(
         exporter_for: Any, redis_server: Any, tmp_path: Path) -> None:
     port = free_port()
-    proc = redis_server(port)
+    proc = await asyncio.to_thread(redis_server, port)
     r = redis.Redis(port=port)
     put_claim(r, "1", "w-dead", dead_pid(), time.time() - 5)
     client = await exporter_for(claims_config(port, tmp_path))  # claims.timeout: 5s
@@ -336,7 +334,7 @@ async def test_a_frozen_redis_costs_the_scrape_its_deadline_and_the_late_scan_se
     assert late(data) == 1
 
 
-async def test_the_exporter_needs_only_read_commands(redis_port: int, tmp_path: Path,
+def test_the_exporter_needs_only_read_commands(redis_port: int, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     r = redis.Redis(port=redis_port)
     r.acl_setuser("reader", enabled=True, passwords=["+read-pw"], keys=["*"],

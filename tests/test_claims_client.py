@@ -19,7 +19,7 @@ from caretaker_client.claims import ENV_URL, Claim, Layout, claim, owner_id, tak
 from exporter.claims import Liveness, connect, scan_claims
 
 from .claims_util import claims_config
-from .conftest import free_port
+from .helpers import free_port
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import redis
 import caretaker_client.claims as claims_module
 from caretaker_client.claims import ENV_URL, claim, take
 
-from .conftest import Children, free_port, port_open, require_binary, wait_for
+from .helpers import Children, free_port, port_open, require_binary, wait_for
 
 
 @pytest.fixture

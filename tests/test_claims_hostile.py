@@ -5,6 +5,7 @@ that must never hold up anything else of the exporter."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,8 +23,7 @@ from receiver.actions import ActionContext, StepLog
 from receiver.catalogue import run_action
 
 from .claims_util import claims_config, dead_pid, put_claim
-from .conftest import wait_for
-from .test_exporter import samples, scrape, value
+from .helpers import free_port, samples, scrape, value, wait_for, wait_until
 
 SVC = {"service_name": "worker"}
 
@@ -148,8 +148,6 @@ async def test_the_last_successful_scan_is_shown_and_kept_while_scans_fail(r: re
 
 
 async def test_no_successful_scan_yet_is_a_timestamp_of_zero(tmp_path: Path, exporter_for: Any) -> None:
-    from .conftest import free_port
-
     client = await exporter_for(claims_config(free_port(), tmp_path))  # nothing listens there
     data = samples(await scrape(client))
     assert value(data, "caretaker_claims_last_scan_timestamp_seconds", **SVC) == 0
@@ -339,10 +337,8 @@ async def test_scans_of_a_frozen_redis_never_delay_heartbeats_nor_the_process_sc
 
     from exporter.config import parse_config
 
-    from .conftest import free_port
-
     port = free_port()
-    proc = redis_server(port)
+    proc = await asyncio.to_thread(redis_server, port)
     put_claim(redis.Redis(port=port), "1", "w", dead_pid(), time.time() - 5)
     services: dict[str, Any] = {f"w{i}": {"match": {"comm": "^nothing-matches$"}, "processes": {"min": 0},
                                           "claims": {"port": port}}
@@ -397,7 +393,7 @@ async def test_a_slow_worker_on_another_host_is_kept_by_its_heartbeat(r: redis.R
     r.lpush("task_queue", "slow")
     worker = start_worker(children, redis_port, "remote-slow", "--ttl", str(ttl), "--host", "elsewhere",
                           log=tmp_path / "slow.log")
-    wait_for(lambda: r.get("started:slow") == "1", 15, what="the worker to start its job")
+    await wait_until(lambda: r.get("started:slow") == "1", 15, what="the worker to start its job")
     assert r.hget("issue:slow", "host") == "elsewhere"
     config = claims_config(redis_port, tmp_path)
     looks: list[float] = []
@@ -408,9 +404,9 @@ async def test_a_slow_worker_on_another_host_is_kept_by_its_heartbeat(r: redis.R
         steps = await release_claims(config)
         assert not any(s.get("released") for s in steps.steps), steps.steps
         looks.append(time.monotonic())
-        time.sleep(0.3)
+        await asyncio.sleep(0.3)
     assert looks[-1] - looks[0] > 5 * ttl, "looked at it throughout, not only at its start"
     os.kill(worker.pid, signal.SIGSTOP)  # alive here, but remote: only the heartbeat speaks for it
     owner = r.hget("issue:slow", "processId")
-    wait_for(lambda: not r.exists(f"heartbeat:{owner}"), 5, what="the heartbeat to lapse")
+    await wait_until(lambda: not r.exists(f"heartbeat:{owner}"), 5, what="the heartbeat to lapse")
     assert judged(config) == {"slow": ("orphaned", "heartbeat_absent")}

@@ -5,11 +5,12 @@ claim; a reused pid keeps nothing alive."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import signal
-import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,26 +22,19 @@ from exporter.claims import ClaimsSeen, Liveness, connect, scan_claims
 from exporter.config import Claims, Config
 from exporter.procfs import ProcReader
 from receiver.actions import ActionContext, RepairFailed, StepLog
-from receiver.catalogue import run_action
 from receiver.claims import AUDIT_IDS, find_orphans, release
 from receiver.observe import observe
 
 from .claims_util import claims_config, dead_pid, put_claim, start_worker
-from .conftest import Children, free_port, wait_for
-from .test_exporter import samples, scrape, value
+from .helpers import Children, free_port, kill_child, samples, scrape, value, wait_until
 
 Release = Callable[[Config], Any]
 
 
 @pytest.fixture
-async def release_claims() -> AsyncIterator[Release]:
+def release_claims(run_repair: Callable[..., Awaitable[StepLog]]) -> Release:
     """release_claims(config) -> the StepLog of one release_claims of service ``worker``."""
-    async with aiohttp.ClientSession() as session:
-        async def go(config: Config) -> StepLog:
-            steps = StepLog()
-            await run_action(ActionContext(config, session, ProcReader()), "release_claims", "worker", steps)
-            return steps
-        yield go
+    return functools.partial(run_repair, action="release_claims", service="worker")
 
 
 @pytest.fixture
@@ -145,7 +139,7 @@ async def test_a_dead_redis_fails_the_repair_with_the_reason(tmp_path: Path, rel
 
 @pytest.mark.parametrize("change", ["completed", "re-taken by another worker", "claim time changed",
                                     "heartbeat back"])
-async def test_a_claim_that_changed_between_detection_and_release_is_not_touched(
+def test_a_claim_that_changed_between_detection_and_release_is_not_touched(
         r: redis.Redis, redis_port: int, tmp_path: Path, change: str) -> None:
     """The race: the scan finds the claim orphaned, then the claim changes, then the
     release runs. Only the Lua script's atomic re-check stands between them."""
@@ -194,13 +188,8 @@ async def test_the_observation_holds_while_some_claims_are_orphaned(r: redis.Red
 
 # --- real workers -----------------------------------------------------------------------------
 
-def wait_started(r: redis.Redis, job: str, times: int = 1) -> None:
-    wait_for(lambda: int(r.get(f"started:{job}") or 0) >= times, 15, what=f"a worker to start {job}")
-
-
-def kill(proc: subprocess.Popen[bytes]) -> None:
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(10)
+async def wait_started(r: redis.Redis, job: str, times: int = 1) -> None:
+    await wait_until(lambda: int(r.get(f"started:{job}") or 0) >= times, 15, what=f"a worker to start {job}")
 
 
 async def test_a_worker_killed_mid_job_loses_nothing(r: redis.Redis, redis_port: int, tmp_path: Path,
@@ -212,25 +201,25 @@ async def test_a_worker_killed_mid_job_loses_nothing(r: redis.Redis, redis_port:
     r.hset("issue:job-1", "seconds", "60")
     r.lpush("task_queue", "job-1")
     first = start_worker(children, redis_port, "first", "--ttl", str(ttl), log=tmp_path / "first.log")
-    wait_started(r, "job-1")
+    await wait_started(r, "job-1")
     config = claims_config(redis_port, tmp_path)
     exporter = await exporter_for(config)
     svc = {"service_name": "worker"}
     assert value(samples(await scrape(exporter)), "caretaker_claims", state="active", **svc) == 1
     killed_at = time.monotonic()
-    kill(first)
+    await kill_child(first)
     second = start_worker(children, redis_port, "second", "--ttl", str(ttl), log=tmp_path / "second.log")
     while value(samples(await scrape(exporter)), "caretaker_claims", state="orphaned", **svc) != 1:
         assert time.monotonic() - killed_at < ttl + 2.0, "not orphaned within the heartbeat TTL plus a scrape"
-        time.sleep(0.25)  # the scrape interval
+        await asyncio.sleep(0.25)  # the scrape interval
     assert r.smembers("processing_issues") == {"job-1"}, "nobody took the claimed job"
     r.hset("issue:job-1", "seconds", "0.2")  # the second run is quick
     steps = await release_claims(config)
     assert step_with(steps, "released")["released"] == ["job-1"]
     again = await release_claims(config)
     assert [s["message"] for s in again.steps][-1] == "no orphaned claims: nothing to release"
-    wait_for(lambda: r.lrange("finished", 0, -1) == ["job-1"], 15, what="the second worker to finish job-1")
-    time.sleep(0.5)
+    await wait_until(lambda: r.lrange("finished", 0, -1) == ["job-1"], 15, what="the second worker to finish job-1")
+    await asyncio.sleep(0.5)  # a while in which a second run of it would show
     assert (r.get("started:job-1"), r.get("done:job-1")) == ("2", "1")
     assert r.lrange("finished", 0, -1) == ["job-1"]
     assert r.smembers("processing_issues") == set() and r.llen("task_queue") == 0
@@ -244,7 +233,7 @@ async def test_a_slow_worker_that_lives_is_never_released(r: redis.Redis, redis_
     r.hset("issue:slow", "seconds", "5")  # more than 8 heartbeat TTLs
     r.lpush("task_queue", "slow")
     start_worker(children, redis_port, "slow", "--ttl", str(ttl), log=tmp_path / "slow.log")
-    wait_started(r, "slow")
+    await wait_started(r, "slow")
     config = claims_config(redis_port, tmp_path)
     looks: list[float] = []
     while r.get("done:slow") is None:
@@ -254,9 +243,9 @@ async def test_a_slow_worker_that_lives_is_never_released(r: redis.Redis, redis_
         steps = await release_claims(config)
         assert not any(s.get("released") for s in steps.steps), steps.steps
         looks.append(time.monotonic())
-        time.sleep(0.3)
+        await asyncio.sleep(0.3)
     assert looks[-1] - looks[0] > 6 * ttl, "looked at it throughout the job, not only at its start"
-    wait_for(lambda: r.lrange("finished", 0, -1) == ["slow"], 5, what="the worker to finish")
+    await wait_until(lambda: r.lrange("finished", 0, -1) == ["slow"], 5, what="the worker to finish")
     assert (r.get("started:slow"), r.get("done:slow"), r.llen("task_queue")) == ("1", "1", 0)
 
 
@@ -267,15 +256,15 @@ async def test_a_frozen_worker_keeps_its_claim_until_it_dies(r: redis.Redis, red
     r.hset("issue:frozen", "seconds", "60")
     r.lpush("task_queue", "frozen")
     worker = start_worker(children, redis_port, "frozen", "--ttl", "0.5", log=tmp_path / "frozen.log")
-    wait_started(r, "frozen")
+    await wait_started(r, "frozen")
     owner = r.hget("issue:frozen", "processId")
     os.kill(worker.pid, signal.SIGSTOP)
-    wait_for(lambda: not r.exists(f"heartbeat:{owner}"), 5, what="the heartbeat to lapse")
+    await wait_until(lambda: not r.exists(f"heartbeat:{owner}"), 5, what="the heartbeat to lapse")
     config = claims_config(redis_port, tmp_path)
     assert scan(config).counts() == {"active": 1, "orphaned": 0, "invalid": 0}
     steps = await release_claims(config)
     assert not any(s.get("released") for s in steps.steps)
-    kill(worker)
+    await kill_child(worker)
     (orphan,) = scan(config, keep=5).orphans
     assert orphan.reason == "owner_dead"
     steps = await release_claims(config)
@@ -286,7 +275,7 @@ async def test_a_reused_pid_does_not_make_a_claim_look_alive(r: redis.Redis, red
                                                              children: Children, release_claims: Release) -> None:
     before = time.time() - 60
     unrelated = children.start(["sleep", "60"])  # has a pid now; started after the first claim
-    wait_for(lambda: ProcReader().stat(unrelated.pid) is not None, 5, what="sleep to run")
+    await wait_until(lambda: ProcReader().stat(unrelated.pid) is not None, 5, what="sleep to run")
     put_claim(r, "old", "w-gone", unrelated.pid, before)
     put_claim(r, "new", "w-sleep", unrelated.pid, time.time() + 0.5)  # claimed after it started: it is the owner
     config = claims_config(redis_port, tmp_path)
@@ -306,19 +295,19 @@ async def test_a_worker_that_finishes_between_detection_and_release_is_not_touch
     r.lpush("task_queue", "late")
     worker = start_worker(children, redis_port, "remote", "--ttl", "0.5", "--host", "elsewhere",
                           log=tmp_path / "remote.log")
-    wait_started(r, "late")
+    await wait_started(r, "late")
     os.kill(worker.pid, signal.SIGSTOP)
     owner = r.hget("issue:late", "processId")
-    wait_for(lambda: not r.exists(f"heartbeat:{owner}"), 5, what="the heartbeat to lapse")
-    time.sleep(1.0)  # past the job's own second
+    await wait_until(lambda: not r.exists(f"heartbeat:{owner}"), 5, what="the heartbeat to lapse")
+    await asyncio.sleep(1.0)  # past the job's own second: it would have finished, had it not been stopped
     config = claims_config(redis_port, tmp_path)
     spec = spec_of(config)
     client = connect(spec, tmp_path)
     seen = find_orphans(client, spec, ProcReader())
     assert [(c.id_text, c.reason) for c in seen.orphans] == [("late", "heartbeat_absent")]
     os.kill(worker.pid, signal.SIGCONT)
-    wait_for(lambda: r.lrange("finished", 0, -1) == ["late"] and not r.smembers("processing_issues"), 10,
-             what="the worker to complete its job")
+    await wait_until(lambda: r.lrange("finished", 0, -1) == ["late"] and not r.smembers("processing_issues"), 10,
+                     what="the worker to complete its job")
     outcome = release(client, spec, seen.orphans)
     assert [o for _, o in outcome.outcomes] == ["completed"]
     assert r.llen("task_queue") == 0 and r.hget("issue:late", "status") == "done"

@@ -18,7 +18,7 @@ import yaml
 
 from exporter.config import load_config
 
-from .conftest import REPO
+from .helpers import REPO
 
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]

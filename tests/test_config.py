@@ -14,7 +14,7 @@ import pytest
 
 from exporter.config import ConfigError, load_config, machine_problems, parse_config, read_secret
 
-from .conftest import REPO
+from .helpers import REPO
 
 VALID = """
 services:

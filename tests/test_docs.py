@@ -20,7 +20,7 @@ from exporter.config import ConfigError, json_schema, load_config, parse_config,
 from exporter.config.docs import REFERENCE_FILE, REGENERATE, SCHEMA_FILE, reference_text, undocumented
 from exporter.config.model import Config
 
-from .conftest import REPO
+from .helpers import REPO
 
 BLOCKS = [b for b in re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
           if re.search(r"^(services|receiver|exporter):", b, re.M)]

@@ -26,7 +26,7 @@ from demo.stack import Stack
 from exporter.config import Config
 from exporter.procfs import ProcReader, scan_services
 
-from .conftest import REPO, free_port, require_binary, wait_for
+from .helpers import REPO, free_port, require_binary, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 

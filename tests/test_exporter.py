@@ -12,38 +12,23 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
-from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.app import REGISTRY_KEY, SCRAPER_KEY
-from exporter.config import parse_config
 from exporter.procfs import ProcReader
 
-from .conftest import CLK_TCK, PAGE, FakeProc, free_port, require_binary
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def samples(text: str) -> Samples:
-    out: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def value(data: Samples, name: str, **labels: str) -> float:
-    return data[(name, frozenset(labels.items()))]
-
-
-def make_config(services: dict[str, Any], tmp_path: Path) -> Any:
-    return parse_config({"services": services}, base_dir=tmp_path)
-
-
-def config_with(service: dict[str, Any], tmp_path: Path, **exporter: Any) -> Any:
-    """One service ``svc`` whose processes never run, with ``service``'s settings."""
-    return parse_config({"exporter": {"state_file": "state.json", **exporter},
-                         "services": {"svc": {"match": {"comm": "^nothing-matches$"}, **service}}}, base_dir=tmp_path)
+from .helpers import (
+    CLK_TCK,
+    PAGE,
+    FakeProc,
+    MakeConfig,
+    free_port,
+    idle_service,
+    require_binary,
+    samples,
+    scrape,
+    serving,
+    value,
+)
 
 
 @pytest.fixture
@@ -54,25 +39,13 @@ def client_for(exporter_for: Any, fake_proc: FakeProc) -> Callable[..., Any]:
     return make
 
 
-async def scrape(client: TestClient[web.Request, web.Application], timeout: str | None = None) -> str:
-    headers = {"X-Prometheus-Scrape-Timeout-Seconds": timeout} if timeout else {}
-    resp = await client.get("/metrics", headers=headers)
-    assert resp.status == 200
-    assert resp.headers["Content-Type"].startswith("text/plain; version=")
-    return await resp.text()
-
-
-async def scrape_samples(client: TestClient[web.Request, web.Application]) -> Samples:
-    return samples(await scrape(client))
-
-
-async def test_every_series_exists_from_the_first_scrape_with_zero(client_for: Any, tmp_path: Path) -> None:
+async def test_every_series_exists_from_the_first_scrape_with_zero(client_for: Any, make_config: MakeConfig) -> None:
     dead = free_port()
     config = make_config({"never": {
         "match": {"comm": "^never-started$"}, "processes": {"min": 1, "max": 1},
         "probes": [{"name": "port", "type": "tcp", "port": dead},
                    {"name": "web", "type": "http", "url": f"http://127.0.0.1:{dead}/"}],
-        "limits": {"memory_bytes": 1000}}}, tmp_path)
+        "limits": {"memory_bytes": 1000}}})
     data = samples(await scrape(await client_for(config)))
     svc = {"service_name": "never"}
     assert value(data, "caretaker_service_processes", **svc) == 0
@@ -94,12 +67,12 @@ async def test_every_series_exists_from_the_first_scrape_with_zero(client_for: A
 
 
 async def test_values_from_processes_and_health_components(client_for: Any, fake_proc: FakeProc,
-                                                           tmp_path: Path) -> None:
+                                                           make_config: MakeConfig) -> None:
     fake_proc.add(100, comm="worker", start_ticks=200, utime=300, stime=100, rss_pages=10, fds=3)
     fake_proc.add(101, comm="worker", start_ticks=100, utime=100, rss_pages=5, fds=2, state="T")
     fake_proc.add(102, comm="worker", start_ticks=300, rss_pages=1, fds=1)
     config = make_config({"w": {"match": {"comm": "^worker$"}, "processes": {"min": 1, "max": 2},
-                                "limits": {"memory_bytes": 100 * PAGE, "open_fds": 2}}}, tmp_path)
+                                "limits": {"memory_bytes": 100 * PAGE, "open_fds": 2}}})
     data = samples(await scrape(await client_for(config)))
     svc = {"service_name": "w"}
     assert value(data, "caretaker_service_processes", **svc) == 3
@@ -117,36 +90,32 @@ async def test_values_from_processes_and_health_components(client_for: Any, fake
     assert value(data, "caretaker_service_health_ratio", **svc) == pytest.approx(expected)
 
 
-async def test_promtool_check_metrics_is_clean(client_for: Any, fake_proc: FakeProc, tmp_path: Path) -> None:
+async def test_promtool_check_metrics_is_clean(client_for: Any, fake_proc: FakeProc, make_config: MakeConfig) -> None:
     promtool = require_binary("promtool")
     fake_proc.add(100, comm="worker", rss_pages=10, fds=3)
     config = make_config({"w": {"match": {"comm": "^worker$"},
                                 "probes": [{"name": "p", "type": "tcp", "port": free_port()}],
-                                "limits": {"memory_bytes": 10}}}, tmp_path)
+                                "limits": {"memory_bytes": 10}}})
     text = await scrape(await client_for(config))
-    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    result = await asyncio.to_thread(subprocess.run, [promtool, "check", "metrics"], input=text, capture_output=True,
+                                     text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout + result.stderr == ""
 
 
-async def test_probes_pass_against_live_servers(client_for: Any, tmp_path: Path) -> None:
+async def test_probes_pass_against_live_servers(client_for: Any, make_config: MakeConfig) -> None:
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="ok", status=204 if request.path == "/empty" else 200)
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", hello)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    try:
+    async with serving(app) as port:
         config = make_config({"s": {"match": {"comm": "^nothing$"}, "probes": [
             {"name": "tcp", "type": "tcp", "port": port},
             {"name": "ok", "type": "http", "url": f"http://127.0.0.1:{port}/health"},
             {"name": "wrong_status", "type": "http", "url": f"http://127.0.0.1:{port}/empty"},
             {"name": "empty_ok", "type": "http", "url": f"http://127.0.0.1:{port}/empty", "expect_status": [204]},
-        ]}}, tmp_path)
+        ]}})
         client = await client_for(config)
         data = samples(await scrape(client))
         ok = {name: value(data, "caretaker_probe_success", service_name="s", probe=name,
@@ -156,18 +125,16 @@ async def test_probes_pass_against_live_servers(client_for: Any, tmp_path: Path)
         assert value(data, "caretaker_service_health_component_ratio", service_name="s", component="probes") == 0.75
         result = client.server.app[SCRAPER_KEY].snapshot.services["s"].probes["wrong_status"]
         assert (result.reason, result.detail) == ("status", "HTTP 204, expected [200]")
-    finally:
-        await runner.cleanup()
 
 
-async def test_scrape_respects_prometheus_scrape_timeout(client_for: Any, tmp_path: Path) -> None:
+async def test_scrape_respects_prometheus_scrape_timeout(client_for: Any, make_config: MakeConfig) -> None:
     """A server that accepts and never answers: the probe is cut at the scrape's deadline."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         port = silent.getsockname()[1]
         config = make_config({"s": {"match": {"comm": "^nothing$"}, "probes": [
-            {"name": "hang", "type": "http", "url": f"http://127.0.0.1:{port}/", "timeout": "30s"}]}}, tmp_path)
+            {"name": "hang", "type": "http", "url": f"http://127.0.0.1:{port}/", "timeout": "30s"}]}})
         client = await client_for(config)
         started = time.monotonic()
         data = samples(await scrape(client, timeout="1.5"))
@@ -179,7 +146,7 @@ async def test_scrape_respects_prometheus_scrape_timeout(client_for: Any, tmp_pa
 
 
 async def test_concurrent_scrapes_share_one_collection(client_for: Any, fake_proc: FakeProc,
-                                                       tmp_path: Path) -> None:
+                                                       make_config: MakeConfig) -> None:
     calls = 0
 
     class Counting(ProcReader):
@@ -189,7 +156,7 @@ async def test_concurrent_scrapes_share_one_collection(client_for: Any, fake_pro
             time.sleep(0.3)  # a slow /proc, in the scan thread
             return super().listing()
 
-    config = make_config({"w": {"match": {"comm": "^worker$"}}}, tmp_path)
+    config = make_config({"w": {"match": {"comm": "^worker$"}}})
     client = await client_for(config, Counting(fake_proc.root, CLK_TCK, PAGE))
     await asyncio.gather(*(scrape(client) for _ in range(5)))
     assert calls == 1
@@ -197,13 +164,14 @@ async def test_concurrent_scrapes_share_one_collection(client_for: Any, fake_pro
     assert registry.get_sample_value("caretaker_service_processes", {"service_name": "w"}) == 0
 
 
-async def test_slow_scan_does_not_block_the_event_loop(client_for: Any, fake_proc: FakeProc, tmp_path: Path) -> None:
+async def test_slow_scan_does_not_block_the_event_loop(client_for: Any, fake_proc: FakeProc,
+                                                       make_config: MakeConfig) -> None:
     class Slow(ProcReader):
         def listing(self) -> list[tuple[str, int]]:
             time.sleep(0.5)
             return super().listing()
 
-    client = await client_for(make_config({"w": {"match": {"comm": "x"}}}, tmp_path),
+    client = await client_for(make_config({"w": {"match": {"comm": "x"}}}),
                               Slow(fake_proc.root, CLK_TCK, PAGE))
     ticks = 0
 
@@ -220,7 +188,7 @@ async def test_slow_scan_does_not_block_the_event_loop(client_for: Any, fake_pro
 
 
 async def test_scan_timeout_keeps_previous_view_and_counts_error(client_for: Any, fake_proc: FakeProc,
-                                                                 tmp_path: Path) -> None:
+                                                                 make_config: MakeConfig) -> None:
     delay = 0.0
 
     class Sometimes(ProcReader):
@@ -229,7 +197,7 @@ async def test_scan_timeout_keeps_previous_view_and_counts_error(client_for: Any
             return super().listing()
 
     fake_proc.add(100, comm="worker")
-    client = await client_for(make_config({"w": {"match": {"comm": "^worker$"}}}, tmp_path),
+    client = await client_for(make_config({"w": {"match": {"comm": "^worker$"}}}),
                               Sometimes(fake_proc.root, CLK_TCK, PAGE))
     assert value(samples(await scrape(client)), "caretaker_service_processes", service_name="w") == 1
     delay = 2.0
@@ -238,21 +206,23 @@ async def test_scan_timeout_keeps_previous_view_and_counts_error(client_for: Any
     assert value(data, "caretaker_exporter_errors_total", reason="scan_timeout") == 1
 
 
-async def test_promtool_clean_on_a_scrape_with_every_kind_of_series(exporter_for: Any, tmp_path: Path) -> None:
+async def test_promtool_clean_on_a_scrape_with_every_kind_of_series(exporter_for: Any, make_config: MakeConfig,
+                                                                     tmp_path: Path) -> None:
     promtool = require_binary("promtool")
     (tmp_path / "s.json").write_text("{}")
     (tmp_path / "app.log").write_text("")
-    config = config_with({
+    config = make_config(service=idle_service(**{
         "probes": [{"name": "tcp", "type": "tcp", "port": free_port()},
                    {"name": "web", "type": "http", "url": f"https://127.0.0.1:{free_port()}/"},
                    {"name": "cmd", "type": "exec", "argv": ["true"]}],
         "heartbeats": [{"name": "hb", "timeout": "10s"}], "logs": [{"path": "app.log"}],
         "files": [{"path": "s.json", "format": "json"}], "directories": [{"path": "."}], "data_paths": ["."],
-        "ports": [free_port()], "limits": {"memory_bytes": 10**9, "open_fds": 100}}, tmp_path)
+        "ports": [free_port()], "limits": {"memory_bytes": 10**9, "open_fds": 100}}))
     client = await exporter_for(config)
     await client.post("/heartbeat/hb")
     text = await (await client.get("/metrics")).text()
-    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    result = await asyncio.to_thread(subprocess.run, [promtool, "check", "metrics"], input=text, capture_output=True,
+                                     text=True, timeout=30)
     assert result.returncode == 0 and not (result.stdout + result.stderr), result.stdout + result.stderr
     names = {k[0] for k in samples(text)}
     for expected in ("caretaker_probe_failure_reason", "caretaker_probe_tls_cert_expiry_timestamp_seconds",

@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .test_exporter import config_with, scrape_samples, value
+from .helpers import MakeConfig, idle_service, scrape_samples, value
 
 
-async def test_file_checks(exporter_for: Any, tmp_path: Path) -> None:
+async def test_file_checks(exporter_for: Any, make_config: MakeConfig, tmp_path: Path) -> None:
     (tmp_path / "state.json").write_text('{"ok": true}')
     (tmp_path / "broken.json").write_text('{"ok": tru')
     (tmp_path / "old.yml").write_text("a: 1\n")
@@ -20,14 +20,14 @@ async def test_file_checks(exporter_for: Any, tmp_path: Path) -> None:
     (tmp_path / "data").mkdir(mode=0o700)
     os.chmod(tmp_path / "data", 0o700)
     os.chmod(tmp_path / "state.json", 0o600)
-    client = await exporter_for(config_with({
+    client = await exporter_for(make_config(service=idle_service(**{
         "files": [{"path": "state.json", "format": "json", "mode": "0600"},
                   {"path": "broken.json", "format": "json"},
                   {"path": "old.yml", "format": "yaml", "max_age": "1h"},
                   {"path": "absent.json", "format": "json"},
                   {"path": "wrong-mode.txt", "mode": "0600"}],
         "directories": [{"path": "data", "mode": "0700"}, {"path": "missing-dir"}],
-        "data_paths": ["data"]}, tmp_path))
+        "data_paths": ["data"]})))
     data = await scrape_samples(client)
     f = {"service_name": "svc"}
     assert value(data, "caretaker_file_valid", path="state.json", **f) == 1

@@ -19,8 +19,7 @@ from exporter.files import FileChecker, check_parse
 from receiver.actions import RepairFailed
 from receiver.repairs import BackupKeeper
 
-from .conftest import wait_for
-from .test_repairs import config_for, messages, run  # noqa: F401 - run is a fixture
+from .helpers import AUTH, MakeConfig, alert, notification, sleeper, wait_audit, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,25 +38,26 @@ async def test_a_fifo_is_reported_not_read(tmp_path: Path) -> None:
     assert status.exists and status.valid is None and status.ok  # not read, and not called corrupt
 
 
-async def test_restore_file_leaves_a_fifo_alone_and_does_not_hang(run: Any, tmp_path: Path) -> None:  # noqa: F811
+async def test_restore_file_leaves_a_fifo_alone_and_does_not_hang(run_repair: Any, make_config: MakeConfig,
+                                                                  tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "state.json")
     (tmp_path / "default.json").write_text("{}")
-    config = config_for(tmp_path, {"match": {"comm": "^none$"},
-                                   "files": [{"path": "state.json", "format": "json", "default": "default.json"}],
-                                   "remediation": {"allow": ["restore_file"]}})
+    config = make_config(service={"match": {"comm": "^none$"},
+                                  "files": [{"path": "state.json", "format": "json", "default": "default.json"}],
+                                  "remediation": {"allow": ["restore_file"]}})
     with pytest.raises(RepairFailed, match="not proven corrupt, so not replaced"):
-        await asyncio.wait_for(run(config, "restore_file"), 10)
+        await asyncio.wait_for(run_repair(config, "restore_file"), 10)
     assert (tmp_path / "state.json").is_fifo()
 
 
 async def test_a_valid_file_over_the_parse_limit_is_not_checked_and_never_rolled_back(
-        run: Any, tmp_path: Path) -> None:  # noqa: F811
+        run_repair: Any, make_config: MakeConfig, tmp_path: Path) -> None:
     state = tmp_path / "state.json"
     state.write_text(json.dumps({"small": True}))
-    config = config_for(tmp_path, {"match": {"comm": "^none$"},
-                                   "files": [{"path": "state.json", "format": "json", "backups": 2,
-                                              "max_parse_bytes": 1000}],
-                                   "remediation": {"allow": ["restore_file"]}})
+    config = make_config(service={"match": {"comm": "^none$"},
+                                  "files": [{"path": "state.json", "format": "json", "backups": 2,
+                                             "max_parse_bytes": 1000}],
+                                  "remediation": {"allow": ["restore_file"]}})
     keeper = BackupKeeper(config, tmp_path / "state.sqlite.d" / "backups")
     assert keeper.run_once() == 1  # the small, valid version is backed up
     big = {"items": list(range(1000))}  # valid JSON, 4,890 bytes: over the limit
@@ -68,21 +68,20 @@ async def test_a_valid_file_over_the_parse_limit_is_not_checked_and_never_rolled
     status = FileChecker(spec, state).check(time.time())
     assert status.valid is None and "over the parse limit of 1000" in status.detail
     with pytest.raises(RepairFailed, match="not proven corrupt, so not replaced"):
-        await run(config, "restore_file")
+        await run_repair(config, "restore_file")
     assert json.loads(state.read_text()) == big  # no silent rollback to the small backup
     assert not list(tmp_path.glob("state.json.corrupt-*"))
 
 
-async def test_the_exporter_says_nan_for_a_file_it_could_not_check(exporter_for: Any, tmp_path: Path) -> None:
+async def test_the_exporter_says_nan_for_a_file_it_could_not_check(exporter_for: Any, make_config: MakeConfig,
+                                                                   tmp_path: Path) -> None:
     from exporter.app import REGISTRY_KEY
-    from exporter.config import parse_config
 
     os.mkfifo(tmp_path / "pipe.json")
     (tmp_path / "bad.json").write_text("{not json")
-    config = parse_config({"services": {"svc": {"match": {"comm": "^none$"}, "processes": {"min": 0, "max": 1},
-                                                "files": [{"path": "pipe.json", "format": "json"},
-                                                          {"path": "bad.json", "format": "json"}]}}},
-                          base_dir=tmp_path)
+    config = make_config(service={"match": {"comm": "^none$"}, "processes": {"min": 0, "max": 1},
+                                  "files": [{"path": "pipe.json", "format": "json"},
+                                            {"path": "bad.json", "format": "json"}]})
     client = await exporter_for(config)
     assert (await client.get("/metrics")).status == 200
     registry = client.server.app[REGISTRY_KEY]
@@ -91,15 +90,13 @@ async def test_the_exporter_says_nan_for_a_file_it_could_not_check(exporter_for:
     assert registry.get_sample_value("caretaker_file_valid", {"service_name": "svc", "path": "bad.json"}) == 0
 
 
-async def test_state_evidence_and_backups_are_private(receiver_for: Any, tmp_path: Path) -> None:
+async def test_state_evidence_and_backups_are_private(receiver_for: Any, make_config: MakeConfig,
+                                                      tmp_path: Path) -> None:
     import stat
 
     from exporter.heartbeats import HeartbeatStore
     from receiver.app import EXECUTOR_KEY
     from receiver.process import start_service
-
-    from .test_receiver import AUTH, notification
-    from .test_reconcile import alert, config_for, sleeper, wait_audit
 
     def mode(path: Path) -> int:
         return stat.S_IMODE(path.stat().st_mode)
@@ -109,7 +106,7 @@ async def test_state_evidence_and_backups_are_private(receiver_for: Any, tmp_pat
     (tmp_path / "app-state.json").chmod(0o644)
     service = sleeper()
     service["files"] = [{"path": "app-state.json", "format": "json", "backups": 2}]
-    config = config_for(tmp_path, {"svc": service}, state_file="var/state.sqlite")
+    config = make_config({"svc": service}, token=True, state_file="var/state.sqlite")
     client = await receiver_for(config)
     executor = client.server.app[EXECUTOR_KEY]
     executor.ctx.reaper.add(start_service(config, "svc"))
@@ -119,7 +116,8 @@ async def test_state_evidence_and_backups_are_private(receiver_for: Any, tmp_pat
     assert resp.status == 200
     await wait_audit(client, lambda es: any(e["result"] for e in es))  # a restart: evidence kept
     var = tmp_path / "var"
-    wait_for(lambda: list((var / "backups").rglob("[0-9]*")), 10, what="the receiver's backup of the state file")
+    await wait_until(lambda: list((var / "backups").rglob("[0-9]*")), 10,
+                     what="the receiver's backup of the state file")
     assert mode(var) == 0o700
     assert mode(var / "state.sqlite") == 0o600
     assert mode(var / "state.sqlite-wal") == 0o600

@@ -12,6 +12,7 @@ Alertmanagers.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -39,9 +40,21 @@ from receiver.alertmanager import host_matcher, silence
 from receiver.app import REGISTRY_KEY
 from receiver.payload import SKIP_REASONS, Alert, decide
 
-from .conftest import AUTH_TOKEN, REPO, free_port, require_binary, settle, wait_for
-from .test_receiver import AUTH, alert, notification
-from .test_reconcile import config_for, pids, sleeper
+from .helpers import (
+    AUTH,
+    AUTH_TOKEN,
+    REPO,
+    MakeConfig,
+    alert,
+    free_port,
+    notification,
+    pids,
+    require_binary,
+    settle,
+    sleeper,
+    wait_for,
+    wait_until,
+)
 
 SCRIPT = REPO / "scripts" / "fleet-alertmanager.py"
 FLEET = REPO / "prometheus" / "fleet"
@@ -102,12 +115,10 @@ def test_host_defaults_to_the_machines_name_and_is_checked() -> None:
 
 # --- a receiver in fleet mode, with real processes ----------------------------------------------
 
-async def until(predicate: Any, timeout: float, what: str) -> None:
-    """wait_for, without blocking the event loop the receiver under test runs on."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        await asyncio.sleep(0.1)
+@pytest.fixture
+def config_for(make_config: MakeConfig) -> MakeConfig:
+    """The configs of these receivers: the token, and a waiting problem looked at again every 200 ms."""
+    return functools.partial(make_config, token=True, recheck_interval="200ms")
 
 
 def skipped(client: Any, reason: str) -> float | None:
@@ -117,8 +128,8 @@ def skipped(client: Any, reason: str) -> float | None:
 
 
 async def test_fleet_receiver_skips_other_hosts_and_unlabelled_alerts_and_repairs_its_own(
-        receiver_for: Any, tmp_path: Path) -> None:
-    config = config_for(tmp_path, {"svc": sleeper()}, host="web-1", fleet=True)
+        receiver_for: Any, config_for: MakeConfig) -> None:
+    config = config_for({"svc": sleeper()}, host="web-1", fleet=True)
     client = await receiver_for(config)
     misrouted = [alert(f"m{i}", service_name="svc", remediation="restart", host="web-2") for i in range(3)]
     resp = await client.post("/alerts", json=notification(*misrouted, alert("n1", service_name="svc",
@@ -138,7 +149,7 @@ async def test_fleet_receiver_skips_other_hosts_and_unlabelled_alerts_and_repair
     # with the same fingerprint closes nothing here.
     await client.post("/alerts", json=notification(alert("own", service_name="svc", remediation="restart",
                                                          host="web-1")), headers=AUTH)
-    await until(lambda: len(pids(config, "svc")) == 1, 20, "the service started")
+    await wait_until(lambda: len(pids(config, "svc")) == 1, 20, what="the service started")
     await client.post("/alerts", json=notification(alert("own", status="resolved", service_name="svc",
                                                          remediation="restart", host="web-2")), headers=AUTH)
     await settle(client)
@@ -148,8 +159,8 @@ async def test_fleet_receiver_skips_other_hosts_and_unlabelled_alerts_and_repair
 
 
 async def test_single_host_receiver_takes_unlabelled_alerts_but_not_another_hosts(
-        receiver_for: Any, tmp_path: Path) -> None:
-    config = config_for(tmp_path, {"svc": sleeper()}, host="web-1")
+        receiver_for: Any, config_for: MakeConfig) -> None:
+    config = config_for({"svc": sleeper()}, host="web-1")
     client = await receiver_for(config)
     await client.post("/alerts", json=notification(alert("o1", service_name="svc", remediation="restart",
                                                          host="web-2")), headers=AUTH)
@@ -157,14 +168,15 @@ async def test_single_host_receiver_takes_unlabelled_alerts_but_not_another_host
     assert pids(config, "svc") == []
     await client.post("/alerts", json=notification(alert("s1", service_name="svc", remediation="restart")),
                       headers=AUTH)
-    await until(lambda: len(pids(config, "svc")) == 1, 20, "the service started")
+    await wait_until(lambda: len(pids(config, "svc")) == 1, 20, what="the service started")
     entries = await settle(client)
     assert [(e["reason"], e["decision"]) for e in entries if e["fingerprint"] == "~other_host"] == [
         ("other_host", "skipped")]
 
 
-async def test_plan_and_metrics_say_which_host_the_receiver_repairs(receiver_for: Any, tmp_path: Path) -> None:
-    config = config_for(tmp_path, {"svc": sleeper()}, host="web-1", fleet=True)
+async def test_plan_and_metrics_say_which_host_the_receiver_repairs(receiver_for: Any,
+                                                                   config_for: MakeConfig) -> None:
+    config = config_for({"svc": sleeper()}, host="web-1", fleet=True)
     client = await receiver_for(config)
     payload = notification(alert("p1", service_name="svc", remediation="restart", host="web-2"),
                            alert("p2", service_name="svc", remediation="restart"),
@@ -200,17 +212,16 @@ async def test_caretakerctl_problems_names_the_host(tmp_path: Path, capsys: pyte
         await server.close()
 
 
-async def test_hosts_sharing_one_redis_keep_their_own_budgets(receiver_for: Any, redis_server: Any,
-                                                              tmp_path: Path) -> None:
+async def test_hosts_sharing_one_redis_keep_their_own_budgets(receiver_for: Any, redis_port: int,
+                                                              config_for: MakeConfig, tmp_path: Path) -> None:
     """In fleet mode the host follows receiver.shared_state.key_prefix: host a's repair
     neither holds nor spends host b's lock and budget, with the same prefix configured."""
-    port = free_port()
-    redis_server(port)
+    port = redis_port
     prefix = f"fleet-{uuid.uuid4().hex[:8]}:"
     clients, configs = [], []
     for host in ("host-a", "host-b"):
         (tmp_path / host).mkdir()
-        config = config_for(tmp_path / host, {"svc": sleeper()}, host=host, fleet=True,
+        config = config_for({"svc": sleeper()}, directory=tmp_path / host, host=host, fleet=True,
                             attempts={"max": 1, "window": "1h"}, shared_state={"port": port, "key_prefix": prefix})
         configs.append(config)
         clients.append(await receiver_for(config))
@@ -231,16 +242,20 @@ async def test_hosts_sharing_one_redis_keep_their_own_budgets(receiver_for: Any,
 
 # --- a real Alertmanager: silences and the exhausted alert name the host ------------------------
 
-def am_get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return json.load(resp)
+async def am_get(url: str) -> Any:
+    def get() -> Any:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return json.load(resp)
+    return await asyncio.to_thread(get)
 
 
-def am_post(url: str, body: Any) -> None:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        assert resp.status == 200
+async def am_post(url: str, body: Any) -> None:
+    def post() -> int:
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return int(resp.status)
+    assert await asyncio.to_thread(post) == 200
 
 
 @pytest.mark.parametrize(("fleet", "silenced"), [(False, {"web-1.example.net", ""}), (True, {"web-1.example.net"})])
@@ -250,34 +265,36 @@ async def test_a_repair_silences_only_this_hosts_alerts(alertmanager: str, fleet
     alerts = [{"labels": {"alertname": "CaretakerProbeFailing", "service_name": service, **host},
                "startsAt": now.isoformat(), "endsAt": (now + timedelta(minutes=5)).isoformat()}
               for host in ({"host": "web-1.example.net"}, {"host": "web-1xexample.net"}, {"host": "web-2"}, {})]
-    am_post(f"{alertmanager}/api/v2/alerts", alerts)
+    await am_post(f"{alertmanager}/api/v2/alerts", alerts)
     async with aiohttp.ClientSession() as session:
         silence_id = await silence(session, alertmanager, {"service_name": service}, timedelta(minutes=1), "test",
                                    host_matcher("web-1.example.net", fleet))
     assert silence_id is not None
 
-    def states() -> dict[str, str]:
-        found = am_get(f"{alertmanager}/api/v2/alerts?filter=service_name%3D%22{service}%22")
+    async def states() -> dict[str, str]:
+        found = await am_get(f"{alertmanager}/api/v2/alerts?filter=service_name%3D%22{service}%22")
         return {a["labels"].get("host", ""): a["status"]["state"] for a in found}
 
-    await until(lambda: {h for h, s in states().items() if s == "suppressed"} == silenced, 10,
-                f"only {silenced} silenced")
-    assert len(states()) == 4
+    async def only_silenced() -> bool:
+        return {h for h, s in (await states()).items() if s == "suppressed"} == silenced
+
+    await wait_until(only_silenced, 10, what=f"only {silenced} silenced")
+    assert len(await states()) == 4
 
 
-async def test_the_exhausted_alert_names_the_host(receiver_for: Any, tmp_path: Path, alertmanager: str) -> None:
-    config = config_for(tmp_path, {"svc": sleeper(script="import sys; sys.exit(1)")}, host="web-1", fleet=True,
+async def test_the_exhausted_alert_names_the_host(receiver_for: Any, config_for: MakeConfig, alertmanager: str) -> None:
+    config = config_for({"svc": sleeper(script="import sys; sys.exit(1)")}, host="web-1", fleet=True,
                         alertmanager_url=alertmanager, attempts={"max": 1, "window": "1h"})
     client = await receiver_for(config)
     await client.post("/alerts", json=notification(alert("x1", service_name="svc", remediation="restart",
                                                          host="web-1")), headers=AUTH)
 
-    def exhausted() -> list[Any]:
-        return [a for a in am_get(f"{alertmanager}/api/v2/alerts?filter=alertname%3D%22CaretakerRepairsExhausted%22")
-                if a["labels"].get("service_name") == "svc"]
+    async def exhausted() -> list[Any]:
+        found = await am_get(f"{alertmanager}/api/v2/alerts?filter=alertname%3D%22CaretakerRepairsExhausted%22")
+        return [a for a in found if a["labels"].get("service_name") == "svc"]
 
-    await until(exhausted, 30, "CaretakerRepairsExhausted in Alertmanager")
-    assert exhausted()[0]["labels"]["host"] == "web-1"
+    found = await wait_until(exhausted, 30, what="CaretakerRepairsExhausted in Alertmanager")
+    assert found[0]["labels"]["host"] == "web-1"
 
 
 # --- assets: Prometheus, the route generator, the dashboards --------------------------------------

@@ -31,9 +31,22 @@ import yaml
 
 from receiver.shared import SharedState
 
-from .conftest import REPO, Children, free_port, port_open, require_binary, settle, wait_for
-from .test_receiver import AUTH, alert, notification
-from .test_reconcile import config_for, pids, sleeper
+from .helpers import (
+    AUTH,
+    REPO,
+    Children,
+    alert,
+    build_config,
+    free_port,
+    notification,
+    pids,
+    port_open,
+    require_binary,
+    settle,
+    sleeper,
+    wait_for,
+    wait_until,
+)
 
 SCRIPT = REPO / "scripts" / "fleet-alertmanager.py"
 FLEET = REPO / "prometheus" / "fleet"
@@ -113,12 +126,9 @@ def routes_test(path: Path, labels: str) -> str:
     return result.stdout.strip()
 
 
-async def until(predicate: Any, timeout: float, what: str) -> None:
-    """wait_for, without blocking the event loop the receiver under test runs on."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        await asyncio.sleep(0.1)
+def config_for(directory: Path, services: dict[str, Any], **receiver: Any) -> Any:
+    """The receiver's token, and a waiting problem looked at again every 200 ms."""
+    return build_config(directory, services, token=True, recheck_interval="200ms", **receiver)
 
 
 # --- 1. inhibit rules compare the host ------------------------------------------------------------
@@ -385,7 +395,7 @@ async def test_a_pair_switched_to_fleet_mode_one_receiver_at_a_time_still_repair
     answers = [await (await c.post("/alerts", json=payload, headers=AUTH)).json() for c in clients]
     assert [(a["queued"], a["duplicates"]) for a in answers] == [(1, 0), (0, 0)], answers
     assert answers[1]["skipped"] == 1  # claimed by the other: a duplicate
-    await until(lambda: len(pids(configs[0], "svc")) == 1, 20, "the service started")
+    await wait_until(lambda: len(pids(configs[0], "svc")) == 1, 20, what="the service started")
     entries = [await settle(c) for c in clients]
     assert [e["decision"] for e in entries[0]] == ["acted"]
     assert [(e["decision"], e["reason"]) for e in entries[1]] == [("skipped", "duplicate")]
@@ -436,7 +446,7 @@ async def test_a_receiver_keeping_its_keys_without_the_host_is_named_in_an_error
         await asyncio.sleep(1.0)
         assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
         await earlier.record_start("svc", time.time())
-        await until(lambda: any(r.levelno == logging.ERROR for r in caplog.records), 10, "an ERROR")
+        await wait_until(lambda: any(r.levelno == logging.ERROR for r in caplog.records), 10, what="an ERROR")
         await asyncio.sleep(0.6)  # three more looks: still one line for one repair
         (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
         message = record.getMessage()

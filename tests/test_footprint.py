@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .conftest import REPO, free_port
+from .helpers import REPO, free_port
 
 SERVE_ONE_SCRAPE = """
 import asyncio, json, sys

@@ -3,63 +3,36 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 
-from exporter.config import parse_config
-from exporter.procfs import ProcReader, scan_services
-from receiver.app import EXECUTOR_KEY, create_app
+from exporter.config import Config
+from receiver.app import EXECUTOR_KEY
 
-from .conftest import free_port, leave_alone, settle, stop_config_services
-from .test_receiver import AUTH, TOKEN, alert, notification
-
-Client = TestClient[web.Request, web.Application]
+from .helpers import AUTH, Client, MakeConfig, alert, free_port, notification, pids, settle, sleeper, stop_services
 
 
-def ha_config(tmp_path: Path, name: str, redis_port: int, mark: str, prefix: str, **receiver: Any) -> Any:
-    (tmp_path / "token").write_text(TOKEN)
-    return parse_config({
-        "receiver": {"bearer_token": {"file": "token"}, "state_file": f"{name}.sqlite", "cooldown": 0,
-                     "shared_state": {"port": redis_port, "key_prefix": prefix}, **receiver},
-        "services": {"svc": {
-            "match": {"cmdline": f"{mark}$"},
-            "start": {"argv": [sys.executable, "-c", "import time\nwhile True: time.sleep(1)", mark]},
-            "stop": {"grace_period": 1},
-            "remediation": {"allow": ["restart"], "verify_timeout": 10}}}}, base_dir=tmp_path)
+def ha_config(make_config: MakeConfig, name: str, redis_port: int, service: dict[str, Any], prefix: str,
+              **receiver: Any) -> Config:
+    """Receiver ``name`` of a pair: its own state file, the state it shares in Redis."""
+    return make_config(service=service, token=True, state_file=f"{name}.sqlite",
+                       shared_state={"port": redis_port, "key_prefix": prefix}, **receiver)
 
 
 @pytest.fixture
-async def pair(redis_server: Any, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    port = free_port()
-    redis_server(port)
-    made: list[tuple[Client, Any]] = []
-
+def pair(receiver_for: Any, make_config: MakeConfig,
+         redis_port: int) -> Callable[..., Awaitable[tuple[Client, Client]]]:
+    """pair(**receiver) -> two receivers of one service, sharing their state in one Redis."""
     async def make(**receiver: Any) -> tuple[Client, Client]:
-        mark, prefix = f"ha-{uuid.uuid4().hex[:10]}", f"test-{uuid.uuid4().hex[:8]}:"
-        clients = []
-        for name in ("a", "b"):
-            config = ha_config(tmp_path, name, port, mark, prefix, **receiver)
-            client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
-            await client.start_server()
-            made.append((client, config))
-            clients.append(client)
-        return clients[0], clients[1]
-
-    yield make
-    for client, _ in made:
-        await leave_alone(client)
-    for client, config in made:
-        stop_config_services(config)
-        await client.close()
+        service, prefix = sleeper(), f"test-{uuid.uuid4().hex[:8]}:"
+        a, b = [await receiver_for(ha_config(make_config, name, redis_port, service, prefix, **receiver))
+                for name in ("a", "b")]
+        return a, b
+    return make
 
 
 async def test_the_same_notification_to_two_receivers_repairs_once(pair: Any) -> None:
@@ -87,14 +60,14 @@ async def test_one_receiver_at_a_time_repairs_a_service(pair: Any) -> None:
     assert sorted(e["decision"] for e in entries if e["decision"] == "acted") == ["acted"]
     assert {e["reason"] for e in entries if e["decision"] == "skipped"} <= {"in_progress", "cooldown",
                                                                             "condition_cleared"}
-    assert len(scan_services(ProcReader(), a.server.app[EXECUTOR_KEY].config.services, (os.getpid(),))["svc"]) == 1
+    assert len(pids(a.server.app[EXECUTOR_KEY].config)) == 1
 
 
 async def test_the_budget_is_shared(pair: Any) -> None:
     a, b = await pair(attempts={"max": 1, "window": "1h"})
     await a.post("/alerts", json=notification(alert("y1", service_name="svc", remediation="restart")), headers=AUTH)
     assert (await settle(a))[0]["result"] == "success"
-    stop_config_services(a.server.app[EXECUTOR_KEY].config)  # it dies again
+    await stop_services(a.server.app[EXECUTOR_KEY].config)  # it dies again
     await b.post("/alerts", json=notification(alert("y2", service_name="svc", remediation="restart")), headers=AUTH)
     deadline = time.monotonic() + 10
     while (reasons := [e["reason"] for e in await settle(b)]) and reasons[0] == "in_progress":
@@ -104,19 +77,14 @@ async def test_the_budget_is_shared(pair: Any) -> None:
     assert not [e for e in await settle(b) if e["decision"] == "acted"]
 
 
-async def test_without_redis_nothing_is_repaired_and_alertmanager_retries(tmp_path: Path) -> None:
-    config = ha_config(tmp_path, "solo", free_port(), f"ha-{uuid.uuid4().hex[:10]}", "down:")
-    client = TestClient(TestServer(create_app(config), host="127.0.0.1"))
-    await client.start_server()
-    try:
-        resp = await client.post("/alerts", json=notification(alert("z1", service_name="svc", remediation="restart")),
-                                 headers=AUTH)
-        assert resp.status == 503
-        assert "retry" in (await resp.json())["error"]
-        assert await settle(client) == []  # nothing recorded: the retry is acted on normally
-    finally:
-        stop_config_services(config)
-        await client.close()
+async def test_without_redis_nothing_is_repaired_and_alertmanager_retries(receiver_for: Any,
+                                                                          make_config: MakeConfig) -> None:
+    client = await receiver_for(ha_config(make_config, "solo", free_port(), sleeper(), "down:"))
+    resp = await client.post("/alerts", json=notification(alert("z1", service_name="svc", remediation="restart")),
+                             headers=AUTH)
+    assert resp.status == 503
+    assert "retry" in (await resp.json())["error"]
+    assert await settle(client) == []  # nothing recorded: the retry is acted on normally
 
 
 async def test_resends_keep_the_problem_open_on_the_receiver_that_owns_it(pair: Any) -> None:

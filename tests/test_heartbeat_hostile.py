@@ -5,14 +5,13 @@ making its heartbeat (gunicorn's preload)."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from caretaker_client import Heartbeat
 
-from .test_exporter import config_with
+from .helpers import MakeConfig, free_port, idle_service, serving_exporter, wait_until
 
 
 @pytest.mark.parametrize(("option", "value"), [
@@ -36,10 +35,10 @@ def test_a_heartbeat_needs_a_positive_interval_and_timeout(option: str, value: f
     ("beats=" + "9" * 5000, "beats must be a positive count"),
     ("beats=+5", "beats must be a positive count"),
 ])
-async def test_a_query_no_client_of_ours_sends_is_a_400_with_a_reason(exporter_for: Any, tmp_path: Path,
+async def test_a_query_no_client_of_ours_sends_is_a_400_with_a_reason(exporter_for: Any, make_config: MakeConfig,
                                                                       query: str, error: str) -> None:
     """'²' and 5,000-digit numbers made int() raise: 500; an Arabic-Indic digit was taken."""
-    client = await exporter_for(config_with({"heartbeats": [{"name": "worker", "timeout": "30s"}]}, tmp_path))
+    client = await exporter_for(make_config(service=idle_service(heartbeats=[{"name": "worker", "timeout": "30s"}])))
     resp = await client.post(f"/heartbeat/worker?{query}")
     assert resp.status == 400, query[:30]
     assert error in (await resp.json())["error"]
@@ -62,7 +61,7 @@ os.waitpid(pid, 0)  # the master never beats
 """
 
 
-async def test_a_heartbeat_made_before_the_fork_reports_from_the_worker(tmp_path: Path) -> None:
+async def test_a_heartbeat_made_before_the_fork_reports_from_the_worker(make_config: MakeConfig) -> None:
     """Threads do not survive fork(): a worker forked after the heartbeat started beat into
     a sender that no longer ran, and its reports never came."""
     import asyncio
@@ -74,15 +73,15 @@ async def test_a_heartbeat_made_before_the_fork_reports_from_the_worker(tmp_path
 
     from caretaker_client.heartbeat import URL_VARIABLE
 
-    from .test_heartbeats import app_config, serving_exporter, wait_async
-
-    async with serving_exporter(app_config(tmp_path)) as (url, store):
+    config = make_config(service=idle_service(heartbeats=[{"name": "app", "timeout": "30s"}]),
+                         exporter={"port": free_port()})
+    async with serving_exporter(config) as (url, store):
         proc = await asyncio.create_subprocess_exec(sys.executable, "-c", PRELOAD, stdout=subprocess.PIPE,
                                                     env={**os.environ, URL_VARIABLE: url}, start_new_session=True)
         try:
             assert proc.stdout is not None
             worker = int(await asyncio.wait_for(proc.stdout.readline(), 30))
-            await wait_async(lambda: store.states["app"].pid == worker and store.states["app"].beats > 0, 15)
+            await wait_until(lambda: store.states["app"].pid == worker and store.states["app"].beats > 0, 15)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # the master and its worker

@@ -14,25 +14,32 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from caretaker_client import Heartbeat
 from caretaker_client.heartbeat import URL_VARIABLE, send
-from exporter.app import SCRAPER_KEY, create_app
 from exporter.client import Feeder
+from exporter.config import Config
 from exporter.heartbeats import HeartbeatStore, read_saved
 
-from .conftest import REPO, Children, free_port
-from .test_exporter import config_with, scrape_samples, value
+from .helpers import (
+    REPO,
+    Children,
+    MakeConfig,
+    free_port,
+    idle_service,
+    scrape_samples,
+    serving_exporter,
+    value,
+    wait_until,
+)
 
 
-async def test_heartbeat_endpoint_metrics_and_unknown_names(exporter_for: Any, tmp_path: Path) -> None:
-    client = await exporter_for(config_with({"heartbeats": [{"name": "worker", "timeout": "30s"}]}, tmp_path))
+async def test_heartbeat_endpoint_metrics_and_unknown_names(exporter_for: Any, make_config: MakeConfig) -> None:
+    client = await exporter_for(make_config(service=idle_service(heartbeats=[{"name": "worker", "timeout": "30s"}])))
     data = await scrape_samples(client)
     labels = {"service_name": "svc", "heartbeat": "worker"}
     assert value(data, "caretaker_heartbeat_last_timestamp_seconds", **labels) == 0
@@ -56,8 +63,9 @@ async def test_heartbeat_endpoint_metrics_and_unknown_names(exporter_for: Any, t
     assert value(data, "caretaker_service_health_component_ratio", service_name="svc", component="heartbeats") == 0
 
 
-async def test_heartbeats_survive_an_exporter_restart(exporter_for: Any, tmp_path: Path) -> None:
-    config = config_with({"heartbeats": [{"name": "worker", "timeout": "1m"}]}, tmp_path)
+async def test_heartbeats_survive_an_exporter_restart(exporter_for: Any, make_config: MakeConfig,
+                                                      tmp_path: Path) -> None:
+    config = make_config(service=idle_service(heartbeats=[{"name": "worker", "timeout": "1m"}]))
     first = await exporter_for(config)
     assert (await first.post("/heartbeat/worker")).status == 200
     fed = value(await scrape_samples(first), "caretaker_heartbeat_last_timestamp_seconds", service_name="svc",
@@ -88,40 +96,25 @@ def test_reporting_process_that_dies_is_not_alive(tmp_path: Path, children: Chil
     assert not store.process_alive("w") and not store.healthy("w", 60)
 
 
-async def test_client_feeds_a_heartbeat_without_blocking_or_raising(tmp_path: Path) -> None:
-    config = config_with({"heartbeats": [{"name": "app", "timeout": "30s"}]}, tmp_path, port=free_port())
-    runner = web.AppRunner(create_app(config))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", config.exporter.port).start()
-    url = f"http://127.0.0.1:{config.exporter.port}"
-    try:
-        store = runner.app[SCRAPER_KEY].heartbeats
+def app_config(make_config: MakeConfig) -> Config:
+    """Heartbeat ``app`` of a service ``svc``, the exporter on a free port."""
+    return make_config(service=idle_service(heartbeats=[{"name": "app", "timeout": "30s"}]),
+                       exporter={"port": free_port()})
+
+
+async def test_client_feeds_a_heartbeat_without_blocking_or_raising(make_config: MakeConfig) -> None:
+    async with serving_exporter(app_config(make_config)) as (url, store):
         with pytest.warns(DeprecationWarning, match="cannot prove"):
             feeder = Feeder("app", url, interval=0.2)
-        await asyncio_to_thread(feeder.start)
-        await wait_async(lambda: store.states["app"].received >= 2, 10)
-        await asyncio_to_thread(feeder.stop)
+        await asyncio.to_thread(feeder.start)
+        await wait_until(lambda: store.states["app"].received >= 2, 10)
+        await asyncio.to_thread(feeder.stop)
         assert store.states["app"].pid == os.getpid()
-    finally:
-        await runner.cleanup()
     # the exporter is gone: the client says False, never raises, and returns quickly
     started = time.monotonic()
-    assert send("app", url, timeout=1) is False
-    assert send("app", "file:///etc/passwd") is False
+    assert await asyncio.to_thread(send, "app", url, timeout=1) is False
+    assert await asyncio.to_thread(send, "app", "file:///etc/passwd") is False
     assert time.monotonic() - started < 3
-
-
-async def asyncio_to_thread(func: Callable[[], Any]) -> Any:
-    import asyncio
-    return await asyncio.to_thread(func)
-
-
-async def wait_async(predicate: Callable[[], bool], timeout: float) -> None:
-    import asyncio
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
 
 
 def test_threads_are_not_leaked_by_the_feeder(tmp_path: Path) -> None:
@@ -134,24 +127,8 @@ def test_threads_are_not_leaked_by_the_feeder(tmp_path: Path) -> None:
 
 # --- caretaker_client: beat() from the work loop, a sender that reports only what it proved ---------------
 
-@contextlib.asynccontextmanager
-async def serving_exporter(config: Any) -> AsyncIterator[tuple[str, HeartbeatStore]]:
-    """The real exporter app listening on ``config.exporter.port``: (its URL, its heartbeat store)."""
-    runner = web.AppRunner(create_app(config))
-    await runner.setup()
-    try:  # cleaned up even when the port cannot be bound: its client session is closed
-        await web.TCPSite(runner, "127.0.0.1", config.exporter.port).start()
-        yield f"http://127.0.0.1:{config.exporter.port}", runner.app[SCRAPER_KEY].heartbeats
-    finally:
-        await runner.cleanup()
-
-
-def app_config(tmp_path: Path) -> Any:
-    return config_with({"heartbeats": [{"name": "app", "timeout": "30s"}]}, tmp_path, port=free_port())
-
-
-async def test_beats_are_reported_with_their_count_and_counted_by_the_exporter(tmp_path: Path) -> None:
-    async with serving_exporter(app_config(tmp_path)) as (url, store):
+async def test_beats_are_reported_with_their_count_and_counted_by_the_exporter(make_config: MakeConfig) -> None:
+    async with serving_exporter(app_config(make_config)) as (url, store):
         heartbeat = Heartbeat("app", url)
         assert await asyncio.to_thread(heartbeat.report) is None  # no beat: nothing is sent
         assert store.states["app"].received == 0
@@ -166,14 +143,14 @@ async def test_beats_are_reported_with_their_count_and_counted_by_the_exporter(t
         assert heartbeat.reports == 1
 
 
-async def test_the_sender_reports_only_after_beats_and_once_per_interval(tmp_path: Path) -> None:
-    async with serving_exporter(app_config(tmp_path)) as (url, store):
+async def test_the_sender_reports_only_after_beats_and_once_per_interval(make_config: MakeConfig) -> None:
+    async with serving_exporter(app_config(make_config)) as (url, store):
         heartbeat = Heartbeat("app", url, interval=0.3).start()
         try:
             await asyncio.sleep(0.6)  # the sender looks every 0.1s for a first beat: none came
             assert store.states["app"].received == 0
             heartbeat.beat()
-            await wait_async(lambda: store.states["app"].received == 1, 10)  # the first beat is reported at once
+            await wait_until(lambda: store.states["app"].received == 1, 10)  # the first beat is reported at once
             assert store.states["app"].beats == 1
             begun, made = time.monotonic(), 0
             while time.monotonic() - begun < 1.5:  # the loop beats every 10 ms
@@ -190,8 +167,8 @@ async def test_the_sender_reports_only_after_beats_and_once_per_interval(tmp_pat
         assert not any(t.name == "caretaker-heartbeat-app" for t in threading.enumerate())
 
 
-async def test_the_asyncio_sender_reports_only_after_beats(tmp_path: Path) -> None:
-    async with serving_exporter(app_config(tmp_path)) as (url, store):
+async def test_the_asyncio_sender_reports_only_after_beats(make_config: MakeConfig) -> None:
+    async with serving_exporter(app_config(make_config)) as (url, store):
         heartbeat = Heartbeat("app", url, interval=0.2)
         task = asyncio.create_task(heartbeat.run_async())
         try:
@@ -199,7 +176,7 @@ async def test_the_asyncio_sender_reports_only_after_beats(tmp_path: Path) -> No
             assert store.states["app"].received == 0
             heartbeat.beat()
             heartbeat.beat()
-            await wait_async(lambda: store.states["app"].received == 1, 10)
+            await wait_until(lambda: store.states["app"].received == 1, 10)
             assert store.states["app"].beats == 2
             await asyncio.sleep(0.5)  # the loop stopped beating: no more reports, while the task runs
             assert store.states["app"].received == 1 and not task.done()
@@ -248,7 +225,8 @@ def test_the_exporter_url_comes_from_the_environment(monkeypatch: pytest.MonkeyP
     assert Heartbeat("app", "http://10.0.0.1:8930").url == "http://10.0.0.1:8930"
 
 
-async def test_an_app_with_only_caretaker_client_on_its_path_reports(tmp_path: Path, python: str) -> None:
+async def test_an_app_with_only_caretaker_client_on_its_path_reports(make_config: MakeConfig, tmp_path: Path,
+                                                                     python: str) -> None:
     only = tmp_path / "only"
     shutil.copytree(REPO / "caretaker_client", only / "caretaker_client")
     script = ("import importlib.util, os\n"
@@ -260,7 +238,7 @@ async def test_an_app_with_only_caretaker_client_on_its_path_reports(tmp_path: P
               "    heartbeat.beat()\n"
               "assert heartbeat.report() is True, heartbeat.url\n"
               "print(os.getpid())\n")
-    config = app_config(tmp_path)
+    config = app_config(make_config)
     async with serving_exporter(config) as (url, store):
         # -S: no site-packages (caretaker's venv, its editable install); only PYTHONPATH and the standard library
         env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(only), URL_VARIABLE: url}
@@ -271,8 +249,9 @@ async def test_an_app_with_only_caretaker_client_on_its_path_reports(tmp_path: P
         assert (state.pid, state.beats, state.received) == (int(result.stdout), 5, 1)
 
 
-async def test_beats_are_validated_counted_exposed_and_kept(exporter_for: Any, tmp_path: Path) -> None:
-    config = config_with({"heartbeats": [{"name": "worker", "timeout": "30s"}]}, tmp_path)
+async def test_beats_are_validated_counted_exposed_and_kept(exporter_for: Any, make_config: MakeConfig,
+                                                            tmp_path: Path) -> None:
+    config = make_config(service=idle_service(heartbeats=[{"name": "worker", "timeout": "30s"}]))
     client = await exporter_for(config)
     labels = {"service_name": "svc", "heartbeat": "worker"}
     assert value(await scrape_samples(client), "caretaker_heartbeat_beats_total", **labels) == 0

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 
 import pytest
-from aiohttp import web
 
-from exporter.config import parse_config
 from receiver.app import QuietProtocolErrors, create_app
 
-from .conftest import AUTH_TOKEN, free_port
+from .helpers import MakeConfig, idle_service, serving
 
 
 async def raw_request(port: int, head: bytes) -> bytes:
@@ -26,35 +23,28 @@ async def raw_request(port: int, head: bytes) -> bytes:
     return data.split(b"\r\n")[0]
 
 
-async def test_malformed_requests_are_4xx_with_one_warning_and_no_traceback(tmp_path: Path,
+async def test_malformed_requests_are_4xx_with_one_warning_and_no_traceback(make_config: MakeConfig,
                                                                             caplog: pytest.LogCaptureFixture) -> None:
-    (tmp_path / "token").write_text(AUTH_TOKEN)
-    config = parse_config({"receiver": {"bearer_token": {"file": "token"}, "state_file": "s.sqlite"},
-                           "services": {"svc": {"match": {"comm": "x"}}}}, base_dir=tmp_path)
+    config = make_config(service=idle_service(), token=True)
     quiet = QuietProtocolErrors(interval=60)
     server_log = logging.getLogger("aiohttp.server")
     server_log.addFilter(quiet)
-    runner = web.AppRunner(create_app(config))
-    await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
     body = b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
     try:
-        with caplog.at_level(logging.DEBUG):
-            # Credentials that are not UTF-8, or not ASCII: wrong credentials, not a crash.
-            for auth in (b"Bearer \xff\xfe", "Basic été".encode(), "Bearer tökén".encode()):
-                status = await raw_request(port, b"POST /alerts HTTP/1.1\r\nHost: x\r\nAuthorization: " + auth
-                                           + b"\r\n" + body)
-                assert status == b"HTTP/1.1 401 Unauthorized", auth
-            for bad in (b"POST /alerts HTTP/1.1\r\nHost: x\r\nNo colon here\r\n" + body,
-                        b"POST /alerts HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
-                        b"GARBAGE\x00\x01 / HTTP/9.9\r\n\r\n",
-                        b"POST /alerts HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20000 + b"\r\n\r\n"):
-                status = await raw_request(port, bad)
-                assert status.split()[1].startswith(b"4"), (bad[:40], status)
+        async with serving(create_app(config)) as port:
+            with caplog.at_level(logging.DEBUG):
+                # Credentials that are not UTF-8, or not ASCII: wrong credentials, not a crash.
+                for auth in (b"Bearer \xff\xfe", "Basic été".encode(), "Bearer tökén".encode()):
+                    status = await raw_request(port, b"POST /alerts HTTP/1.1\r\nHost: x\r\nAuthorization: " + auth
+                                               + b"\r\n" + body)
+                    assert status == b"HTTP/1.1 401 Unauthorized", auth
+                for bad in (b"POST /alerts HTTP/1.1\r\nHost: x\r\nNo colon here\r\n" + body,
+                            b"POST /alerts HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+                            b"GARBAGE\x00\x01 / HTTP/9.9\r\n\r\n",
+                            b"POST /alerts HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20000 + b"\r\n\r\n"):
+                    status = await raw_request(port, bad)
+                    assert status.split()[1].startswith(b"4"), (bad[:40], status)
     finally:
-        await runner.cleanup()
         server_log.removeFilter(quiet)
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], [
         (r.levelname, r.getMessage()[:80]) for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]

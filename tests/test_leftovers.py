@@ -30,14 +30,22 @@ from typing import Any
 import asyncpg
 import pytest
 
-from exporter.config import parse_config
 from exporter.procfs import ProcReader, scan_services
 from receiver.app import EXECUTOR_KEY
 
-from .conftest import AUTH_TOKEN, free_port, postgres_bin, require_binary, settle, wait_for
-from .test_receiver import alert, notification
+from .helpers import (
+    MakeConfig,
+    alert,
+    audit,
+    free_port,
+    post_alerts,
+    postgres_bin,
+    require_binary,
+    settle,
+    wait_for,
+    wait_until,
+)
 
-AUTH = {"Authorization": f"Bearer {AUTH_TOKEN}"}
 LEFTOVERS = "leftover processes of the previous incarnation"
 
 # --- processes, by pid and start time (never by name) ---------------------------------
@@ -98,15 +106,6 @@ def reap(proc: subprocess.Popen[bytes]) -> None:
 # --- the receiver -------------------------------------------------------------------------
 
 
-async def until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll without blocking the event loop (the receiver under test runs on it)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
-
-
 def family(client: Any, service: str) -> frozenset[tuple[int, int]]:
     """What the receiver's tracker knows of the service's family: (pid, start ticks)."""
     return frozenset(client.server.app[EXECUTOR_KEY].ctx.family.families.get(service, ()))
@@ -116,22 +115,29 @@ def pids(members: frozenset[tuple[int, int]]) -> set[int]:
     return {pid for pid, _ in members}
 
 
-async def post(client: Any, payload: dict[str, Any]) -> None:
-    resp = await client.post("/alerts", json=payload, headers=AUTH)
-    assert resp.status == 200, await resp.text()
-
-
 async def finished_repair(client: Any, timeout: float) -> dict[str, Any]:
     """The first repair the receiver finished (an ``acted`` audit entry that is done)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        resp = await client.get("/api/v1/remediations", headers=AUTH)
-        entries = (await resp.json())["data"]
-        done = [e for e in entries if e["decision"] == "acted" and e["state"] == "done"]
-        if done:
-            return dict(done[-1])
-        assert time.monotonic() < deadline, f"no repair finished within {timeout}s: {entries}"
-        await asyncio.sleep(0.1)
+    entries: list[dict[str, Any]] = []
+
+    async def done() -> list[dict[str, Any]]:
+        nonlocal entries
+        entries = await audit(client)
+        return [e for e in entries if e["decision"] == "acted" and e["state"] == "done"]
+
+    try:
+        return dict((await wait_until(done, timeout, interval=0.1, what="a repair to finish"))[-1])
+    except AssertionError as err:
+        raise AssertionError(f"no repair finished within {timeout}s: {entries}") from err
+
+
+async def repair_of_a_dead(client: Any, service: str, fingerprint: str,
+                           timeout: float) -> tuple[dict[str, Any], float, list[str]]:
+    """Alert that ``service`` is down: the repair that follows, the seconds it took from
+    the alert, and its messages."""
+    alerted = time.monotonic()
+    await post_alerts(client, alert(fingerprint, service_name=service, remediation="restart"))
+    entry = await finished_repair(client, timeout)
+    return entry, time.monotonic() - alerted, messages(entry)
 
 
 def messages(entry: dict[str, Any]) -> list[str]:
@@ -151,9 +157,8 @@ async def leave_alone(client: Any, service: str) -> None:
         await settle(client, 60)
 
 
-def receiver_settings() -> dict[str, Any]:
-    # track_interval 0.2 s: the family (children started a moment ago) is known quickly.
-    return {"bearer_token": {"file": "token"}, "state_file": "state.sqlite", "cooldown": 0, "track_interval": 0.2}
+TRACK_INTERVAL = 0.2
+"""receiver.track_interval: the family (children started a moment ago) is known quickly."""
 
 
 # --- a service whose child lives in a session of its own (no PostgreSQL needed) ------------
@@ -174,19 +179,16 @@ while True:
 
 @pytest.mark.timeout(90)
 async def test_a_child_in_its_own_session_that_outlived_its_killed_parent_is_stopped_before_the_restart(
-        receiver_for: Any, tmp_path: Path) -> None:
+        receiver_for: Any, make_config: MakeConfig, tmp_path: Path) -> None:
     marker, child_marker = f"parent-{uuid.uuid4().hex}", f"child-{uuid.uuid4().hex}"
     children = tmp_path / "children"
     argv = [sys.executable, "-c", PARENT, child_marker, str(children), marker]
-    (tmp_path / "token").write_text(AUTH_TOKEN)
-    config = parse_config({
-        "receiver": receiver_settings(),
-        "services": {"svc": {
-            "match": {"cmdline": f"{marker}$"},
-            "processes": {"min": 1, "max": 1},
-            "start": {"argv": argv, "log_file": "svc.log"},
-            "stop": {"grace_period": 3},
-            "remediation": {"allow": ["restart"], "verify_timeout": 10}}}}, base_dir=tmp_path)
+    config = make_config(service={
+        "match": {"cmdline": f"{marker}$"},
+        "processes": {"min": 1, "max": 1},
+        "start": {"argv": argv, "log_file": "svc.log"},
+        "stop": {"grace_period": 3},
+        "remediation": {"allow": ["restart"], "verify_timeout": 10}}, token=True, track_interval=TRACK_INTERVAL)
 
     def child_pids() -> list[int]:
         return [int(line) for line in children.read_text().split()] if children.exists() else []
@@ -201,27 +203,23 @@ async def test_a_child_in_its_own_session_that_outlived_its_killed_parent_is_sto
                                  stdin=subprocess.DEVNULL, start_new_session=True)
     client = None
     try:
-        await until(lambda: child_pids() and ours(child_pids()[0]), 10, "the first child")
+        await wait_until(lambda: child_pids() and ours(child_pids()[0]), 10, what="the first child")
         (child,) = child_pids()
         seen = proc_stat(child)
         assert seen is not None
         child_ticks = seen[1]
         client = await receiver_for(config)
-        await until(lambda: {first.pid, child} <= pids(family(client, "svc")), 10,
-                    "the receiver to know the child as part of the service's family")
+        await wait_until(lambda: {first.pid, child} <= pids(family(client, "svc")), 10,
+                         what="the receiver to know the child as part of the service's family")
 
         first.send_signal(signal.SIGKILL)  # the parent alone, not its group
-        first.wait(10)
+        await asyncio.to_thread(first.wait, 10)
         await asyncio.sleep(0.5)  # a few more scans of the tracker: the dead incarnation's family is kept
         assert running(child, child_ticks), "the child should have outlived its parent"
         known = family(client, "svc")
         assert (child, child_ticks) in known
 
-        alerted = time.monotonic()
-        await post(client, notification(alert("leftovers1", service_name="svc", remediation="restart")))
-        entry = await finished_repair(client, 30)
-        took = time.monotonic() - alerted
-        log = messages(entry)
+        entry, took, log = await repair_of_a_dead(client, "svc", "leftovers1", 30)
         assert entry["result"] == "success", log
         step = leftover_step(entry)
         assert step["message"] == f"stopping 1 {LEFTOVERS}", log
@@ -241,8 +239,8 @@ async def test_a_child_in_its_own_session_that_outlived_its_killed_parent_is_sto
             await leave_alone(client, "svc")
         for pid in child_pids():  # the first child if it survived, and the new incarnation's
             signal_if(pid, ours)
-        reap(first)
-        reap(bystander)
+        await asyncio.to_thread(reap, first)
+        await asyncio.to_thread(reap, bystander)
 
 
 # --- real PostgreSQL, started as its own user ------------------------------------------------
@@ -353,22 +351,19 @@ def pg_cluster() -> Iterator[Cluster]:
 
 @pytest.mark.timeout(180)
 async def test_a_sigkilled_postmaster_with_a_live_backend_is_healed(receiver_for: Any, pg_cluster: Cluster,
-                                                                    tmp_path: Path) -> None:
+                                                                    make_config: MakeConfig, tmp_path: Path) -> None:
     cluster = pg_cluster
-    (tmp_path / "token").write_text(AUTH_TOKEN)
     (tmp_path / "pgpass").write_text(cluster.password)
-    config = parse_config({
-        "receiver": receiver_settings(),
-        "services": {"pg": {
-            "match": {"pidfile": str(cluster.pidfile)},  # the postmaster only, never a backend
-            "processes": {"min": 1, "max": 1},
-            "probes": [{"name": "sql", "type": "postgres", "port": cluster.port, "password": {"file": "pgpass"},
-                        "tls": "disable", "timeout": 2}],
-            # PostgreSQL refuses to run as root: the receiver starts it as its own user.
-            "start": {"argv": cluster.argv[cluster.argv.index(postgres_bin("postgres")):], "log_file": "postgres.log",
-                      **({"user": "postgres"} if os.geteuid() == 0 else {})},
-            "stop": {"grace_period": 5},
-            "remediation": {"allow": ["restart"], "verify_timeout": 30}}}}, base_dir=tmp_path)
+    config = make_config({"pg": {
+        "match": {"pidfile": str(cluster.pidfile)},  # the postmaster only, never a backend
+        "processes": {"min": 1, "max": 1},
+        "probes": [{"name": "sql", "type": "postgres", "port": cluster.port, "password": {"file": "pgpass"},
+                    "tls": "disable", "timeout": 2}],
+        # PostgreSQL refuses to run as root: the receiver starts it as its own user.
+        "start": {"argv": cluster.argv[cluster.argv.index(postgres_bin("postgres")):], "log_file": "postgres.log",
+                  **({"user": "postgres"} if os.geteuid() == 0 else {})},
+        "stop": {"grace_period": 5},
+        "remediation": {"allow": ["restart"], "verify_timeout": 30}}}, token=True, track_interval=TRACK_INTERVAL)
 
     first = cluster.start(tmp_path / "postgres.log")  # the previous incarnation, started as the receiver would
     busy = await cluster.connect(server_settings={"statement_timeout": "60s"})  # bounds the query in any case
@@ -382,12 +377,12 @@ async def test_a_sigkilled_postmaster_with_a_live_backend_is_healed(receiver_for
         backend_ticks = seen[1]
         cluster.known.append((backend, backend_ticks))
         client = await receiver_for(config)
-        await until(lambda: {first.pid, backend} <= pids(family(client, "pg")), 15,
-                    "the receiver to know the backend as part of postgres's family")
+        await wait_until(lambda: {first.pid, backend} <= pids(family(client, "pg")), 15,
+                         what="the receiver to know the backend as part of postgres's family")
         assert len(scan_services(ProcReader(), config.services, (os.getpid(),), with_fds=False)["pg"]) == 1
 
         query = asyncio.create_task(busy.fetchval(CPU_QUERY))
-        await until(lambda: " SELECT" in cmdline(backend), 10, "the backend to run the query")
+        await wait_until(lambda: " SELECT" in cmdline(backend), 10, what="the backend to run the query")
         os.kill(first.pid, signal.SIGKILL)  # the postmaster alone, not its group
         await asyncio.to_thread(first.wait, 10)  # reaped, as its parent would: no zombie holds the pid
         await asyncio.sleep(0.5)  # a few more scans of the tracker: the dead incarnation's family is kept
@@ -396,11 +391,7 @@ async def test_a_sigkilled_postmaster_with_a_live_backend_is_healed(receiver_for
         known = family(client, "pg")
         assert (backend, backend_ticks) in known
 
-        alerted = time.monotonic()
-        await post(client, notification(alert("pgdown1", service_name="pg", remediation="restart")))
-        entry = await finished_repair(client, 60)
-        took = time.monotonic() - alerted
-        log = messages(entry)
+        entry, took, log = await repair_of_a_dead(client, "pg", "pgdown1", 60)
         assert entry["result"] == "success", log
         assert log[0] == "no processes running", log
 
@@ -438,7 +429,7 @@ async def test_a_sigkilled_postmaster_with_a_live_backend_is_healed(receiver_for
             cluster.known.extend(family(client, "pg"))  # the new incarnation: stopped with the cluster
 
 
-def test_a_process_of_another_service_is_never_a_leftover(children: Any, tmp_path: Path) -> None:
+def test_a_process_of_another_service_is_never_a_leftover(children: Any, make_config: MakeConfig) -> None:
     """A's process started B's (a launcher): when A dies, B's process is B's, not A's leftover."""
     from receiver.family import FamilyTracker
 
@@ -446,8 +437,7 @@ def test_a_process_of_another_service_is_never_a_leftover(children: Any, tmp_pat
     launcher = ("import subprocess, sys, time\n"
                 "subprocess.Popen([sys.executable, '-c', 'import time\\nwhile True: time.sleep(1)', sys.argv[1]])\n"
                 "while True: time.sleep(1)\n")
-    config = parse_config({"services": {"a": {"match": {"cmdline": f"{a_mark}$"}},
-                                        "b": {"match": {"cmdline": f"{b_mark}$"}}}}, base_dir=tmp_path)
+    config = make_config({"a": {"match": {"cmdline": f"{a_mark}$"}}, "b": {"match": {"cmdline": f"{b_mark}$"}}})
     parent = children.start([sys.executable, "-c", launcher, b_mark, a_mark])
     tracker = FamilyTracker(ProcReader(), config.services)
     wait_for(lambda: (tracker.scan(), len(tracker.families.get("a", ())) == 2)[1], 10,

@@ -17,22 +17,32 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from exporter.config import parse_config
-from receiver.actions import ActionContext, RepairFailed, StepLog, restart
+from exporter.config import Config
+from receiver.actions import RepairFailed, StepLog, restart
 from receiver.process import start_service
 
-from .conftest import AUTH_TOKEN, REPO, free_port, settle, stop_config_services, wait_for
-from .test_exporter import samples, value
-from .test_heartbeats import serving_exporter, wait_async
-from .test_receiver import alert
-from .test_reconcile import pids, post
+from .helpers import (
+    REPO,
+    MakeConfig,
+    alert,
+    free_port,
+    kill_child,
+    pids,
+    post_alerts,
+    samples,
+    serving_exporter,
+    settle,
+    value,
+    wait_audit,
+    wait_until,
+)
 
 TIMEOUT = 2.0
 """The worker heartbeat's timeout in the config (seconds)."""
@@ -70,26 +80,34 @@ while True:
 """
 
 
-def worker_config(tmp_path: Path, verify_timeout: float = 15.0, heartbeats: bool = True) -> Any:
+def worker_config(make_config: MakeConfig, tmp_path: Path, verify_timeout: float = 15.0,
+                  heartbeats: bool = True) -> Config:
+    """Service ``worker``: :data:`WORKER` with only caretaker_client on its path, its
+    heartbeat ``worker`` (unless not ``heartbeats``), the exporter on a free port."""
     only = tmp_path / "client-only"
     shutil.copytree(REPO / "caretaker_client", only / "caretaker_client")
-    (tmp_path / "token").write_text(AUTH_TOKEN)
     (tmp_path / "ready-after").write_text("0")
     port, marker = free_port(), f"lv-{uuid.uuid4().hex[:12]}"
-    return parse_config({
-        "exporter": {"port": port, "state_file": "heartbeats.json"},
-        "receiver": {"bearer_token": {"file": "token"}, "state_file": "state.sqlite", "cooldown": 0,
-                     "recheck_interval": "200ms"},
-        "services": {"worker": {
-            "match": {"cmdline": f"{marker}$"},
-            "processes": {"min": 1, "max": 1},
-            "start": {"argv": [sys.executable, "-S", "-c", WORKER, str(tmp_path / "deadlock"),
-                               str(tmp_path / "ready-after"), str(INTERVAL), marker],
-                      "env": {"PYTHONPATH": str(only), "CARETAKER_EXPORTER_URL": f"http://127.0.0.1:{port}"},
-                      "log_file": "worker.log"},
-            "stop": {"grace_period": 2},
-            "heartbeats": [{"name": "worker", "timeout": TIMEOUT}] if heartbeats else [],
-            "remediation": {"allow": ["restart"], "verify_timeout": verify_timeout}}}}, base_dir=tmp_path)
+    return make_config({"worker": {
+        "match": {"cmdline": f"{marker}$"},
+        "processes": {"min": 1, "max": 1},
+        "start": {"argv": [sys.executable, "-S", "-c", WORKER, str(tmp_path / "deadlock"),
+                           str(tmp_path / "ready-after"), str(INTERVAL), marker],
+                  "env": {"PYTHONPATH": str(only), "CARETAKER_EXPORTER_URL": f"http://127.0.0.1:{port}"},
+                  "log_file": "worker.log"},
+        "stop": {"grace_period": 2},
+        "heartbeats": [{"name": "worker", "timeout": TIMEOUT}] if heartbeats else [],
+        "remediation": {"allow": ["restart"], "verify_timeout": verify_timeout}}},
+        exporter={"port": port, "state_file": "heartbeats.json"}, token=True, recheck_interval="200ms")
+
+
+def saved_last_seen(tmp_path: Path) -> float:
+    """When the worker heartbeat was last fed, as the exporter last saved it for the
+    receiver to read (0 before it saves)."""
+    try:
+        return float(json.loads((tmp_path / "heartbeats.json").read_text())["heartbeats"]["worker"]["last_seen"])
+    except (OSError, ValueError, KeyError):
+        return 0.0
 
 
 def first_beat(tmp_path: Path, pid: int) -> float:
@@ -120,21 +138,21 @@ def steps_of(entry: dict[str, Any]) -> tuple[list[str], Callable[[str], dict[str
 
 
 async def test_a_deadlocked_loop_goes_stale_is_restarted_and_verified_by_its_new_heartbeat(
-        receiver_for: Any, tmp_path: Path) -> None:
-    config = worker_config(tmp_path)
+        receiver_for: Any, make_config: MakeConfig, tmp_path: Path) -> None:
+    config = worker_config(make_config, tmp_path)
     labels = {"service_name": "worker", "heartbeat": "worker"}
     async with serving_exporter(config) as (url, store):
         client = await receiver_for(config)
         first = start_service(config, "worker")
         try:
             state = store.states["worker"]
-            await wait_async(lambda: state.pid == first.pid and state.beats > 0, 20)
+            await wait_until(lambda: state.pid == first.pid and state.beats > 0, 20)
 
             # The work loop deadlocks on a lock; the process and its threads (main, sender, holder) live on.
             (tmp_path / "deadlock").touch()
-            await wait_async(lambda: "deadlocks after" in (tmp_path / "worker.log").read_text(), 10)
+            await wait_until(lambda: "deadlocks after" in (tmp_path / "worker.log").read_text(), 10)
             deadlocked_at = time.time()
-            await wait_async(lambda: time.time() - state.last_seen > TIMEOUT + 1.5, 20)  # stale, and saved
+            await wait_until(lambda: time.time() - state.last_seen > TIMEOUT + 1.5, 20)  # stale, and saved
             assert threads(first.pid) == ("S", 3)
             assert pids(config, "worker") == [first.pid]
             assert state.last_seen <= deadlocked_at + INTERVAL + 0.5  # nothing reported since the loop stopped
@@ -147,16 +165,13 @@ async def test_a_deadlocked_loop_goes_stale_is_restarted_and_verified_by_its_new
 
             # The next incarnation needs a second before its loop runs: verification must wait for it.
             (tmp_path / "ready-after").write_text("1.0")
-            await post(client, alert("hb1", alertname="CaretakerHeartbeatMissing", remediation="restart", **labels))
-            deadline = time.monotonic() + 40
-            while not any(e["result"] == "success" for e in await settle(client)):
-                assert time.monotonic() < deadline, await settle(client)
-                await asyncio.sleep(0.1)
+            await post_alerts(client, alert("hb1", alertname="CaretakerHeartbeatMissing", remediation="restart",
+                                            **labels))
+            await wait_audit(client, lambda es: any(e["result"] == "success" for e in es), 40)
             await asyncio.sleep(2)  # the problem stays open: the receiver keeps looking, and must not act again
             entries = await settle(client)
         finally:
-            first.kill()
-            first.wait()
+            await kill_child(first)
         (entry,) = [e for e in entries if e["decision"] == "acted"]
         assert entry["result"] == "success", entry
         assert entry["observation"]["holds"] is True
@@ -173,31 +188,17 @@ async def test_a_deadlocked_loop_goes_stale_is_restarted_and_verified_by_its_new
         assert started["at"] < loop_began <= fresh["fed_at"] <= fresh["at"] <= verified["at"]
         assert verified["at"] - started["at"] >= 1.0  # it did not pass while the new process had not beaten yet
         assert not [e for e in entries if e["decision"] == "acted" and e is not entry]
-        await wait_async(lambda: store.states["worker"].beats > beats_when_stale + 10, 10)  # its loop runs
-
-
-@pytest.fixture
-async def ctx_for() -> AsyncIterator[Callable[[Any], ActionContext]]:
-    contexts: list[ActionContext] = []
-    async with aiohttp.ClientSession() as session:
-        def make(config: Any) -> ActionContext:
-            contexts.append(ActionContext(config, session))
-            return contexts[-1]
-        yield make
-    for ctx in contexts:
-        stop_config_services(ctx.config)
-        reaper = ctx.reaper
-        wait_for(lambda: (reaper.reap(), not reaper.children)[1], 5, what="children reaped")  # noqa: B023
+        await wait_until(lambda: store.states["worker"].beats > beats_when_stale + 10, 10)  # its loop runs
 
 
 async def test_a_restart_is_not_verified_until_a_heartbeat_comes_and_fails_when_none_does(
-        ctx_for: Any, tmp_path: Path) -> None:
-    ctx = ctx_for(worker_config(tmp_path, verify_timeout=3.0))
+        ctx_for: Any, make_config: MakeConfig, tmp_path: Path) -> None:
+    ctx = ctx_for(worker_config(make_config, tmp_path, verify_timeout=3.0))
     async with serving_exporter(ctx.config) as (_url, store):
         first = start_service(ctx.config, "worker")
         ctx.reaper.add(first)
-        await wait_async(lambda: store.states["worker"].pid == first.pid and store.states["worker"].beats > 0, 20)
-        await asyncio.sleep(1.2)  # the exporter saved it
+        await wait_until(lambda: store.states["worker"].pid == first.pid and store.states["worker"].beats > 0, 20)
+        await wait_until(lambda: saved_last_seen(tmp_path) > 0, 10, what="the exporter to save the heartbeat")
 
         # The new process runs at once (processes in range, no probe), but its loop never beats.
         (tmp_path / "ready-after").write_text("3600")
@@ -225,8 +226,9 @@ async def test_a_restart_is_not_verified_until_a_heartbeat_comes_and_fails_when_
         assert first_beat(tmp_path, new) <= fresh["fed_at"] <= verified["at"]
 
 
-async def test_a_service_without_heartbeats_is_verified_as_before(ctx_for: Any, tmp_path: Path) -> None:
-    ctx = ctx_for(worker_config(tmp_path, heartbeats=False))
+async def test_a_service_without_heartbeats_is_verified_as_before(ctx_for: Any, make_config: MakeConfig,
+                                                                  tmp_path: Path) -> None:
+    ctx = ctx_for(worker_config(make_config, tmp_path, heartbeats=False))
     (tmp_path / "ready-after").write_text("3600")  # it never beats: nobody waits for it
     steps = StepLog()
     await restart(ctx, "worker", steps)
@@ -234,10 +236,10 @@ async def test_a_service_without_heartbeats_is_verified_as_before(ctx_for: Any, 
     assert not any(s["message"].startswith("heartbeat") for s in steps.steps)
 
 
-def test_the_exporter_state_the_receiver_reads_is_named_when_missing(tmp_path: Path) -> None:
+def test_the_exporter_state_the_receiver_reads_is_named_when_missing(make_config: MakeConfig, tmp_path: Path) -> None:
     from receiver import heartbeats
 
-    config = worker_config(tmp_path)
+    config = worker_config(make_config, tmp_path)
     held, why = heartbeats.late(config, "worker", "worker", time.time())
     assert held is None and "heartbeats.json does not exist" in why
     fresh, why = heartbeats.fed_since(config, ["worker"], time.time())

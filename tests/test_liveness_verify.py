@@ -4,6 +4,7 @@ SIGTERM, still beating, after the restart began."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -22,8 +23,7 @@ from exporter.config import parse_config
 from exporter.procfs import ProcReader, scan_services
 from receiver.actions import ActionContext, RepairFailed, StepLog, restart
 
-from .conftest import AUTH_TOKEN, REPO, free_port, require_binary, wait_for
-from .test_heartbeats import serving_exporter, wait_async
+from .helpers import AUTH_TOKEN, REPO, free_port, require_binary, serving_exporter, wait_until
 
 WORKER = """\
 import os, signal, sys, time
@@ -105,7 +105,7 @@ async def supervised(tmp_path: Path) -> AsyncIterator[Any]:
         return made[-1]
     yield make
     for s in made:
-        s.stop()
+        await asyncio.to_thread(s.stop)
 
 
 async def test_the_old_process_beating_while_it_drains_never_verifies_the_restart(supervised: Any) -> None:
@@ -114,9 +114,9 @@ async def test_the_old_process_beating_while_it_drains_never_verifies_the_restar
     "verified" although the new process never beat."""
     sv = supervised(4.0)
     async with serving_exporter(sv.config) as (_url, store), aiohttp.ClientSession() as session:
-        wait_for(lambda: len(sv.pids()) == 1, 15, what="supervisord to start the worker")
+        await wait_until(lambda: len(sv.pids()) == 1, 15, what="supervisord to start the worker")
         (old,) = sv.pids()
-        await wait_async(lambda: store.states["worker"].pid == old and store.states["worker"].beats > 0, 15)
+        await wait_until(lambda: store.states["worker"].pid == old and store.states["worker"].beats > 0, 15)
         sv.mode.write_text("never")  # the next incarnation hangs before its loop: it never beats
         steps = StepLog()
         began = time.time()
@@ -133,9 +133,9 @@ async def test_the_old_process_beating_while_it_drains_never_verifies_the_restar
 async def test_the_new_process_beating_verifies_the_restart(supervised: Any) -> None:
     sv = supervised(15.0)
     async with serving_exporter(sv.config) as (_url, store), aiohttp.ClientSession() as session:
-        wait_for(lambda: len(sv.pids()) == 1, 15, what="supervisord to start the worker")
+        await wait_until(lambda: len(sv.pids()) == 1, 15, what="supervisord to start the worker")
         (old,) = sv.pids()
-        await wait_async(lambda: store.states["worker"].pid == old and store.states["worker"].beats > 0, 15)
+        await wait_until(lambda: store.states["worker"].pid == old and store.states["worker"].beats > 0, 15)
         steps = StepLog()
         await restart(ActionContext(sv.config, session), "worker", steps)
         (new,) = sv.pids()
@@ -148,21 +148,19 @@ async def test_a_feed_without_a_pid_counts_only_after_the_new_process_started(su
     """A plain POST /heartbeat/NAME (no pid) cannot be traced to a process: fed while the
     old process drained it does not count; fed after the new one started, it does, and
     the step says how it was judged."""
-    import asyncio
-
     sv = supervised(10.0)
     sv.mode.write_text("never")  # the app's loop never reports itself: a script feeds the heartbeat
     async with serving_exporter(sv.config) as (url, store), aiohttp.ClientSession() as session:
-        wait_for(lambda: len(sv.pids()) == 1, 15, what="supervisord to start the worker")
+        await wait_until(lambda: len(sv.pids()) == 1, 15, what="supervisord to start the worker")
         (old,) = sv.pids()
         assert (await session.post(f"{url}/heartbeat/worker")).status == 200
         steps = StepLog()
         repair = asyncio.create_task(restart(ActionContext(sv.config, session), "worker", steps))
-        await wait_async(lambda: f"{old} draining" in sv.log.read_text(), 15)
+        await wait_until(lambda: f"{old} draining" in sv.log.read_text(), 15)
         assert (await session.post(f"{url}/heartbeat/worker")).status == 200  # while the old one drains
         assert sv.pids() == [old]
         drained_feed = store.states["worker"].last_seen
-        await wait_async(lambda: bool(sv.pids()) and sv.pids() != [old], 15)
+        await wait_until(lambda: bool(sv.pids()) and sv.pids() != [old], 15)
         await asyncio.sleep(2.5)  # saved; verify has looked at it and not counted it
         assert not any(s["message"].startswith("heartbeat worker fresh") for s in steps.steps)
         assert (await session.post(f"{url}/heartbeat/worker")).status == 200  # after the new one started

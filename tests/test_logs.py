@@ -10,13 +10,12 @@ import pytest
 
 from exporter.logtail import LogFollower, patterns_for
 
-from .conftest import require_binary
-from .test_exporter import config_with, scrape_samples, value
+from .helpers import MakeConfig, build_config, idle_service, require_binary, scrape_samples, value
 
 
 def follower(path: Path, **kw: Any) -> LogFollower:
-    config = config_with({"logs": [{"path": str(path), "patterns": [{"name": "boom", "regex": "BOOM"}]}]},
-                         path.parent)
+    config = build_config(path.parent, service=idle_service(
+        logs=[{"path": str(path), "patterns": [{"name": "boom", "regex": "BOOM"}]}]))
     return LogFollower(path, patterns_for(config.services["svc"].logs[0]), **kw)
 
 
@@ -94,10 +93,11 @@ def test_real_logrotate_loses_and_doubles_nothing(tmp_path: Path, method: str) -
     f.close()
 
 
-async def test_log_matches_are_exposed_per_pattern_and_severity(exporter_for: Any, tmp_path: Path) -> None:
+async def test_log_matches_are_exposed_per_pattern_and_severity(exporter_for: Any, make_config: MakeConfig,
+                                                                tmp_path: Path) -> None:
     log = tmp_path / "access.log"
     log.write_text("")
-    client = await exporter_for(config_with({"logs": [{"path": "access.log"}]}, tmp_path))
+    client = await exporter_for(make_config(service=idle_service(logs=[{"path": "access.log"}])))
     data = await scrape_samples(client)
     labels = {"service_name": "svc", "pattern": "http_5xx", "severity": "error"}
     assert value(data, "caretaker_log_pattern_matches_total", **labels) == 0

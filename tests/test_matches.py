@@ -5,19 +5,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from exporter.config import parse_config
 from exporter.procfs import ProcessTable, ProcReader, explain
 
-from .conftest import CLK_TCK, PAGE, REPO, Children, FakeProc, wait_for
+from .helpers import CLK_TCK, PAGE, REPO, Children, FakeProc, build_config, started_ticks_ago, wait_for
 
 
 def explained(fake: FakeProc, services: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
-    config = parse_config({"services": services}, base_dir=tmp_path)
+    config = build_config(tmp_path, services)
     table = ProcessTable(ProcReader(fake.root, CLK_TCK, PAGE), config.services)
     return explain(table, table.scan())
 
@@ -70,7 +68,7 @@ def test_processes_view_shows_what_matched_and_what_stop_duplicates_keeps(tmp_pa
     marker = f"ledger-{uuid.uuid4().hex[:8]}.py"
     (tmp_path / marker).write_text("import time\nwhile True: time.sleep(1)\n")
     service = children.start([python, marker], cwd=tmp_path)
-    time.sleep(0.05)  # a later start time: the service is the oldest
+    wait_for(lambda: started_ticks_ago(service.pid) > 0, 5, what="a later start time: the service is the oldest")
     bystander = children.start(["sh", "-c", "sleep 60; exit 0", marker])  # a script that mentions the name
     wait_for(lambda: Path(f"/proc/{bystander.pid}/cmdline").read_bytes().endswith(marker.encode() + b"\0"), 5)
     path = tmp_path / "caretaker.yml"

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import REPO, Children, free_port, wait_for
+from .helpers import REPO, Children, free_port, wait_for
 
 
 def test_once_prints_status_and_exit_code(tmp_path: Path, children: Children, python: str) -> None:

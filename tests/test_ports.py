@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
-from exporter.config import parse_config
 from exporter.sockets import PortStatus, check_port, holders, listening_table, port_holders
 
-from .conftest import Children, free_port, port_open, wait_for
-from .test_exporter import scrape_samples, value
+from .helpers import Children, MakeConfig, free_port, port_open, scrape_samples, value, wait_for, wait_until
 
 
-async def test_port_held_by_another_process_is_a_conflict(exporter_for: Any, tmp_path: Path, children: Children,
-                                                          python: str) -> None:
+async def test_port_held_by_another_process_is_a_conflict(exporter_for: Any, make_config: MakeConfig,
+                                                          children: Children, python: str) -> None:
     port = free_port()
     squatter = ("import socket, time\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
                 f"s.bind(('127.0.0.1', {port}))\ns.listen()\ntime.sleep(60)\n")
     proc = children.start([python, "-c", squatter, "squatter"])
-    wait_for(lambda: port_open(port), 10, what="squatter listening")
-    config = parse_config({"services": {
-        "svc": {"match": {"cmdline": "^nothing-matches$"}, "ports": [port]},
-        "owner": {"match": {"cmdline": "squatter$"}, "ports": [port]}}}, base_dir=tmp_path)
+    await wait_until(lambda: port_open(port), 10, what="squatter listening")
+    config = make_config({"svc": {"match": {"cmdline": "^nothing-matches$"}, "ports": [port]},
+                          "owner": {"match": {"cmdline": "squatter$"}, "ports": [port]}})
     data = await scrape_samples(await exporter_for(config))
     assert value(data, "caretaker_service_port_listening", service_name="svc", port=str(port)) == 1
     assert value(data, "caretaker_service_port_conflict", service_name="svc", port=str(port)) == 1
@@ -32,7 +28,6 @@ async def test_port_held_by_another_process_is_a_conflict(exporter_for: Any, tmp
     assert info["pid"] == str(proc.pid)
     assert info["comm"].startswith("python")
     assert value(data, "caretaker_service_port_conflict", service_name="owner", port=str(port)) == 0
-
 
 
 def test_the_holders_of_a_port_are_found_among_the_given_processes(children: Children, python: str) -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -14,16 +14,23 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from exporter.config import parse_config
 from exporter.probes import ProbeContext, ProbeResult, run_probe
 
-from .conftest import Postgres, free_port, require_binary
+from .helpers import (
+    Postgres,
+    build_config,
+    free_port,
+    idle_service,
+    make_cert,
+    port_open,
+    require_binary,
+    serving,
+    wait_until,
+)
 
 
 def probe(spec: dict[str, Any], tmp_path: Path) -> Any:
-    config = parse_config({"services": {"s": {"match": {"comm": "x"}, "probes": [{"name": "p", **spec}]}}},
-                          base_dir=tmp_path)
-    return config.services["s"].probes[0]
+    return build_config(tmp_path, service=idle_service(probes=[{"name": "p", **spec}])).services["svc"].probes[0]
 
 
 @pytest.fixture
@@ -38,13 +45,12 @@ async def check(spec: dict[str, Any], ctx: ProbeContext) -> ProbeResult:
 
 # --- Redis ----------------------------------------------------------------------------
 
-async def test_redis_ping_with_password(redis_server: Any, children: Any, ctx: ProbeContext, tmp_path: Path) -> None:
+async def test_redis_ping_with_password(children: Any, ctx: ProbeContext, tmp_path: Path) -> None:
     binary = require_binary("redis-server")
     port = free_port()
     children.start([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--requirepass", "hunter2",
                     "--dir", str(tmp_path)])
-    from .conftest import port_open, wait_for
-    wait_for(lambda: port_open(port), 10, what="redis")
+    await wait_until(lambda: port_open(port), 10, what="redis")
     (tmp_path / "pw").write_text("hunter2\n")
     (tmp_path / "bad").write_text("wrong\n")
     ok = await check({"type": "redis", "port": port, "password": {"file": "pw"}}, ctx)
@@ -57,13 +63,12 @@ async def test_redis_ping_with_password(redis_server: Any, children: Any, ctx: P
 
 async def test_redis_over_tls(children: Any, ctx: ProbeContext, tmp_path: Path) -> None:
     binary = require_binary("redis-server")
-    cert, key = make_cert(tmp_path)
+    cert, key = await asyncio.to_thread(make_cert, tmp_path)
     port = free_port()
     children.start([binary, "--bind", "127.0.0.1", "--port", "0", "--tls-port", str(port), "--tls-cert-file",
                     str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients",
                     "no", "--save", "", "--dir", str(tmp_path)])
-    from .conftest import port_open, wait_for
-    wait_for(lambda: port_open(port), 10, what="redis with TLS")
+    await wait_until(lambda: port_open(port), 10, what="redis with TLS")
     ok = await check({"type": "redis", "port": port, "tls": True, "ca_file": str(cert)}, ctx)
     assert (ok.success, ok.detail) == (True, "PONG")
     untrusted = await check({"type": "redis", "port": port, "tls": True}, ctx)
@@ -77,9 +82,8 @@ async def test_redis_down_is_refused(ctx: ProbeContext) -> None:
     assert (result.success, result.reason) == (False, "refused")
 
 
-async def test_tcp_send_expect_against_redis(redis_server: Any, ctx: ProbeContext) -> None:
-    port = free_port()
-    redis_server(port)
+async def test_tcp_send_expect_against_redis(redis_port: int, ctx: ProbeContext) -> None:
+    port = redis_port
     ok = await check({"type": "tcp", "port": port, "send": "PING\r\n", "expect": "^\\+PONG"}, ctx)
     assert ok.success, ok.detail
     bad = await check({"type": "tcp", "port": port, "send": "PING\r\n", "expect": "^HELLO", "timeout": "500ms"}, ctx)
@@ -124,18 +128,9 @@ async def test_exec_probe_never_uses_a_shell(ctx: ProbeContext, tmp_path: Path) 
 
 # --- HTTP(S) ----------------------------------------------------------------------------
 
-def make_cert(tmp_path: Path, days: int = 30) -> tuple[Path, Path]:
-    openssl = require_binary("openssl")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", str(days), "-subj", "/CN=localhost", "-addext",
-                    "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
-    return cert, key
-
-
 @pytest.fixture
 async def https_server(tmp_path: Path) -> AsyncIterator[tuple[int, Path]]:
-    cert, key = make_cert(tmp_path)
+    cert, key = await asyncio.to_thread(make_cert, tmp_path)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
 
@@ -144,12 +139,8 @@ async def https_server(tmp_path: Path) -> AsyncIterator[tuple[int, Path]]:
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
-    yield port, cert
-    await runner.cleanup()
+    async with serving(app, ssl_context=context) as port:
+        yield port, cert
 
 
 async def test_https_probe_reports_certificate_expiry(https_server: tuple[int, Path], ctx: ProbeContext) -> None:

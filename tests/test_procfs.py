@@ -9,10 +9,11 @@ from pathlib import Path
 from exporter.config import parse_config
 from exporter.procfs import CpuAccountant, ProcessTable, ProcReader, scan_services
 
-from .conftest import BTIME, CLK_TCK, PAGE, Children, FakeProc, free_port, wait_for
+from .helpers import BTIME, CLK_TCK, PAGE, Children, FakeProc, MakeConfig, free_port, wait_for
 
 
 def services(**matches: dict[str, str]) -> dict:  # type: ignore[type-arg]
+    """Validated ``services`` entries of these matches, for a scan (no config directory needed)."""
     config = parse_config({"services": {name: {"match": m, "processes": {"min": 0, "max": 10}}
                                         for name, m in matches.items()}})
     return dict(config.services)
@@ -116,19 +117,25 @@ def test_reused_pid_is_attributed_to_its_new_service(fake_proc: FakeProc) -> Non
     assert found["redis"] == [] and [p.pid for p in found["app"]] == [80]
 
 
+FORKS_THEN_EXECS = ("import os, sys, time\n"
+                    "pid = os.fork()\n"
+                    "if pid == 0:  # the child runs as a copy of its parent until the test says go\n"
+                    "    while not os.path.exists(sys.argv[1]): time.sleep(0.01)\n"
+                    "    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', sys.argv[2]])\n"
+                    "time.sleep(60)\n")
+"""``python -c FORKS_THEN_EXECS GO CHILD_MARKER PARENT_MARKER``: a parent whose forked child
+execs into ``CHILD_MARKER`` once the file ``GO`` exists."""
+
+
 def test_child_between_fork_and_exec_moves_to_its_new_service(children: Children, python: str,
-                                                              tmp_path: object) -> None:
+                                                              tmp_path: Path) -> None:
     """A forked child first looks like its parent; after exec it must be the new program."""
-    script = ("import os, sys, time\n"
-              "pid = os.fork()\n"
-              "if pid == 0:\n"
-              "    time.sleep(1.0)\n"
-              "    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', 'child-marker'])\n"
-              "time.sleep(60)\n")
-    parent = children.start([python, "-c", script, "parent-marker"])
+    go = tmp_path / "exec-now"
+    parent = children.start([python, "-c", FORKS_THEN_EXECS, str(go), "child-marker", "parent-marker"])
     svc = services(parent={"cmdline": "parent-marker$"}, child={"cmdline": "child-marker$"})
     r = ProcReader()
     wait_for(lambda: len(scan_services(r, svc)["parent"]) == 2, 5, what="forked child seen as parent")
+    go.touch()
     wait_for(lambda: len(scan_services(r, svc)["child"]) == 1, 5, what="child seen after exec")
     found = scan_services(r, svc)
     assert [p.pid for p in found["parent"]] == [parent.pid]
@@ -192,17 +199,14 @@ def test_old_process_that_execs_into_a_service_is_found_by_the_recheck(fake_proc
     assert found_after is not None and found_after <= 8
 
 
-def test_child_between_fork_and_exec_with_a_persistent_table(children: Children, python: str) -> None:
-    script = ("import os, sys, time\n"
-              "pid = os.fork()\n"
-              "if pid == 0:\n"
-              "    time.sleep(1.0)\n"
-              "    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', 'child-mark'])\n"
-              "time.sleep(60)\n")
-    parent = children.start([python, "-c", script, "parent-mark"])
+def test_child_between_fork_and_exec_with_a_persistent_table(children: Children, python: str,
+                                                              tmp_path: Path) -> None:
+    go = tmp_path / "exec-now"
+    parent = children.start([python, "-c", FORKS_THEN_EXECS, str(go), "child-mark", "parent-mark"])
     t = ProcessTable(ProcReader(), services(parent={"cmdline": "parent-mark$"}, child={"cmdline": "child-mark$"}),
                      exclude_pids=[os.getpid()])
     wait_for(lambda: len(t.scan()["parent"]) == 2, 5, what="forked child counted with its parent")
+    go.touch()
     wait_for(lambda: len(t.scan()["child"]) == 1, 5, what="child counted as its own service after exec")
     found = t.scan()
     assert [p.pid for p in found["parent"]] == [parent.pid]
@@ -210,12 +214,13 @@ def test_child_between_fork_and_exec_with_a_persistent_table(children: Children,
 
 # --- pidfiles ---------------------------------------------------------------------------
 
-def test_a_pidfile_alone_finds_the_process_it_names(children: Children, python: str, tmp_path: Path) -> None:
+def test_a_pidfile_alone_finds_the_process_it_names(children: Children, python: str, make_config: MakeConfig,
+                                                     tmp_path: Path) -> None:
     sleeper = [python, "-c", "import time; time.sleep(60)", "pidfile-marker"]
     first, second = children.start(sleeper), children.start(sleeper)
     pidfile = tmp_path / "run" / "svc.pid"
     pidfile.parent.mkdir()
-    config = parse_config({"services": {"svc": {"match": {"pidfile": "run/svc.pid"}}}}, base_dir=tmp_path)
+    config = make_config(service={"match": {"pidfile": "run/svc.pid"}})
     assert config.services["svc"].match.pidfile == str(pidfile)  # made absolute against the config's directory
     # A table that remembers old processes: the pidfile must still be followed at once.
     processes = ProcessTable(ProcReader(), config.services, young_seconds=0, recheck_scans=1000)
@@ -243,12 +248,11 @@ def test_a_pidfile_alone_finds_the_process_it_names(children: Children, python: 
 
 
 def test_with_regexes_a_pidfile_does_not_hide_a_second_copy(children: Children, python: str,
-                                                             tmp_path: Path) -> None:
+                                                             make_config: MakeConfig, tmp_path: Path) -> None:
     sleeper = [python, "-c", "import time; time.sleep(60)", "both-marker"]
     first, second = children.start(sleeper), children.start(sleeper)
     (tmp_path / "svc.pid").write_text(f"{first.pid}\n")
-    config = parse_config({"services": {"svc": {"match": {"cmdline": "both-marker$", "pidfile": "svc.pid"}}}},
-                          base_dir=tmp_path)
+    config = make_config(service={"match": {"cmdline": "both-marker$", "pidfile": "svc.pid"}})
     wait_for(lambda: len(scan_services(ProcReader(), config.services)["svc"]) == 2, 5, what="both copies")
     assert sorted(p.pid for p in scan_services(ProcReader(), config.services)["svc"]) == \
         sorted([first.pid, second.pid])
@@ -257,7 +261,7 @@ def test_with_regexes_a_pidfile_does_not_hide_a_second_copy(children: Children, 
 # --- listening ports ----------------------------------------------------------------------
 
 SERVER = ("import os, socket, sys, time\n"
-          "time.sleep(float(sys.argv[2]))\n"
+          "while sys.argv[2] != 'now' and not os.path.exists(sys.argv[2]): time.sleep(0.01)  # bind when told\n"
           "s = socket.socket(socket.AF_INET6 if sys.argv[3] == '6' else socket.AF_INET)\n"
           "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
           "s.bind(('::1' if sys.argv[3] == '6' else '127.0.0.1', int(sys.argv[1])))\n"
@@ -269,7 +273,7 @@ SERVER = ("import os, socket, sys, time\n"
 
 def test_a_port_alone_finds_the_server_and_its_workers(children: Children, python: str) -> None:
     port = free_port()
-    server = children.start([python, "-c", SERVER, str(port), "0", "4", "fork", "port-marker"])
+    server = children.start([python, "-c", SERVER, str(port), "now", "4", "fork", "port-marker"])
     bystander = children.start([python, "-c", "import time; time.sleep(60)", "port-marker"])
     svc = services(web={"port": port})  # type: ignore[dict-item]
     wait_for(lambda: len(scan_services(ProcReader(), svc)["web"]) == 2, 5, what="server and worker")
@@ -278,14 +282,15 @@ def test_a_port_alone_finds_the_server_and_its_workers(children: Children, pytho
     assert bystander.pid not in [p.pid for p in found]
 
 
-def test_an_old_process_that_binds_late_is_found(children: Children, python: str) -> None:
-    port = free_port()
-    late = children.start([python, "-c", SERVER, str(port), "1.0", "6", "nofork", "late-marker"])
+def test_an_old_process_that_binds_late_is_found(children: Children, python: str, tmp_path: Path) -> None:
+    port, go = free_port(), tmp_path / "bind-now"
+    late = children.start([python, "-c", SERVER, str(port), str(go), "6", "nofork", "late-marker"])
     svc = services(web={"port": port})  # type: ignore[dict-item]
     # young_seconds=0: the table treats every process as old and would not read it again
     # for a long while; only the search for an unaccounted socket can find it.
     processes = ProcessTable(ProcReader(), svc, young_seconds=0, recheck_scans=1000)
     assert processes.scan()["web"] == []
+    go.touch()
     wait_for(lambda: [p.pid for p in processes.scan()["web"]] == [late.pid], 5, what="the late listener")
     assert [p.pid for p in processes.scan()["web"]] == [late.pid]  # matched: read every scan now
     late.kill()
@@ -294,11 +299,10 @@ def test_an_old_process_that_binds_late_is_found(children: Children, python: str
 
 
 def test_port_and_pidfile_together_select_the_named_holder(children: Children, python: str,
-                                                           tmp_path: Path) -> None:
+                                                           make_config: MakeConfig, tmp_path: Path) -> None:
     port = free_port()
-    server = children.start([python, "-c", SERVER, str(port), "0", "4", "fork", "both-sel-marker"])
+    server = children.start([python, "-c", SERVER, str(port), "now", "4", "fork", "both-sel-marker"])
     (tmp_path / "web.pid").write_text(f"{server.pid}\n")
-    config = parse_config({"services": {"web": {"match": {"port": port, "pidfile": "web.pid"}}}},
-                          base_dir=tmp_path)
+    config = make_config({"web": {"match": {"port": port, "pidfile": "web.pid"}}})
     wait_for(lambda: [p.pid for p in scan_services(ProcReader(), config.services)["web"]] == [server.pid], 5,
              what="only the holder the pidfile names")

@@ -2,83 +2,32 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import re
 import sqlite3
-import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 
-from exporter.config import ConfigError, parse_config
+from exporter.config import ConfigError
 from receiver.app import EXECUTOR_KEY, REGISTRY_KEY, create_app
 
-from .conftest import AUTH_TOKEN as TOKEN
-from .conftest import leave_alone, stop_config_services
-
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def receiver_config(tmp_path: Path, marker: str, **receiver: Any) -> Any:
-    (tmp_path / "token").write_text(TOKEN + "\n")
-    return parse_config({
-        "receiver": {"bearer_token": {"file": "token"}, "state_file": "state.sqlite", "cooldown": 0, **receiver},
-        "services": {
-            "app": {
-                "match": {"cmdline": f"{marker}$"},
-                "start": {"argv": [sys.executable, "-c", "import time; time.sleep(120)", marker],
-                          "log_file": "logs/app.log"},
-                "stop": {"grace_period": 2},
-                "remediation": {"allow": ["restart"], "verify_timeout": 10},
-            },
-            "watched_only": {"match": {"comm": "^nothing-here$"}, "processes": {"min": 0, "max": 1}},
-        }}, base_dir=tmp_path)
-
-
-def alert(fingerprint: str = "a1b2c3", status: str = "firing", starts_at: str = "2026-11-22T03:00:00Z",
-          **labels: str) -> dict[str, Any]:
-    return {"status": status, "labels": {"alertname": "CaretakerServiceDown", **labels}, "annotations": {},
-            "startsAt": starts_at, "endsAt": "0001-01-01T00:00:00Z", "generatorURL": "", "fingerprint": fingerprint}
-
-
-def notification(*alerts: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"version": "4", "status": "firing", "receiver": "caretaker", "groupKey": "{}:{}", "truncatedAlerts": 0,
-            "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {}, "externalURL": "http://am",
-            "alerts": list(alerts), **extra}
-
-
-Client = TestClient[web.Request, web.Application]
+from .helpers import AUTH, TOKEN, Client, MakeConfig, alert, audit, idle_service, notification, settle, sleeper
 
 
 @pytest.fixture
-async def receiver(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    made: list[Client] = []
-    configs: list[Any] = []
-
-    async def make(config: Any = None, dry_run: bool = False) -> Client:
-        config = config or receiver_config(tmp_path, f"rcv-{uuid.uuid4().hex}")
-        configs.append(config)
-        app = create_app(config, dry_run=dry_run)
-        client = TestClient(TestServer(app, host="127.0.0.1"))
-        await client.start_server()
-        made.append(client)
+def receiver(receiver_for: Any, make_config: MakeConfig) -> Callable[..., Awaitable[Client]]:
+    """receiver(dry_run=False, **receiver_settings) -> a started receiver of two services:
+    ``app``, which it may restart, and ``watched_only``, which it may not."""
+    async def make(dry_run: bool = False, **settings: Any) -> Client:
+        config = make_config({"app": sleeper(), "watched_only": idle_service(processes={"min": 0, "max": 1})},
+                             token=True, **settings)
+        client: Client = await receiver_for(config, dry_run=dry_run)
         return client
-
-    yield make
-    for c in made:
-        await leave_alone(c)
-    for config in configs:
-        stop_config_services(config)  # first, so that closing the app reaps them
-    for c in made:
-        await c.close()
+    return make
 
 
 async def post(client: Client, body: Any, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
@@ -88,64 +37,8 @@ async def post(client: Client, body: Any, headers: dict[str, str] | None = None)
     return resp.status, await resp.json()
 
 
-async def audit(client: Client, **query: str) -> list[dict[str, Any]]:
-    resp = await client.get("/api/v1/remediations", params=query, headers=AUTH)
-    assert resp.status == 200
-    return list((await resp.json())["data"])
-
-
-async def settle(client: Client, timeout: float = 15.0) -> None:
-    executor = client.server.app[EXECUTOR_KEY]
-    deadline = time.monotonic() + timeout
-    while executor.pending:
-        assert time.monotonic() < deadline, "repairs did not finish"
-        await asyncio.sleep(0.05)
-
-
-async def incident(client: Client, config: Any, fingerprint: str, previous: str | None = None) -> None:
-    """Service ``svc`` dies again: the previous alert resolved, the service is killed, a new alert fires."""
-    from .conftest import settle as settle_all
-
-    if previous is not None:
-        resolved = notification(alert(previous, status="resolved", service_name="svc", remediation="restart"))
-        assert (await client.post("/alerts", json=resolved, headers=AUTH)).status == 200
-        await settle_all(client)
-    stop_config_services(config)
-    fired = notification(alert(fingerprint, service_name="svc", remediation="restart"))
-    assert (await client.post("/alerts", json=fired, headers=AUTH)).status == 200
-
-
 def metric(client: Client, name: str, **labels: str) -> float | None:
     return client.server.app[REGISTRY_KEY].get_sample_value(name, labels)
-
-
-class ManualClock:
-    """A clock the test moves on (Unix seconds), for the receiver's ``clock``: a cooldown
-    or a backoff passes at once instead of being waited out. It starts at the real time,
-    so what the receiver compares with file times (heartbeats) stays sensible."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@contextlib.asynccontextmanager
-async def receiver_with_clock(config: Any, clock: ManualClock) -> AsyncIterator[Client]:
-    """A started receiver whose executor reads ``clock``; at the end its services are
-    paused and stopped, then the app is closed."""
-    client = TestClient(TestServer(create_app(config, clock=clock), host="127.0.0.1"))
-    await client.start_server()
-    try:
-        yield client
-    finally:
-        await leave_alone(client)
-        stop_config_services(config)
-        await client.close()
 
 
 # --- request validation -----------------------------------------------------------------
@@ -168,8 +61,8 @@ async def test_wrong_content_type_is_415(receiver: Any) -> None:
     assert "application/json" in (await resp.json())["error"]
 
 
-async def test_oversized_body_is_413(receiver: Any, tmp_path: Path) -> None:
-    client = await receiver(receiver_config(tmp_path, "big-marker", max_body_bytes=4096))
+async def test_oversized_body_is_413(receiver: Any) -> None:
+    client = await receiver(max_body_bytes=4096)
     status, body = await post(client, notification(alert(labels_pad="x" * 5000)))
     assert status == 413
     assert "4096" in body["error"]
@@ -288,9 +181,8 @@ async def test_hostile_label_values_are_never_executed(receiver: Any, tmp_path: 
     assert metric(client, "caretaker_alerts_skipped_total", service_name="", reason="unknown_service") == 2
 
 
-async def test_the_audit_trail_is_bounded(receiver: Any, tmp_path: Path) -> None:
-    client = await receiver(receiver_config(tmp_path, f"rcv-{uuid.uuid4().hex}",
-                                            audit_retention={"max_age": "1h", "max_entries": 1000}))
+async def test_the_audit_trail_is_bounded(receiver: Any) -> None:
+    client = await receiver(audit_retention={"max_age": "1h", "max_entries": 1000})
     for batch in range(3):  # 1500 resolved alerts: recorded, one row each
         alerts = [alert(f"r{batch}x{i}", status="resolved", service_name="app", remediation="restart")
                   for i in range(500)]
@@ -333,15 +225,13 @@ async def test_dry_run_decides_but_does_not_repair(receiver: Any) -> None:
     assert (entry["decision"], entry["reason"], entry["steps"]) == ("skipped", "dry_run", [])
 
 
-def test_refuses_non_loopback_without_auth(tmp_path: Path) -> None:
-    config = parse_config({"receiver": {"listen_address": "0.0.0.0"},
-                           "services": {"a": {"match": {"comm": "x"}}}}, base_dir=tmp_path)
+def test_refuses_non_loopback_without_auth(make_config: MakeConfig) -> None:
+    config = make_config(service=idle_service(), listen_address="0.0.0.0")
     with pytest.raises(ConfigError, match="not loopback"):
         create_app(config)
 
 
-def test_missing_token_file_is_a_config_error(tmp_path: Path) -> None:
-    config = parse_config({"receiver": {"bearer_token": {"file": "absent"}},
-                           "services": {"a": {"match": {"comm": "x"}}}}, base_dir=tmp_path)
+def test_missing_token_file_is_a_config_error(make_config: MakeConfig) -> None:
+    config = make_config(service=idle_service(), bearer_token={"file": "absent"})
     with pytest.raises(ConfigError, match="cannot read secret"):
         create_app(config)

@@ -5,43 +5,50 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
-import os
 import sys
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exporter.config import parse_config
-from exporter.procfs import ProcReader, scan_services
 from receiver.app import EXECUTOR_KEY, REGISTRY_KEY, create_app
 from receiver.process import start_service
 
-from .conftest import Children, free_port, port_open, settle, stop_config_services, wait_for
-from .test_receiver import AUTH, TOKEN, ManualClock, alert, incident, notification, receiver_with_clock
-
-Client = TestClient[web.Request, web.Application]
-
-
-def service_config(tmp_path: Path, **receiver: Any) -> Any:
-    mark = f"safe-{uuid.uuid4().hex[:10]}"
-    (tmp_path / "token").write_text(TOKEN)
-    return parse_config({
-        "receiver": {"bearer_token": {"file": "token"}, "state_file": "state.sqlite", "cooldown": 0, **receiver},
-        "services": {"svc": {
-            "match": {"cmdline": f"{mark}$"},
-            "start": {"argv": [sys.executable, "-c", "import time\nwhile True: time.sleep(1)", mark]},
-            "stop": {"grace_period": 1},
-            "remediation": {"allow": ["restart"], "verify_timeout": 10}}}}, base_dir=tmp_path)
+from .helpers import (
+    AUTH,
+    REPO,
+    TOKEN,
+    Children,
+    Client,
+    MakeConfig,
+    ManualClock,
+    alert,
+    build_config,
+    free_port,
+    idle_service,
+    incident,
+    make_cert,
+    notification,
+    port_open,
+    post_alerts,
+    processes,
+    receiver_with_clock,
+    settle,
+    sleeper,
+    stop_services,
+    wait_audit,
+    wait_for,
+    wait_until,
+)
 
 
 async def post(client: Client, payload: Any, path: str = "/alerts", headers: dict[str, str] | None = None) -> Any:
@@ -49,29 +56,33 @@ async def post(client: Client, payload: Any, path: str = "/alerts", headers: dic
     return resp.status, await resp.json()
 
 
-def live(config: Any) -> list[Any]:
-    return scan_services(ProcReader(), config.services, (os.getpid(),))["svc"]
-
-
 # --- a real Alertmanager -------------------------------------------------------------------
 
-def am_alerts(url: str, **labels: str) -> list[dict[str, Any]]:
+async def am_alerts(url: str, **labels: str) -> list[dict[str, Any]]:
+    """Alertmanager's alerts with these labels (API v2)."""
     query = "&".join(f"filter={k}%3D%22{v}%22" for k, v in labels.items())
-    with urllib.request.urlopen(f"{url}/api/v2/alerts?{query}", timeout=5) as resp:
-        return list(json.load(resp))
+    return list(await get_json(f"{url}/api/v2/alerts?{query}"))
 
 
-async def test_spent_budget_raises_an_alert_in_alertmanager_until_reset(receiver_for: Any, tmp_path: Path,
+async def get_json(url: str) -> Any:
+    def get() -> Any:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return json.load(resp)
+    return await asyncio.to_thread(get)
+
+
+async def test_spent_budget_raises_an_alert_in_alertmanager_until_reset(receiver_for: Any, make_config: MakeConfig,
                                                                         alertmanager: str) -> None:
-    config = service_config(tmp_path, alertmanager_url=alertmanager, attempts={"max": 1, "window": "1h"})
+    config = make_config(service=sleeper(), token=True, alertmanager_url=alertmanager,
+                         attempts={"max": 1, "window": "1h"})
     client = await receiver_for(config)
     await incident(client, config, "f1")
     await settle(client)
     await incident(client, config, "f2", previous="f1")
     entries = [e for e in await settle(client) if e["status"] == "firing"]
     assert [e["reason"] for e in entries] == ["budget_exhausted", ""]
-    assert not live(config)
-    firing = am_alerts(alertmanager, alertname="CaretakerRepairsExhausted", service_name="svc")
+    assert not processes(config)
+    firing = await am_alerts(alertmanager, alertname="CaretakerRepairsExhausted", service_name="svc")
     assert len(firing) == 1 and firing[0]["status"]["state"] == "active"
     assert firing[0]["labels"]["severity"] == "critical"
     registry = client.server.app[REGISTRY_KEY]
@@ -81,16 +92,18 @@ async def test_spent_budget_raises_an_alert_in_alertmanager_until_reset(receiver
     status, body = await post(client, None, "/api/v1/services/svc/reset")
     assert (status, body["was_exhausted"]) == (200, True)
     assert registry.get_sample_value("caretaker_remediation_attempts_exhausted", {"service_name": "svc"}) == 0
-    wait_for(lambda: not am_alerts(alertmanager, alertname="CaretakerRepairsExhausted", service_name="svc"), 10,
-             what="the exhausted alert to resolve")
+    async def resolved() -> bool:
+        return not await am_alerts(alertmanager, alertname="CaretakerRepairsExhausted", service_name="svc")
+
+    await wait_until(resolved, 10, what="the exhausted alert to resolve")
     # The reset makes the next attempt due at once: the problem still open is repaired, no new alert needed.
     newest = next(e for e in await settle(client) if e["status"] == "firing")
     assert (newest["fingerprint"], newest["decision"], newest["result"]) == ("f2", "acted", "success")
-    assert len(live(config)) == 1
+    assert len(processes(config)) == 1
 
 
-async def test_repairs_resume_once_the_service_has_been_healthy(tmp_path: Path) -> None:
-    config = service_config(tmp_path, attempts={"max": 1, "window": "1h", "healthy_for": "10m"})
+async def test_repairs_resume_once_the_service_has_been_healthy(make_config: MakeConfig) -> None:
+    config = make_config(service=sleeper(), token=True, attempts={"max": 1, "window": "1h", "healthy_for": "10m"})
     clock = ManualClock()
     async with receiver_with_clock(config, clock) as client:
         executor = client.server.app[EXECUTOR_KEY]
@@ -111,8 +124,8 @@ async def test_repairs_resume_once_the_service_has_been_healthy(tmp_path: Path) 
         assert registry.get_sample_value("caretaker_remediation_attempts_exhausted", {"service_name": "svc"}) == 0
 
 
-async def test_the_budget_counts_the_repairs_within_its_window(tmp_path: Path) -> None:
-    config = service_config(tmp_path, attempts={"max": 1, "window": "10m"})
+async def test_the_budget_counts_the_repairs_within_its_window(make_config: MakeConfig) -> None:
+    config = make_config(service=sleeper(), token=True, attempts={"max": 1, "window": "10m"})
     clock = ManualClock()
     async with receiver_with_clock(config, clock) as client:
         await incident(client, config, "f1")
@@ -126,21 +139,15 @@ async def test_the_budget_counts_the_repairs_within_its_window(tmp_path: Path) -
         await incident(client, config, "f3", previous="f2")
         third = next(e for e in await settle(client) if e["status"] == "firing")
         assert (third["fingerprint"], third["decision"], third["reason"]) == ("f3", "skipped", "budget_exhausted")
-        assert not live(config)
+        assert not processes(config)
 
 
-async def test_an_exhausted_service_is_tried_again_with_capped_exponential_backoff(tmp_path: Path) -> None:
-    mark = f"safe-{uuid.uuid4().hex[:10]}"
-    (tmp_path / "token").write_text(TOKEN)
-    config = parse_config({
-        "receiver": {"bearer_token": {"file": "token"}, "state_file": "state.sqlite", "cooldown": 0,
-                     "attempts": {"max": 1, "window": "1h"}, "backoff": {"initial": "1m", "max": "4m"}},
-        "services": {"svc": {
-            "match": {"cmdline": f"{mark}$"},
-            # It never starts: the command exits at once, and is never the service (it does not match),
-            # however slowly it exits on a loaded machine.
-            "start": {"argv": [sys.executable, "-c", "import sys; sys.exit(3)"]},
-            "remediation": {"allow": ["restart"], "verify_timeout": 5}}}}, base_dir=tmp_path)
+async def test_an_exhausted_service_is_tried_again_with_capped_exponential_backoff(make_config: MakeConfig) -> None:
+    # It never starts: the command exits at once, and is never the service (it does not match),
+    # however slowly it exits on a loaded machine.
+    never = sleeper(verify=5, start={"argv": [sys.executable, "-c", "import sys; sys.exit(3)"]})
+    config = make_config(service=never, token=True, attempts={"max": 1, "window": "1h"},
+                         backoff={"initial": "1m", "max": "4m"})
     clock = ManualClock()
     async with receiver_with_clock(config, clock) as client:
         executor = client.server.app[EXECUTOR_KEY]
@@ -148,16 +155,16 @@ async def test_an_exhausted_service_is_tried_again_with_capped_exponential_backo
         async def attempts() -> list[dict[str, Any]]:
             return [e for e in await settle(client) if e["decision"] == "acted"]
 
+        async def attempts_made(count: int) -> bool:
+            return len(await attempts()) >= count
+
         async def next_attempt_in() -> float:
             resp = await client.get("/api/v1/problems", params={"state": "open"}, headers=AUTH)
             (problem,) = (await resp.json())["data"]
             return float(problem["next_attempt_at"]) - clock()
 
-        await post(client, notification(alert("f1", service_name="svc", remediation="restart")))
-        deadline = time.monotonic() + 20
-        while not any(e["reason"] == "budget_exhausted" for e in await settle(client)):
-            assert time.monotonic() < deadline, await settle(client)
-            await asyncio.sleep(0.1)
+        await post_alerts(client, alert("f1", service_name="svc", remediation="restart"))
+        await wait_audit(client, lambda es: any(e["reason"] == "budget_exhausted" for e in es))
         assert [e["result"] for e in await attempts()] == ["failure"]
         assert await next_attempt_in() == pytest.approx(60)
         for tried, wait in ((1, 60), (2, 120), (3, 240), (4, 240)):  # doubling from 1 m, capped at 4 m
@@ -166,16 +173,15 @@ async def test_an_exhausted_service_is_tried_again_with_capped_exponential_backo
             assert len(await attempts()) == tried  # a second early: backoff holds it back
             clock.advance(1)
             executor.wake("svc")
-            deadline = time.monotonic() + 20
-            while len(await attempts()) == tried:
-                assert time.monotonic() < deadline, "no attempt once the backoff was over"
-                await asyncio.sleep(0.05)
+            await wait_until(functools.partial(attempts_made, tried + 1), 20,
+                             what="an attempt once the backoff was over")
             assert len(await attempts()) == tried + 1
             assert await next_attempt_in() == pytest.approx(min(240, 60 * 2 ** tried))
 
 
-async def test_a_spent_budget_survives_a_receiver_restart(receiver_for: Any, tmp_path: Path) -> None:
-    config = service_config(tmp_path, attempts={"max": 1, "window": "1h"}, backoff={"initial": "10m"})
+async def test_a_spent_budget_survives_a_receiver_restart(receiver_for: Any, make_config: MakeConfig) -> None:
+    config = make_config(service=sleeper(), token=True, attempts={"max": 1, "window": "1h"},
+                         backoff={"initial": "10m"})
     first = await receiver_for(config)
     await incident(first, config, "f1")
     await settle(first)
@@ -189,13 +195,13 @@ async def test_a_spent_budget_survives_a_receiver_restart(receiver_for: Any, tmp
     assert problem["fingerprint"] == "f2" and problem["exhausted"] is True
     assert problem["next_attempt_at"] > time.time() + 500  # the backoff kept too: no attempt now
     await settle(second)
-    assert not live(config)
+    assert not processes(config)
 
 
 # --- plan, auth, crash ------------------------------------------------------------------------
 
-async def test_plan_says_what_would_happen_and_records_nothing(receiver_for: Any, tmp_path: Path) -> None:
-    config = service_config(tmp_path, cooldown="1h")
+async def test_plan_says_what_would_happen_and_records_nothing(receiver_for: Any, make_config: MakeConfig) -> None:
+    config = make_config(service=sleeper(), token=True, cooldown="1h")
     client = await receiver_for(config)
     payload = notification(alert("p1", service_name="svc", remediation="restart"),
                            alert("p2", service_name="ghost", remediation="restart"),
@@ -206,24 +212,22 @@ async def test_plan_says_what_would_happen_and_records_nothing(receiver_for: Any
         ("repair", ""), ("skip", "unknown_service"), ("skip", "resolved")]
     assert await settle(client) == []
     assert body["data"][0]["observation"]["processes"] == 0
-    await post(client, notification(alert("p1", service_name="svc", remediation="restart")))
+    await post_alerts(client, alert("p1", service_name="svc", remediation="restart"))
     await settle(client)
     status, body = await post(client, notification(alert("p1", service_name="svc", remediation="restart")),
                               "/api/v1/plan")
     assert [p["reason"] for p in body["data"]] == ["condition_cleared"]  # it runs now
-    stop_config_services(config)
+    await stop_services(config)
     status, body = await post(client, notification(alert("p9", service_name="svc", remediation="restart")),
                               "/api/v1/plan")
     assert [p["reason"] for p in body["data"]] == ["cooldown"]
-    assert not live(config)  # a plan changes nothing
+    assert not processes(config)  # a plan changes nothing
     assert (await client.post("/api/v1/plan", json=notification())).status == 401
 
 
-async def test_basic_auth(receiver_for: Any, tmp_path: Path) -> None:
+async def test_basic_auth(receiver_for: Any, make_config: MakeConfig, tmp_path: Path) -> None:
     (tmp_path / "pw").write_text("correct horse\n")
-    config = parse_config({"receiver": {"basic_auth": {"username": "am", "password": {"file": "pw"}},
-                                        "state_file": "s.sqlite"},
-                           "services": {"a": {"match": {"comm": "x"}}}}, base_dir=tmp_path)
+    config = make_config(service=idle_service(), basic_auth={"username": "am", "password": {"file": "pw"}})
     client = await receiver_for(config)
     good = base64.b64encode(b"am:correct horse").decode()
     bad = base64.b64encode(b"am:wrong").decode()
@@ -255,10 +259,7 @@ PAYLOADS = JSON | st.fixed_dictionaries(
 
 @pytest.fixture(scope="module")
 def fuzz_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Client, asyncio.AbstractEventLoop]]:
-    tmp = tmp_path_factory.mktemp("fuzz")
-    config = service_config(tmp, cooldown="1h")
-    config = parse_config({**config.model_dump(exclude={"base_dir"}, exclude_defaults=True),
-                           "services": {"svc": {"match": {"comm": "^never-matches-anything$"}}}}, base_dir=tmp)
+    config = build_config(tmp_path_factory.mktemp("fuzz"), service=idle_service(), token=True, cooldown="1h")
     loop = asyncio.new_event_loop()
     client = TestClient(TestServer(create_app(config), host="127.0.0.1"), loop=loop)
     loop.run_until_complete(client.start_server())
@@ -304,40 +305,37 @@ def test_rules_use_alertmanager_matcher_syntax() -> None:
                           "services": {"a": {"match": {"comm": "x"}}}})
 
 
-async def test_rule_steps_run_in_order_and_stop_at_the_first_failure(receiver_for: Any, tmp_path: Path) -> None:
-    base = service_config(tmp_path)
-    svc = base.services["svc"].model_dump(exclude_defaults=True)
+async def test_rule_steps_run_in_order_and_stop_at_the_first_failure(receiver_for: Any, make_config: MakeConfig,
+                                                                     tmp_path: Path) -> None:
     (tmp_path / "w.log").write_text("a line\n")
-    svc["logs"] = [{"path": "w.log"}]
-    svc["remediation"] = {"allow": ["rotate_logs", "restart", "http"], "verify_timeout": 10,
-                          "http": {"url": f"http://127.0.0.1:{free_port()}/reset", "timeout": 1}}
-    config = parse_config({"receiver": {"bearer_token": {"file": "token"}, "state_file": "state.sqlite", "cooldown": 0,
-                                        "rules": [{"match": 'alertname="Leak"', "steps": ["rotate_logs", "restart"]},
-                                                  {"match": 'alertname="Stuck"', "steps": ["http", "restart"]}]},
-                           "services": {"svc": svc}}, base_dir=tmp_path)
+    svc = sleeper(logs=[{"path": "w.log"}], remediation={
+        "allow": ["rotate_logs", "restart", "http"], "verify_timeout": 10,
+        "http": {"url": f"http://127.0.0.1:{free_port()}/reset", "timeout": 1}})
+    config = make_config(service=svc, token=True,
+                         rules=[{"match": 'alertname="Leak"', "steps": ["rotate_logs", "restart"]},
+                                {"match": 'alertname="Stuck"', "steps": ["http", "restart"]}])
     client = await receiver_for(config)
-    await post(client, notification(alert("r1", alertname="Leak", service_name="svc")))
+    await post_alerts(client, alert("r1", alertname="Leak", service_name="svc"))
     (leak,) = await settle(client)
     assert (leak["action"], leak["result"]) == ("rotate_logs,restart", "success")
     messages = [s["message"] for s in leak["steps"]]
     assert messages.index("step rotate_logs") < messages.index("step restart")
     assert (tmp_path / "w.log.1").read_text() == "a line\n"
-    await post(client, notification(alert("r2", alertname="Stuck", service_name="svc")))
+    await post_alerts(client, alert("r2", alertname="Stuck", service_name="svc"))
     stuck = (await settle(client))[0]
     assert stuck["result"] == "failure"
     assert "step restart" not in [s["message"] for s in stuck["steps"]]
 
 
-async def test_alerts_are_silenced_while_the_service_is_restarted(receiver_for: Any, tmp_path: Path,
+async def test_alerts_are_silenced_while_the_service_is_restarted(receiver_for: Any, make_config: MakeConfig,
                                                                   alertmanager: str) -> None:
-    config = service_config(tmp_path, alertmanager_url=alertmanager, silence_during_repair=True)
+    config = make_config(service=sleeper(), token=True, alertmanager_url=alertmanager, silence_during_repair=True)
     client = await receiver_for(config)
-    await post(client, notification(alert("s1", service_name="svc", remediation="restart")))
+    await post_alerts(client, alert("s1", service_name="svc", remediation="restart"))
     (entry,) = await settle(client)
     assert entry["result"] == "success"
     silence_id = entry["steps"][0]["message"].split("(")[-1].rstrip(")")
-    with urllib.request.urlopen(f"{alertmanager}/api/v2/silence/{silence_id}", timeout=5) as resp:
-        made = json.load(resp)
+    made = await get_json(f"{alertmanager}/api/v2/silence/{silence_id}")
     # This host's alerts only: its host label, or none (a single host's alerts may carry none).
     own = config.receiver.host.replace(".", "\\.")
     assert made["matchers"] == [{"name": "service_name", "value": "svc", "isRegex": False, "isEqual": True},
@@ -349,9 +347,6 @@ async def test_alerts_are_silenced_while_the_service_is_restarted(receiver_for: 
 def test_receiver_serves_https_when_configured(tmp_path: Path) -> None:
     import ssl
     import subprocess
-
-    from .conftest import REPO
-    from .test_probes import make_cert
 
     cert, key = make_cert(tmp_path)
     port = free_port()

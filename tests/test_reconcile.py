@@ -4,28 +4,48 @@ pauses (DESIGN.md, "the repair model: level-triggered, not edge-triggered")."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from exporter.config import parse_config
-from exporter.procfs import ProcReader, scan_services
-from receiver.app import EXECUTOR_KEY
+from receiver.app import EXECUTOR_KEY, REGISTRY_KEY
 from receiver.process import start_service
 from receiver.store import NewAlert, Store
 
-from .conftest import AUTH_TOKEN, REPO, free_port, port_open, require_binary, settle, stop_config_services, wait_for
-from .test_receiver import AUTH, ManualClock, alert, notification, receiver_with_clock
+from .helpers import (
+    AUTH,
+    AUTH_TOKEN,
+    REPO,
+    Client,
+    MakeConfig,
+    ManualClock,
+    alert,
+    audit,
+    free_port,
+    kill_child,
+    notification,
+    pids,
+    port_open,
+    post_alerts,
+    process_state,
+    receiver_with_clock,
+    require_binary,
+    settle,
+    signal_ignored,
+    sleeper,
+    stop_services,
+    wait_audit,
+    wait_until,
+)
 
-SLEEPER = "import time\nwhile True: time.sleep(1)\n"
 FAILS_FIRST_START = ("import os, sys, time\n"
                      "flag = sys.argv[1]\n"
                      "if not os.path.exists(flag):\n"
@@ -41,56 +61,30 @@ HTTP_SERVER = ("import http.server, sys\n"
                "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n")
 
 
-def write_token(tmp_path: Path) -> None:
-    (tmp_path / "token").write_text(AUTH_TOKEN)
+@pytest.fixture
+def config_for(make_config: MakeConfig) -> MakeConfig:
+    """The configs of this module: the receiver's token, and a waiting problem looked at
+    again every 200 ms (not 1 s, doubling), so that a test waits for a look no longer."""
+    return functools.partial(make_config, token=True, recheck_interval="200ms")
 
 
-def config_for(tmp_path: Path, services: dict[str, Any], **receiver: Any) -> Any:
-    write_token(tmp_path)
-    return parse_config({"receiver": {"bearer_token": {"file": "token"}, "state_file": "state.sqlite",
-                                      "cooldown": 0, "recheck_interval": "200ms", **receiver},
-                         "services": services}, base_dir=tmp_path)
-
-
-def sleeper(script: str = SLEEPER, *args: str, **extra: Any) -> dict[str, Any]:
-    marker = f"rc-{uuid.uuid4().hex[:12]}"
-    return {"match": {"cmdline": f"{marker}$"},
-            "start": {"argv": [sys.executable, "-c", script, *args, marker], "log_file": f"{marker}.log"},
-            "stop": {"grace_period": 2},
-            "remediation": {"allow": ["restart"], "verify_timeout": 5}, **extra}
-
-
-def pids(config: Any, service: str) -> list[int]:
-    return [p.pid for p in scan_services(ProcReader(), {service: config.services[service]}, (os.getpid(),))[service]]
-
-
-async def post(client: Any, *alerts: dict[str, Any]) -> None:
-    resp = await client.post("/alerts", json=notification(*alerts), headers=AUTH)
-    assert resp.status == 200, await resp.text()
-
-
-async def wait_audit(client: Any, done: Any, timeout: float = 20.0) -> list[dict[str, Any]]:
-    """The audit trail (newest first) once ``done(entries)`` holds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        entries = await settle(client)
-        if done(entries):
-            return entries
-        assert time.monotonic() < deadline, [(e["fingerprint"], e["decision"], e["reason"]) for e in entries]
-        await asyncio.sleep(0.1)
+async def stepped(client: Client, service: str, prefix: str) -> bool:
+    """A repair of ``service`` (done or running) has taken a step whose message starts with ``prefix``."""
+    return any(s["message"].startswith(prefix) for e in await audit(client, service_name=service) for s in e["steps"])
 
 
 def firing(entries: list[dict[str, Any]], service: str | None = None) -> list[dict[str, Any]]:
     return [e for e in entries if e["status"] == "firing" and service in (None, e["service_name"])]
 
 
-async def test_a_failed_repair_is_tried_again_until_the_service_is_healthy(tmp_path: Path) -> None:
+async def test_a_failed_repair_is_tried_again_until_the_service_is_healthy(tmp_path: Path,
+                                                                          config_for: MakeConfig) -> None:
     flag = tmp_path / "started-once"
-    config = config_for(tmp_path, {"svc": sleeper(FAILS_FIRST_START, str(flag))}, cooldown="10m")
+    config = config_for({"svc": sleeper(FAILS_FIRST_START, str(flag))}, cooldown="10m")
     clock = ManualClock()  # ten minutes pass when the test says so
     async with receiver_with_clock(config, clock) as client:
         executor = client.server.app[EXECUTOR_KEY]
-        await post(client, alert("f1", service_name="svc", remediation="restart"))  # one alert, never resent
+        await post_alerts(client, alert("f1", service_name="svc", remediation="restart"))  # one alert, never resent
         entries = await wait_audit(client, lambda es: any(e["reason"] == "cooldown" for e in es))
         waited, first = firing(entries)
         assert waited["observation"]["next_attempt_at"] == pytest.approx(first["finished_at"] + 600)
@@ -110,13 +104,13 @@ async def test_a_failed_repair_is_tried_again_until_the_service_is_healthy(tmp_p
         assert len(pids(config, "svc")) == 1
 
 
-async def test_a_stale_alert_for_a_healthy_service_stops_nothing(receiver_for: Any, tmp_path: Path) -> None:
-    config = config_for(tmp_path, {"svc": sleeper()})
+async def test_a_stale_alert_for_a_healthy_service_stops_nothing(receiver_for: Any, config_for: MakeConfig) -> None:
+    config = config_for({"svc": sleeper()})
     child = start_service(config, "svc")
     try:
-        wait_for(lambda: pids(config, "svc") == [child.pid], 10, what="service up")
+        await wait_until(lambda: pids(config, "svc") == [child.pid], 10, what="service up")
         client = await receiver_for(config)
-        await post(client, alert("late", service_name="svc", remediation="restart"))
+        await post_alerts(client, alert("late", service_name="svc", remediation="restart"))
         (entry,) = await wait_audit(client, lambda es: es and es[0]["reason"])
         assert (entry["decision"], entry["reason"]) == ("skipped", "condition_cleared")
         assert entry["observation"]["processes"] == 1 and entry["observation"]["holds"] is False
@@ -125,16 +119,16 @@ async def test_a_stale_alert_for_a_healthy_service_stops_nothing(receiver_for: A
         assert pids(config, "svc") == [child.pid]
         assert len(await settle(client)) == 1  # the same decision is not written again
     finally:
-        child.kill()
-        child.wait()
+        await kill_child(child)
 
 
-async def test_redis_killed_under_a_web_app_that_depends_on_it(receiver_for: Any, tmp_path: Path) -> None:
+async def test_redis_killed_under_a_web_app_that_depends_on_it(receiver_for: Any, tmp_path: Path,
+                                                               config_for: MakeConfig) -> None:
     """One Redis restart; the web app, whose probe fails while Redis is down, is neither
     restarted nor charged, and is healthy afterwards."""
     binary = require_binary("redis-server")
     redis_port = free_port()
-    config = config_for(tmp_path, {
+    config = config_for({
         "redis": {"match": {"comm": "^redis-server$", "cmdline": f":{redis_port}\\b"},
                   "probes": [{"name": "port", "type": "tcp", "port": redis_port, "timeout": "500ms"}],
                   "start": {"argv": [binary, "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
@@ -146,14 +140,13 @@ async def test_redis_killed_under_a_web_app_that_depends_on_it(receiver_for: Any
     redis_child = start_service(config, "redis")
     web_child = start_service(config, "web")
     try:
-        wait_for(lambda: port_open(redis_port) and len(pids(config, "web")) == 1, 10, what="both up")
+        await wait_until(lambda: port_open(redis_port) and len(pids(config, "web")) == 1, 10, what="both up")
         client = await receiver_for(config)
-        redis_child.kill()
-        redis_child.wait()
+        await kill_child(redis_child)
         # Both alerts arrive together; the web app's is first in the notification.
-        await post(client, alert("w1", alertname="CaretakerProbeFailing", service_name="web", probe="redis",
-                                 remediation="restart"),
-                   alert("r1", service_name="redis", remediation="restart"))
+        await post_alerts(client, alert("w1", alertname="CaretakerProbeFailing", service_name="web", probe="redis",
+                                        remediation="restart"),
+                          alert("r1", service_name="redis", remediation="restart"))
         entries = await wait_audit(client, lambda es: any(e["service_name"] == "redis" and e["result"] == "success"
                                                           for e in es)
                                    and any(e["reason"] == "condition_cleared" for e in es))
@@ -167,21 +160,20 @@ async def test_redis_killed_under_a_web_app_that_depends_on_it(receiver_for: Any
         assert port_open(redis_port)
     finally:
         for child in (redis_child, web_child):
-            child.kill()
-            child.wait()
+            await kill_child(child)
 
 
-async def test_a_paused_service_is_not_started_until_resumed(receiver_for: Any, tmp_path: Path) -> None:
-    config = config_for(tmp_path, {"svc": sleeper()})
+async def test_a_paused_service_is_not_started_until_resumed(receiver_for: Any, config_for: MakeConfig) -> None:
+    config = config_for({"svc": sleeper()})
     client = await receiver_for(config)
     resp = await client.post("/api/v1/services/svc/pause", json={"reason": "upgrading it by hand"}, headers=AUTH)
     assert resp.status == 200 and (await resp.json())["paused_until"] is None
     assert (await client.post("/api/v1/services/svc/pause", json={"duration": "soon"}, headers=AUTH)).status == 400
     assert (await client.post("/api/v1/services/ghost/pause", headers=AUTH)).status == 404
-    await post(client, alert("p1", service_name="svc", remediation="restart"))
+    await post_alerts(client, alert("p1", service_name="svc", remediation="restart"))
     (entry,) = await wait_audit(client, lambda es: es and es[0]["reason"])
     assert (entry["decision"], entry["reason"]) == ("skipped", "paused")
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # a while in which its worker looks again, and still starts nothing
     assert pids(config, "svc") == []
     resp = await client.get("/metrics")
     assert 'caretaker_service_paused{service_name="svc"} 1.0' in await resp.text()
@@ -191,40 +183,37 @@ async def test_a_paused_service_is_not_started_until_resumed(receiver_for: Any, 
     assert entries[0]["problem_id"] == 1 and len(pids(config, "svc")) == 1
 
 
-async def test_a_probe_failing_for_auth_is_escalated_not_restarted(receiver_for: Any, tmp_path: Path,
-                                                                   redis_server: Any) -> None:
-    redis_port = free_port()
-    redis_server(redis_port)
+async def test_a_probe_failing_for_auth_is_escalated_not_restarted(receiver_for: Any, tmp_path: Path, redis_port: int,
+                                                                   config_for: MakeConfig) -> None:
     (tmp_path / "wrong-password").write_text("not-the-password\n")
-    subprocess.run(["redis-cli", "-p", str(redis_port), "CONFIG", "SET", "requirepass", "changed-at-runtime"],
-                   check=True, capture_output=True, timeout=10)
-    config = config_for(tmp_path, {"svc": sleeper(probes=[
+    await asyncio.to_thread(subprocess.run, ["redis-cli", "-p", str(redis_port), "CONFIG", "SET", "requirepass",
+                                             "changed-at-runtime"], check=True, capture_output=True, timeout=10)
+    config = config_for({"svc": sleeper(probes=[
         {"name": "ping", "type": "redis", "port": redis_port, "password": {"file": "wrong-password"},
          "timeout": "1s"}])}, confirm={"probe_failures": 2, "interval": "100ms", "window": "1s"})
     child = start_service(config, "svc")
     try:
-        wait_for(lambda: pids(config, "svc") == [child.pid], 10, what="service up")
+        await wait_until(lambda: pids(config, "svc") == [child.pid], 10, what="service up")
         client = await receiver_for(config)
-        await post(client, alert("a1", alertname="CaretakerProbeFailing", service_name="svc", probe="ping",
-                                 remediation="restart"))
+        await post_alerts(client, alert("a1", alertname="CaretakerProbeFailing", service_name="svc", probe="ping",
+                                        remediation="restart"))
         (entry,) = await wait_audit(client, lambda es: es and es[0]["reason"])
         assert (entry["decision"], entry["reason"]) == ("skipped", "escalated")
         assert entry["observation"]["escalate"] == "probe_auth"
         assert pids(config, "svc") == [child.pid]
     finally:
-        child.kill()
-        child.wait()
+        await kill_child(child)
 
 
 async def test_an_interrupted_repair_of_a_frozen_service_is_finished_after_a_restart(receiver_for: Any,
-                                                                                     tmp_path: Path) -> None:
+                                                                                     config_for: MakeConfig) -> None:
     port = free_port()
-    config = config_for(tmp_path, {"svc": sleeper(HTTP_SERVER, str(port), probes=[
+    config = config_for({"svc": sleeper(HTTP_SERVER, str(port), probes=[
         {"name": "health", "type": "http", "url": f"http://127.0.0.1:{port}/", "timeout": "500ms"}])},
         confirm={"probe_failures": 2, "interval": "100ms", "window": "1s"})
     child = start_service(config, "svc")
     try:
-        wait_for(lambda: port_open(port), 10, what="service up")
+        await wait_until(lambda: port_open(port), 10, what="service up")
         os.kill(child.pid, signal.SIGSTOP)
         # The receiver crashed in the middle of the repair: the audit row says running.
         store = Store(config.resolve(config.receiver.state_file))
@@ -244,8 +233,7 @@ async def test_an_interrupted_repair_of_a_frozen_service_is_finished_after_a_res
         (new,) = pids(config, "svc")
         assert new != child.pid
     finally:
-        os.kill(child.pid, signal.SIGKILL) if child.poll() is None else None
-        child.wait()
+        await kill_child(child)
 
 
 def test_a_dependency_cycle_is_a_config_error_that_names_the_place(tmp_path: Path) -> None:
@@ -264,17 +252,18 @@ def test_a_dependency_cycle_is_a_config_error_that_names_the_place(tmp_path: Pat
     assert "services.redis.depends_on[1] (line 7): no service named 'nothing'" in result.stderr
 
 
-async def test_problems_api_lists_open_problems_with_their_next_attempt(receiver_for: Any, tmp_path: Path) -> None:
-    config = config_for(tmp_path, {"svc": sleeper()}, cooldown="1h")
+async def test_problems_api_lists_open_problems_with_their_next_attempt(receiver_for: Any,
+                                                                        config_for: MakeConfig) -> None:
+    config = config_for({"svc": sleeper()}, cooldown="1h")
     client = await receiver_for(config)
-    await post(client, alert("q1", service_name="svc", remediation="restart"))
+    await post_alerts(client, alert("q1", service_name="svc", remediation="restart"))
     await wait_audit(client, lambda es: any(e["result"] == "success" for e in es))
-    stop_config_services(config)  # it dies again while its alert still fires: the cooldown holds it back
+    await stop_services(config)  # it dies again while its alert still fires: the cooldown holds it back
     resp = await client.get("/api/v1/problems", params={"state": "open"}, headers=AUTH)
     (problem,) = (await resp.json())["data"]
     assert (problem["fingerprint"], problem["state"], problem["attempts"]) == ("q1", "open", 1)
     assert problem["next_attempt_at"] > time.time() + 3000
-    await post(client, alert("q1", status="resolved", service_name="svc", remediation="restart"))
+    await post_alerts(client, alert("q1", status="resolved", service_name="svc", remediation="restart"))
     resp = await client.get("/api/v1/problems", params={"state": "open"}, headers=AUTH)
     assert (await resp.json())["data"] == []
     resp = await client.get("/api/v1/problems", headers=AUTH)
@@ -295,7 +284,7 @@ async def test_caretakerctl_pauses_and_resumes_and_once_shows_it(tmp_path: Path,
     from receiver.ctl import main as ctl
 
     port = free_port()
-    write_token(tmp_path)
+    (tmp_path / "token").write_text(AUTH_TOKEN)
     (tmp_path / "caretaker.yml").write_text(
         f"receiver: {{port: {port}, bearer_token: {{file: token}}, state_file: state.sqlite}}\n"
         "services:\n  svc: {match: {comm: '^caretaker-none$'}, processes: {min: 0, max: 1}}\n")
@@ -321,7 +310,7 @@ async def test_caretakerctl_pauses_and_resumes_and_once_shows_it(tmp_path: Path,
         await server.close()
 
 
-async def test_caretakerctl_history_shows_the_audit_trail_with_each_step(tmp_path: Path,
+async def test_caretakerctl_history_shows_the_audit_trail_with_each_step(tmp_path: Path, config_for: MakeConfig,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
     from aiohttp.test_utils import TestClient, TestServer
 
@@ -329,7 +318,7 @@ async def test_caretakerctl_history_shows_the_audit_trail_with_each_step(tmp_pat
     from receiver.ctl import main as ctl
 
     port = free_port()
-    config = config_for(tmp_path, {"svc": sleeper()}, port=port)
+    config = config_for({"svc": sleeper()}, token=True, port=port)
     (tmp_path / "caretaker.yml").write_text(
         f"receiver: {{port: {port}, bearer_token: {{file: token}}, state_file: state.sqlite}}\n"
         "services:\n  svc: {match: {comm: '^caretaker-none$'}}\n")
@@ -337,7 +326,7 @@ async def test_caretakerctl_history_shows_the_audit_trail_with_each_step(tmp_pat
     await server.start_server()
     client = TestClient(server)
     try:
-        await post(client, alert("h1570", service_name="svc", remediation="restart"))
+        await post_alerts(client, alert("h1570", service_name="svc", remediation="restart"))
         entries = await wait_audit(client, lambda es: any(e["result"] for e in es))
         (started,) = pids(config, "svc")
         path = str(tmp_path / "caretaker.yml")
@@ -353,14 +342,14 @@ async def test_caretakerctl_history_shows_the_audit_trail_with_each_step(tmp_pat
         assert [e["id"] for e in json.loads(capsys.readouterr().out)] == [entries[0]["id"]]
     finally:
         await client.close()
-        stop_config_services(config)
+        await stop_services(config)
 
 
-async def test_a_problem_no_notification_refreshes_expires(receiver_for: Any, tmp_path: Path) -> None:
-    config = config_for(tmp_path, {"svc": sleeper()}, problem_ttl="1s")
+async def test_a_problem_no_notification_refreshes_expires(receiver_for: Any, config_for: MakeConfig) -> None:
+    config = config_for({"svc": sleeper()}, problem_ttl="1s")
     client = await receiver_for(config)
     await client.post("/api/v1/services/svc/pause", headers=AUTH)  # so that nothing else happens to it
-    await post(client, alert("old", service_name="svc", remediation="restart"))
+    await post_alerts(client, alert("old", service_name="svc", remediation="restart"))
     deadline = time.monotonic() + 10
     while True:
         resp = await client.get("/api/v1/problems", headers=AUTH)
@@ -373,25 +362,25 @@ async def test_a_problem_no_notification_refreshes_expires(receiver_for: Any, tm
     assert pids(config, "svc") == []
 
 
-async def test_an_exec_label_that_does_not_match_is_a_skip_not_an_attempt(receiver_for: Any,
-                                                                          tmp_path: Path) -> None:
+async def test_an_exec_label_that_does_not_match_is_a_skip_not_an_attempt(receiver_for: Any, tmp_path: Path,
+                                                                          config_for: MakeConfig) -> None:
     marker = tmp_path / "ran"
-    config = config_for(tmp_path, {"svc": {
+    config = config_for({"svc": {
         "match": {"comm": "^caretaker-none$"}, "processes": {"min": 0, "max": 1},
         "remediation": {"allow": ["exec"], "exec": {
             "argv": [sys.executable, "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2])", str(marker),
                      "{queue}"],
             "labels": {"queue": "[a-z]+"}}}}})
     client = await receiver_for(config)
-    await post(client, alert("x1", alertname="QueueStuck", service_name="svc", remediation="exec",
-                             queue="jobs; rm -rf /"))
+    await post_alerts(client, alert("x1", alertname="QueueStuck", service_name="svc", remediation="exec",
+                                    queue="jobs; rm -rf /"))
     (entry,) = await wait_audit(client, lambda es: es and es[0]["reason"])
     assert (entry["decision"], entry["reason"]) == ("skipped", "invalid_label")
     assert "does not match" in entry["observation"]["error"]
     executor = client.server.app[EXECUTOR_KEY]
     assert await executor.db(executor.store.repairs_since, "svc", 0) == 0  # nothing spent
     assert not marker.exists()
-    await post(client, alert("x2", alertname="QueueStuck", service_name="svc", remediation="exec", queue="jobs"))
+    await post_alerts(client, alert("x2", alertname="QueueStuck", service_name="svc", remediation="exec", queue="jobs"))
     await wait_audit(client, lambda es: any(e["result"] == "success" for e in es))
     assert marker.read_text() == "jobs"
 
@@ -402,7 +391,7 @@ READS_ITS_STATE = ("import json, sys, time\n"
 
 
 async def test_a_corrupt_state_file_is_restored_before_the_app_that_reads_it_is_restarted(
-        receiver_for: Any, tmp_path: Path) -> None:
+        receiver_for: Any, tmp_path: Path, config_for: MakeConfig) -> None:
     # Both problems at once, the restart's first: the file must be restored first, or the
     # restart fails (and a restore skipped for cooldown would leave it down).
     state = tmp_path / "state.json"
@@ -411,12 +400,12 @@ async def test_a_corrupt_state_file_is_restored_before_the_app_that_reads_it_is_
     service = sleeper(READS_ITS_STATE, str(state))
     service["files"] = [{"path": "state.json", "format": "json", "default": "default.json"}]
     service["remediation"]["allow"] = ["restart", "restore_file"]
-    config = config_for(tmp_path, {"svc": service}, cooldown="1h")
+    config = config_for({"svc": service}, cooldown="1h")
     state.write_text('{"jobs": 3, "half-writ')
     client = await receiver_for(config)
-    await post(client, alert("down", service_name="svc", remediation="restart"),
-               alert("bad", alertname="CaretakerFileCorrupt", service_name="svc", path="state.json",
-                     remediation="restore_file"))
+    await post_alerts(client, alert("down", service_name="svc", remediation="restart"),
+                      alert("bad", alertname="CaretakerFileCorrupt", service_name="svc", path="state.json",
+                            remediation="restore_file"))
     entries = await wait_audit(client, lambda es: sum(e["result"] == "success" for e in es) == 2)
     acted = sorted((e for e in firing(entries) if e["decision"] == "acted"), key=lambda e: e["started_at"])
     assert [(e["action"], e["result"]) for e in acted] == [("restore_file", "success"), ("restart", "success")]
@@ -424,8 +413,8 @@ async def test_a_corrupt_state_file_is_restored_before_the_app_that_reads_it_is_
     assert len(pids(config, "svc")) == 1
 
 
-async def test_a_repair_that_hangs_times_out_and_does_not_block_the_service(receiver_for: Any,
-                                                                            tmp_path: Path) -> None:
+async def test_a_repair_that_hangs_times_out_and_does_not_block_the_service(receiver_for: Any, tmp_path: Path,
+                                                                            config_for: MakeConfig) -> None:
     started = tmp_path / "hung.pid"
     service = sleeper()
     service["remediation"] = {
@@ -433,33 +422,32 @@ async def test_a_repair_that_hangs_times_out_and_does_not_block_the_service(rece
         "exec": {"argv": [sys.executable, "-c",
                           "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)",
                           str(started)], "timeout": "60s"}}
-    config = config_for(tmp_path, {"svc": service})
+    config = config_for({"svc": service})
     client = await receiver_for(config)
     executor = client.server.app[EXECUTOR_KEY]
     executor.ctx.reaper.add(start_service(config, "svc"))  # healthy: the exec alert is acted on once
-    wait_for(lambda: len(pids(config, "svc")) == 1, 10, what="service up")
-    await post(client, alert("hang", alertname="QueueStuck", service_name="svc", remediation="exec"))
+    await wait_until(lambda: len(pids(config, "svc")) == 1, 10, what="service up")
+    await post_alerts(client, alert("hang", alertname="QueueStuck", service_name="svc", remediation="exec"))
     (entry,) = await wait_audit(client, lambda es: es and es[0]["result"])
     assert (entry["decision"], entry["result"]) == ("acted", "failure")
     assert entry["steps"][-1]["message"].startswith("failed: timed out after 1s")
     assert entry["finished_at"] - entry["started_at"] < 3
     hung = int(started.read_text())
-    wait_for(lambda: not Path(f"/proc/{hung}").exists() or "Z" in Path(f"/proc/{hung}/stat").read_text().split()[2],
-             5, what="the hung command to be killed")
+    await wait_until(lambda: process_state(hung) in ("Z", "X"), 5, what="the hung command to be killed")
     # The service is not blocked behind it: another problem is repaired at once.
-    stop_config_services(config)
-    await post(client, alert("down", service_name="svc", remediation="restart"))
+    await stop_services(config)
+    await post_alerts(client, alert("down", service_name="svc", remediation="restart"))
     entries = await wait_audit(client, lambda es: any(e["result"] == "success" for e in es))
     assert [e["fingerprint"] for e in entries if e["result"] == "success"] == ["down"]
 
 
-async def test_a_flooded_service_does_not_hold_back_another(receiver_for: Any, tmp_path: Path) -> None:
+async def test_a_flooded_service_does_not_hold_back_another(receiver_for: Any, config_for: MakeConfig) -> None:
     """999 alerts for one service, whose repair takes long, and an alert for another:
     the other is answered 200 and repaired at once."""
     slow = sleeper()
     slow["remediation"] = {"allow": ["exec"], "exec": {"argv": [sys.executable, "-c", "import time; time.sleep(4)"],
                                                       "timeout": "10s"}}
-    config = config_for(tmp_path, {"slow": slow, "other": sleeper()})
+    config = config_for({"slow": slow, "other": sleeper()})
     client = await receiver_for(config)
     flood = [alert(f"fl{i}", alertname="QueueStuck", service_name="slow", remediation="exec", queue=str(i))
              for i in range(999)]
@@ -488,60 +476,64 @@ async def test_a_flooded_service_does_not_hold_back_another(receiver_for: Any, t
 
 
 async def test_a_late_resolved_notification_of_an_earlier_incident_does_not_close_the_current(
-        receiver_for: Any, tmp_path: Path) -> None:
-    config = config_for(tmp_path, {"svc": sleeper()})
+        receiver_for: Any, config_for: MakeConfig) -> None:
+    config = config_for({"svc": sleeper()})
     client = await receiver_for(config)
     await client.post("/api/v1/services/svc/pause", headers=AUTH)  # nothing else happens to it
-    await post(client, alert("same", service_name="svc", remediation="restart", starts_at="2026-11-22T03:00:00Z"))
-    await post(client, alert("same", status="resolved", service_name="svc", remediation="restart",
-                             starts_at="2026-11-21T03:00:00Z"))  # yesterday's incident, retried late
+    await post_alerts(client, alert("same", service_name="svc", remediation="restart",
+                                    starts_at="2026-11-22T03:00:00Z"))
+    await post_alerts(client, alert("same", status="resolved", service_name="svc", remediation="restart",
+                                    starts_at="2026-11-21T03:00:00Z"))  # yesterday's incident, retried late
     resp = await client.get("/api/v1/problems", headers=AUTH)
     (problem,) = (await resp.json())["data"]
     assert problem["state"] == "open"
-    await post(client, alert("same", status="resolved", service_name="svc", remediation="restart",
-                             starts_at="2026-11-22T03:00:00Z"))
+    await post_alerts(client, alert("same", status="resolved", service_name="svc", remediation="restart",
+                                    starts_at="2026-11-22T03:00:00Z"))
     resp = await client.get("/api/v1/problems", headers=AUTH)
     assert [p["state"] for p in (await resp.json())["data"]] == ["closed"]
 
 
-async def test_one_problem_in_cooldown_does_not_hold_back_another(receiver_for: Any, tmp_path: Path) -> None:
+async def test_one_problem_in_cooldown_does_not_hold_back_another(receiver_for: Any, tmp_path: Path,
+                                                                  config_for: MakeConfig) -> None:
     marker = tmp_path / "exec-ran"
     service = sleeper()
     service["remediation"] = {"allow": ["restart", "exec"], "verify_timeout": 5,
                               "exec": {"argv": [sys.executable, "-c", "import sys; open(sys.argv[1], 'w')",
                                                 str(marker)]}}
-    config = config_for(tmp_path, {"svc": service}, cooldown="1h", attempts={"max": 10, "window": "1h"})
+    config = config_for({"svc": service}, cooldown="1h", attempts={"max": 10, "window": "1h"})
     client = await receiver_for(config)
-    await post(client, alert("r1", service_name="svc", remediation="restart"))
+    await post_alerts(client, alert("r1", service_name="svc", remediation="restart"))
     await wait_audit(client, lambda es: any(e["result"] == "success" for e in es))
-    stop_config_services(config)  # down again: its restart waits out the 1 h cooldown
-    await post(client, alert("r1", service_name="svc", remediation="restart"),  # a resend
-               alert("e1", alertname="QueueStuck", service_name="svc", remediation="exec"))
+    await stop_services(config)  # down again: its restart waits out the 1 h cooldown
+    await post_alerts(client, alert("r1", service_name="svc", remediation="restart"),  # a resend
+                      alert("e1", alertname="QueueStuck", service_name="svc", remediation="exec"))
     entries = await wait_audit(client, lambda es: any(e["fingerprint"] == "e1" and e["result"] for e in es))
     assert marker.exists()
     assert [e["reason"] for e in entries if e["fingerprint"] == "r1" and e["decision"] == "skipped"] == ["cooldown"]
 
 
 async def test_a_service_that_recovers_while_its_repair_waits_for_a_slot_is_not_restarted(
-        receiver_for: Any, tmp_path: Path) -> None:
+        receiver_for: Any, config_for: MakeConfig) -> None:
     ignores_term = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(1)\n"
     stubborn = sleeper(ignores_term)
     stubborn["stop"] = {"grace_period": 3}
-    config = config_for(tmp_path, {"stubborn": stubborn, "svc": sleeper()}, workers=1)
+    config = config_for({"stubborn": stubborn, "svc": sleeper()}, workers=1)
     client = await receiver_for(config)
     executor = client.server.app[EXECUTOR_KEY]
     executor.ctx.reaper.add(start_service(config, "stubborn"))
-    wait_for(lambda: len(pids(config, "stubborn")) == 1, 10, what="stubborn up")
-    await asyncio.sleep(0.3)  # its SIGTERM handler
+    (pid,) = await wait_until(lambda: pids(config, "stubborn"), 10, what="stubborn up")
+    await wait_until(lambda: signal_ignored(pid, signal.SIGTERM), 5, what="stubborn to ignore SIGTERM")
     # The only slot goes to a restart that waits 3 s for SIGTERM to be ignored.
-    await post(client, alert("s1", alertname="CaretakerMemoryAboveLimit", service_name="stubborn",
-                             remediation="restart"))
-    await asyncio.sleep(0.5)
-    await post(client, alert("v1", service_name="svc", remediation="restart"))  # svc is down, and waits
-    await asyncio.sleep(0.5)
+    await post_alerts(client, alert("s1", alertname="CaretakerMemoryAboveLimit", service_name="stubborn",
+                                    remediation="restart"))
+    await wait_until(lambda: stepped(client, "stubborn", "SIGTERM"), 10, what="the restart of stubborn to stop it")
+    await post_alerts(client, alert("v1", service_name="svc", remediation="restart"))  # svc is down, and waits
+    registry = client.server.app[REGISTRY_KEY]  # its worker has read its problems: next, it waits for the slot
+    await wait_until(lambda: registry.get_sample_value("caretaker_problems_open", {"service_name": "svc"}) == 1, 10,
+                     what="the worker of svc to wait for the slot")
     child = start_service(config, "svc")  # someone starts it by hand meanwhile
     executor.ctx.reaper.add(child)
-    wait_for(lambda: pids(config, "svc") == [child.pid], 10, what="svc up")
+    await wait_until(lambda: pids(config, "svc") == [child.pid], 10, what="svc up")
     entries = await wait_audit(client, lambda es: any(e["fingerprint"] == "v1" and e["reason"] for e in es), 30)
     (decision,) = [e for e in entries if e["fingerprint"] == "v1"]
     assert (decision["decision"], decision["reason"]) == ("skipped", "condition_cleared")
@@ -551,25 +543,33 @@ async def test_a_service_that_recovers_while_its_repair_waits_for_a_slot_is_not_
 STALLS_WHILE_FLAGGED = ("import http.server, os, sys, time\n"
                         "class H(http.server.BaseHTTPRequestHandler):\n"
                         "    def do_GET(self):\n"
-                        "        while os.path.exists(sys.argv[2]): time.sleep(0.05)  # a stall: a GC, an fsync\n"
+                        "        if os.path.exists(sys.argv[2]):  # a stall (a GC, an fsync): a request that comes\n"
+                        "            with open(sys.argv[3], 'a') as seen:  # during it is noted, and fails\n"
+                        "                seen.write('probe\\n')\n"
+                        "            while os.path.exists(sys.argv[2]): time.sleep(0.05)\n"
+                        "            self.send_response(503); self.end_headers(); return\n"
                         "        self.send_response(200); self.end_headers(); self.wfile.write(b'ok')\n"
                         "    def log_message(self, *a): pass\n"
                         "http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n")
 
 
-async def test_a_service_that_stalls_for_a_few_seconds_is_not_restarted(receiver_for: Any, tmp_path: Path) -> None:
-    port, flag = free_port(), tmp_path / "stalled"
-    config = config_for(tmp_path, {"svc": sleeper(STALLS_WHILE_FLAGGED, str(port), str(flag), probes=[
+async def test_a_service_that_stalls_for_a_few_seconds_is_not_restarted(receiver_for: Any, tmp_path: Path,
+                                                                        config_for: MakeConfig) -> None:
+    port, flag, seen = free_port(), tmp_path / "stalled", tmp_path / "probed-while-stalled"
+    config = config_for({"svc": sleeper(STALLS_WHILE_FLAGGED, str(port), str(flag), str(seen), probes=[
         {"name": "health", "type": "http", "url": f"http://127.0.0.1:{port}/", "timeout": "500ms"}])})
     child = start_service(config, "svc")
     try:
-        wait_for(lambda: port_open(port), 10, what="service up")
+        await wait_until(lambda: port_open(port), 10, what="service up")
         client = await receiver_for(config)
-        flag.touch()  # a 3 s stall: the exporter's probe fails, and the alert fires at once
+        flag.touch()  # a stall: the exporter's probe fails, and the alert fires at once
         started = time.monotonic()
-        await post(client, alert("st", alertname="CaretakerProbeFailing", service_name="svc", probe="health",
-                                 remediation="restart"))
-        await asyncio.sleep(3)
+        await post_alerts(client, alert("st", alertname="CaretakerProbeFailing", service_name="svc", probe="health",
+                                        remediation="restart"))
+        # The receiver probes three times over its 5 s confirmation window: the stall lasts
+        # over the first two (2.5 s apart), and is over by the third.
+        await wait_until(lambda: seen.exists() and len(seen.read_text().split()) >= 2, 20,
+                         what="the receiver's second probe during the stall")
         flag.unlink()
         (entry,) = await wait_audit(client, lambda es: es and es[0]["reason"], 20)
         assert (entry["decision"], entry["reason"]) == ("skipped", "condition_cleared")
@@ -577,21 +577,23 @@ async def test_a_service_that_stalls_for_a_few_seconds_is_not_restarted(receiver
         assert pids(config, "svc") == [child.pid]
     finally:
         flag.unlink(missing_ok=True)
-        child.kill()
-        child.wait()
+        await kill_child(child)
 
 
-async def test_a_pause_during_a_repair_keeps_it_from_starting_the_service(receiver_for: Any, tmp_path: Path) -> None:
+async def test_a_pause_during_a_repair_keeps_it_from_starting_the_service(receiver_for: Any,
+                                                                          config_for: MakeConfig) -> None:
     ignores_term = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(1)\n"
     service = sleeper(ignores_term)
     service["stop"] = {"grace_period": 2}
-    config = config_for(tmp_path, {"svc": service})
+    config = config_for({"svc": service})
     client = await receiver_for(config)
     client.server.app[EXECUTOR_KEY].ctx.reaper.add(start_service(config, "svc"))
-    wait_for(lambda: len(pids(config, "svc")) == 1, 10, what="service up")
-    await asyncio.sleep(0.3)  # its SIGTERM handler
-    await post(client, alert("mem", alertname="CaretakerMemoryAboveLimit", service_name="svc", remediation="restart"))
-    await asyncio.sleep(0.8)  # the repair waits out the grace period; the operator pauses meanwhile
+    (pid,) = await wait_until(lambda: pids(config, "svc"), 10, what="service up")
+    await wait_until(lambda: signal_ignored(pid, signal.SIGTERM), 5, what="the service to ignore SIGTERM")
+    await post_alerts(client, alert("mem", alertname="CaretakerMemoryAboveLimit", service_name="svc",
+                                    remediation="restart"))
+    # The repair sent SIGTERM and waits out the grace period; the operator pauses meanwhile.
+    await wait_until(lambda: stepped(client, "svc", "SIGTERM"), 10, what="the restart to stop the service")
     assert (await client.post("/api/v1/services/svc/pause", headers=AUTH)).status == 200
     entries = await wait_audit(client, lambda es: any(e["result"] for e in es), 20)
     (acted,) = [e for e in entries if e["decision"] == "acted"]

@@ -9,25 +9,31 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient
 
-from exporter.config import parse_config
-from exporter.procfs import ProcReader, scan_services
 from receiver.actions import ActionContext, RepairFailed, StepLog, restart
 from receiver.app import REGISTRY_KEY
 from receiver.process import start_service
 from receiver.store import NewAlert, Store
 
-from .conftest import free_port, settle, stop_config_services, wait_for
-from .test_receiver import AUTH, TOKEN, alert, incident, notification
+from .helpers import (
+    MakeConfig,
+    alert,
+    free_port,
+    incident,
+    post_alerts,
+    processes,
+    settle,
+    signal_caught,
+    signal_ignored,
+    sleeper,
+    wait_audit,
+    wait_until,
+)
 
-SLEEPER = "import time\nwhile True: time.sleep(1)\n"
 IGNORES_TERM = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(1)\n"
 RESPAWNS_ON_HUP = ("import signal, subprocess, sys, time, os\n"
                    "def hup(*a):\n"
@@ -38,63 +44,21 @@ RESPAWNS_ON_HUP = ("import signal, subprocess, sys, time, os\n"
                    "while True: time.sleep(1)\n")
 
 
-def service_config(tmp_path: Path, script: str = SLEEPER, grace: float = 2.0, verify: float = 10.0,
-                   stop_signal: str = "SIGTERM", argv: list[str] | None = None, probes: list[Any] | None = None,
-                   **receiver: Any) -> Any:
-    marker = f"svc-{uuid.uuid4().hex}"
-    argv = argv or ([sys.executable, "-c", script, script, marker] if script is RESPAWNS_ON_HUP
-                    else [sys.executable, "-c", script, marker])
-    (tmp_path / "token").write_text(TOKEN)
-    return parse_config({
-        "receiver": {"bearer_token": {"file": "token"}, "state_file": "state.sqlite", **receiver},
-        "services": {"svc": {
-            "match": {"cmdline": f"{marker}$"},
-            "start": {"argv": argv, "log_file": "svc.log"},
-            "stop": {"signal": stop_signal, "grace_period": grace},
-            "probes": probes or [],
-            "remediation": {"allow": ["restart"], "verify_timeout": verify}}}}, base_dir=tmp_path)
-
-
-def processes(config: Any) -> list[Any]:
-    return scan_services(ProcReader(), config.services, (os.getpid(),))["svc"]
-
-
-@pytest.fixture
-async def ctx_for() -> AsyncIterator[Callable[[Any], ActionContext]]:
-    contexts: list[ActionContext] = []
-    async with aiohttp.ClientSession() as session:
-        def make(config: Any) -> ActionContext:
-            contexts.append(ActionContext(config, session))
-            return contexts[-1]
-        yield make
-    for ctx in contexts:
-        stop_config_services(ctx.config)
-        reaper = ctx.reaper
-        wait_for(lambda: (reaper.reap(), not reaper.children)[1], 5, what="children reaped")  # noqa: B023
-
-
-def start_first(ctx: ActionContext) -> int:
+async def start_first(ctx: ActionContext) -> int:
+    """Start service ``svc`` as someone else would; its pid once it runs."""
     child = start_service(ctx.config, "svc")
     ctx.reaper.add(child)
-    wait_for(lambda: len(processes(ctx.config)) == 1, 10, what="service up")
+    await wait_until(lambda: len(processes(ctx.config)) == 1, 10, what="service up")
     return child.pid
-
-
-def sigignored(pid: int) -> int:
-    """The process's ignored-signals mask (bit N-1 for signal N), from /proc/PID/status."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigIgn:"):
-            return int(line.split()[1], 16)
-    return 0
 
 
 def messages(steps: StepLog) -> list[str]:
     return [s["message"] for s in steps.steps]
 
 
-async def test_restart_of_a_service_that_obeys_sigterm(ctx_for: Any, tmp_path: Path) -> None:
-    ctx = ctx_for(service_config(tmp_path))
-    old = start_first(ctx)
+async def test_restart_of_a_service_that_obeys_sigterm(ctx_for: Any, make_config: MakeConfig) -> None:
+    ctx = ctx_for(make_config(service=sleeper()))
+    old = await start_first(ctx)
     comm = Path(f"/proc/{old}/comm").read_text().strip()  # the interpreter's name: python, python3...
     steps = StepLog()
     await restart(ctx, "svc", steps)
@@ -106,10 +70,10 @@ async def test_restart_of_a_service_that_obeys_sigterm(ctx_for: Any, tmp_path: P
     assert new.pgid == new.pid  # detached: its own session and group
 
 
-async def test_sigkill_after_the_grace_period(ctx_for: Any, tmp_path: Path) -> None:
-    ctx = ctx_for(service_config(tmp_path, IGNORES_TERM, grace=1.5))
-    old = start_first(ctx)
-    wait_for(lambda: sigignored(old) & (1 << (signal.SIGTERM - 1)), 5, what="it to ignore SIGTERM")
+async def test_sigkill_after_the_grace_period(ctx_for: Any, make_config: MakeConfig) -> None:
+    ctx = ctx_for(make_config(service=sleeper(IGNORES_TERM, grace=1.5)))
+    old = await start_first(ctx)
+    await wait_until(lambda: signal_ignored(old, signal.SIGTERM), 5, what="it to ignore SIGTERM")
     steps = StepLog()
     started = time.monotonic()
     await restart(ctx, "svc", steps)
@@ -123,13 +87,14 @@ async def test_sigkill_after_the_grace_period(ctx_for: Any, tmp_path: Path) -> N
     assert time.monotonic() - started < 10
 
 
-async def test_a_frozen_process_is_continued_so_it_can_act_on_its_stop_signal(ctx_for: Any, tmp_path: Path) -> None:
+async def test_a_frozen_process_is_continued_so_it_can_act_on_its_stop_signal(ctx_for: Any,
+                                                                              make_config: MakeConfig) -> None:
     # systemd sends SIGCONT after the stop signal: a stopped process then exits on its SIGTERM
     # at once, instead of being SIGKILLed when the grace period ends.
-    ctx = ctx_for(service_config(tmp_path, SLEEPER, grace=5))
-    old = start_first(ctx)
+    ctx = ctx_for(make_config(service=sleeper(grace=5)))
+    old = await start_first(ctx)
     os.kill(old, signal.SIGSTOP)
-    wait_for(lambda: processes(ctx.config)[0].state == "T", 5, what="stopped state")
+    await wait_until(lambda: processes(ctx.config)[0].state == "T", 5, what="stopped state")
     steps = StepLog()
     started = time.monotonic()
     await restart(ctx, "svc", steps)
@@ -142,69 +107,61 @@ async def test_a_frozen_process_is_continued_so_it_can_act_on_its_stop_signal(ct
     assert new.pid != old and new.state != "T"
 
 
-async def test_never_starts_a_second_copy(ctx_for: Any, tmp_path: Path) -> None:
+async def test_never_starts_a_second_copy(ctx_for: Any, make_config: MakeConfig) -> None:
     """The service restarts itself on its stop signal: caretaker must not start another."""
-    ctx = ctx_for(service_config(tmp_path, RESPAWNS_ON_HUP, stop_signal="SIGHUP"))
-    old = start_first(ctx)
-    time.sleep(0.3)
+    ctx = ctx_for(make_config(service=sleeper(RESPAWNS_ON_HUP, RESPAWNS_ON_HUP,
+                                              stop={"signal": "SIGHUP", "grace_period": 2})))
+    old = await start_first(ctx)
+    await wait_until(lambda: signal_caught(old, signal.SIGHUP), 5, what="its SIGHUP handler")
     steps = StepLog()
     await restart(ctx, "svc", steps)
     assert any("not starting a second copy" in m for m in messages(steps))
     assert not any(m.startswith("started ") for m in messages(steps))
-    time.sleep(0.5)
+    await asyncio.sleep(0.5)  # a while in which a second copy would show
     (only,) = processes(ctx.config)
     assert only.pid != old
 
 
-async def test_start_of_a_missing_program_fails_clearly(ctx_for: Any, tmp_path: Path) -> None:
-    ctx = ctx_for(service_config(tmp_path, argv=["/nonexistent/caretaker-test-program", "x"]))
+async def test_start_of_a_missing_program_fails_clearly(ctx_for: Any, make_config: MakeConfig) -> None:
+    ctx = ctx_for(make_config(service=sleeper(start={"argv": ["/nonexistent/caretaker-test-program", "x"]})))
     with pytest.raises(RepairFailed, match="cannot start '/nonexistent/caretaker-test-program'"):
         await restart(ctx, "svc", StepLog())
 
 
-async def test_a_service_that_dies_at_once_fails_fast(ctx_for: Any, tmp_path: Path) -> None:
+async def test_a_service_that_dies_at_once_fails_fast(ctx_for: Any, make_config: MakeConfig) -> None:
     marker = f"dies-{uuid.uuid4().hex}"
-    ctx = ctx_for(service_config(tmp_path, argv=[sys.executable, "-c", "import sys; sys.exit(3)", marker],
-                                 verify=20))
+    ctx = ctx_for(make_config(service=sleeper(
+        verify=20, start={"argv": [sys.executable, "-c", "import sys; sys.exit(3)", marker]})))
     started = time.monotonic()
     with pytest.raises(RepairFailed, match="exited with status 3"):
         await restart(ctx, "svc", StepLog())
     assert time.monotonic() - started < 5
 
 
-async def test_a_service_whose_probe_never_passes_fails_after_verify_timeout(ctx_for: Any, tmp_path: Path) -> None:
-    ctx = ctx_for(service_config(tmp_path, verify=1.5,
-                                 probes=[{"name": "port", "type": "tcp", "port": free_port(), "timeout": 0.5}]))
+async def test_a_service_whose_probe_never_passes_fails_after_verify_timeout(ctx_for: Any,
+                                                                             make_config: MakeConfig) -> None:
+    ctx = ctx_for(make_config(service=sleeper(
+        verify=1.5, probes=[{"name": "port", "type": "tcp", "port": free_port(), "timeout": 0.5}])))
     with pytest.raises(RepairFailed, match=r"not healthy within 1.5s: probe port: refused"):
         await restart(ctx, "svc", StepLog())
 
 
 # --- the executor: lock, cooldown, budget, persistence ---------------------------------
 
-Client = TestClient[Any, Any]
-
-
-async def post(client: Client, payload: dict[str, Any]) -> dict[str, Any]:
-    resp = await client.post("/alerts", json=payload, headers=AUTH)
-    assert resp.status == 200
-    return dict(await resp.json())
-
-
-async def test_one_repair_at_a_time_per_service(receiver_for: Any, tmp_path: Path) -> None:
+async def test_one_repair_at_a_time_per_service(receiver_for: Any, make_config: MakeConfig) -> None:
     # Two alerts about one dead service: one restart; the second problem is then seen to be gone.
-    config = service_config(tmp_path, cooldown=0)
+    config = make_config(service=sleeper(), token=True, cooldown=0)
     client = await receiver_for(config)
-    await post(client, notification(alert("f1", service_name="svc", remediation="restart"),
-                                    alert("f2", alertname="CaretakerProbeFailing", service_name="svc",
-                                          remediation="restart")))
+    await post_alerts(client, alert("f1", service_name="svc", remediation="restart"),
+                      alert("f2", alertname="CaretakerProbeFailing", service_name="svc", remediation="restart"))
     entries = await settle(client)
     assert sorted((e["fingerprint"], e["decision"], e["reason"]) for e in entries) == [
         ("f1", "acted", ""), ("f2", "skipped", "condition_cleared")]
     assert len(processes(config)) == 1
 
 
-async def test_cooldown_skips_a_repair_right_after_another(receiver_for: Any, tmp_path: Path) -> None:
-    config = service_config(tmp_path, cooldown="1h")
+async def test_cooldown_skips_a_repair_right_after_another(receiver_for: Any, make_config: MakeConfig) -> None:
+    config = make_config(service=sleeper(), token=True, cooldown="1h")
     client = await receiver_for(config)
     await incident(client, config, "f1")
     await settle(client)
@@ -215,9 +172,9 @@ async def test_cooldown_skips_a_repair_right_after_another(receiver_for: Any, tm
     assert newest["observation"]["holds"] is True and newest["observation"]["next_attempt_at"] > time.time() + 3000
 
 
-async def test_attempt_budget_stops_repairs_and_says_so(receiver_for: Any, tmp_path: Path,
+async def test_attempt_budget_stops_repairs_and_says_so(receiver_for: Any, make_config: MakeConfig,
                                                         caplog: pytest.LogCaptureFixture) -> None:
-    config = service_config(tmp_path, cooldown=0, attempts={"max": 2, "window": "1h"})
+    config = make_config(service=sleeper(), token=True, cooldown=0, attempts={"max": 2, "window": "1h"})
     client = await receiver_for(config)
     for i in range(3):
         await incident(client, config, f"f{i}", previous=f"f{i - 1}" if i else None)
@@ -229,23 +186,23 @@ async def test_attempt_budget_stops_repairs_and_says_so(receiver_for: Any, tmp_p
     assert any("REPAIRS EXHAUSTED for svc" in r.message and r.levelname == "ERROR" for r in caplog.records)
 
 
-async def test_dedupe_and_cooldown_survive_a_receiver_restart(receiver_for: Any, tmp_path: Path) -> None:
-    config = service_config(tmp_path, cooldown="1h")
+async def test_dedupe_and_cooldown_survive_a_receiver_restart(receiver_for: Any, make_config: MakeConfig) -> None:
+    config = make_config(service=sleeper(), token=True, cooldown="1h")
     first = await receiver_for(config)
-    payload = notification(alert("f1", service_name="svc", remediation="restart"))
-    await post(first, payload)
+    fired = alert("f1", service_name="svc", remediation="restart")
+    await post_alerts(first, fired)
     await settle(first)
     await first.close()
     second = await receiver_for(config)
-    assert (await post(second, payload))["duplicates"] == 1
+    assert (await post_alerts(second, fired))["duplicates"] == 1
     await incident(second, config, "f2", previous="f1")
     entries = [e for e in await settle(second) if e["status"] == "firing"]
     assert [(e["fingerprint"], e["reason"]) for e in entries] == [("f2", "cooldown"), ("f1", "")]
 
 
 async def test_repair_interrupted_by_a_crash_is_marked_and_its_problem_repaired_after_the_restart(
-        receiver_for: Any, tmp_path: Path) -> None:
-    config = service_config(tmp_path)
+        receiver_for: Any, make_config: MakeConfig) -> None:
+    config = make_config(service=sleeper(), token=True)
     store = Store(config.resolve(config.receiver.state_file))
     (entry_id,) = store.admit([NewAlert("f1", "2026-01-01T00:00:00+00:00", "firing", "CaretakerServiceDown", "svc",
                                         "restart", "queued", "")], time.time())
@@ -254,10 +211,7 @@ async def test_repair_interrupted_by_a_crash_is_marked_and_its_problem_repaired_
                  steps=[{"at": time.time(), "message": "SIGTERM to pid 1"}])
     store.close()
     client = await receiver_for(config)
-    deadline = time.monotonic() + 20
-    while len(entries := await settle(client)) < 2:  # the open problem is worked on after start-up
-        assert time.monotonic() < deadline, entries
-        await asyncio.sleep(0.1)
+    entries = await wait_audit(client, lambda es: len(es) >= 2)  # the open problem is worked on after start-up
     again, interrupted = entries
     assert (interrupted["state"], interrupted["result"]) == ("interrupted", "failure")
     assert (again["decision"], again["result"], again["problem_id"]) == ("acted", "success", 1)

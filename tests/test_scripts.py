@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from .conftest import REPO
+from .helpers import REPO
 
 
 def test_without_root_or_sudo_it_prints_the_apt_get_line(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import AUTH_TOKEN, REPO, free_port, port_open, require_binary, wait_for
+from .helpers import AUTH_TOKEN, REPO, free_port, port_open, require_binary, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -10,33 +10,28 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
-from exporter.config import ConfigError, parse_config
+from exporter.config import Config, ConfigError, parse_config
 from exporter.environment import minimal_environment
 from exporter.procfs import ProcReader, scan_services
-from receiver.actions import ActionContext, StepLog, restart
+from receiver.actions import StepLog, restart
 from receiver.process import launch_argv, start_problems
 
-from .conftest import REPO, stop_config_services
+from .helpers import REPO, build_config, sleeper
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root (CI runs as root)")
 
 
-def service(tmp_path: Path, **start: Any) -> Any:
-    marker = f"as-{uuid.uuid4().hex[:12]}"
+def service(tmp_path: Path, **start: Any) -> Config:
+    """Service ``svc`` (:func:`helpers.sleeper`), its ``start`` given ``start``'s keys (the user,
+    environment and limits this module is about); ``api-key`` holds a secret for its env."""
     (tmp_path / "api-key").write_text("from-a-file\n")
-    return parse_config({"services": {"svc": {
-        "match": {"cmdline": f"{marker}$"},
-        "start": {"argv": [sys.executable, "-c", "import time\nwhile True: time.sleep(1)", marker],
-                  "log_file": "logs/svc.log", **start},
-        "stop": {"grace_period": 2},
-        "remediation": {"allow": ["restart"], "verify_timeout": 10}}}}, base_dir=tmp_path)
+    svc = sleeper()
+    return build_config(tmp_path, service={**svc, "start": {**svc["start"], "log_file": "logs/svc.log", **start}})
 
 
 def environ(pid: int) -> dict[str, str]:
@@ -61,7 +56,7 @@ def status(pid: int, key: str) -> str:
 
 @needs_root
 async def test_a_service_runs_as_its_user_with_only_the_environment_the_config_gives(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        ctx_for: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tmp_path.chmod(0o755)  # the service's user must reach its cwd
     monkeypatch.setenv("CARETAKER_TOKEN", "the-receivers-own-token")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-services")
@@ -70,30 +65,25 @@ async def test_a_service_runs_as_its_user_with_only_the_environment_the_config_g
                      env={"MODE": "production", "API_KEY": {"file": "api-key"}, "TOKEN_COPY": {"env": "TZ"}},
                      limits={"nofile": 1234, "core": 0, "nproc": 4096})
     nobody = pwd.getpwnam("nobody")
-    async with aiohttp.ClientSession() as session:
-        ctx = ActionContext(config, session)
-        try:
-            steps = StepLog()
-            await restart(ctx, "svc", steps)
-            (proc,) = scan_services(ProcReader(), config.services, (os.getpid(),))["svc"]
-            assert status(proc.pid, "Uid").split() == [str(nobody.pw_uid)] * 4
-            assert status(proc.pid, "Gid").split() == [str(nobody.pw_gid)] * 4
-            assert status(proc.pid, "Groups").split() == [str(g) for g in os.getgrouplist("nobody", nobody.pw_gid)]
-            assert status(proc.pid, "CapEff") == "0000000000000000"
-            assert status(proc.pid, "Umask") == "0027"
-            env = environ(proc.pid)
-            assert env == {"PATH": os.environ["PATH"], "LANG": os.environ.get("LANG") or "C.UTF-8",
-                           "TZ": "Europe/Paris", "HOME": nobody.pw_dir, "USER": "nobody", "LOGNAME": "nobody",
-                           "MODE": "production", "API_KEY": "from-a-file", "TOKEN_COPY": "Europe/Paris"}
-            assert limit(proc.pid, "Max open files") == ("1234", "1234")
-            assert limit(proc.pid, "Max core file size") == ("0", "0")
-            assert limit(proc.pid, "Max processes") == ("4096", "4096")
-            log = tmp_path / "logs" / "svc.log"
-            assert (log.stat().st_uid, log.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid)  # created for it
-            assert proc.comm.startswith("python")  # the wrappers exec'd away: the pid is the service's
-        finally:
-            stop_config_services(config)
-            ctx.reaper.reap()
+    ctx = ctx_for(config)
+    steps = StepLog()
+    await restart(ctx, "svc", steps)
+    (proc,) = scan_services(ProcReader(), config.services, (os.getpid(),))["svc"]
+    assert status(proc.pid, "Uid").split() == [str(nobody.pw_uid)] * 4
+    assert status(proc.pid, "Gid").split() == [str(nobody.pw_gid)] * 4
+    assert status(proc.pid, "Groups").split() == [str(g) for g in os.getgrouplist("nobody", nobody.pw_gid)]
+    assert status(proc.pid, "CapEff") == "0000000000000000"
+    assert status(proc.pid, "Umask") == "0027"
+    env = environ(proc.pid)
+    assert env == {"PATH": os.environ["PATH"], "LANG": os.environ.get("LANG") or "C.UTF-8",
+                   "TZ": "Europe/Paris", "HOME": nobody.pw_dir, "USER": "nobody", "LOGNAME": "nobody",
+                   "MODE": "production", "API_KEY": "from-a-file", "TOKEN_COPY": "Europe/Paris"}
+    assert limit(proc.pid, "Max open files") == ("1234", "1234")
+    assert limit(proc.pid, "Max core file size") == ("0", "0")
+    assert limit(proc.pid, "Max processes") == ("4096", "4096")
+    log = tmp_path / "logs" / "svc.log"
+    assert (log.stat().st_uid, log.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid)  # created for it
+    assert proc.comm.startswith("python")  # the wrappers exec'd away: the pid is the service's
 
 
 def test_without_a_user_the_environment_is_still_clean(tmp_path: Path) -> None:

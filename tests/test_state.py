@@ -15,7 +15,6 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from exporter.config import parse_config
 from receiver.executor import Executor
 from receiver.metrics import ReceiverMetrics
 from receiver.payload import Alert, Decision
@@ -24,23 +23,28 @@ from receiver.state import LOCAL_LOCK, LocalState, RepairState
 from receiver.store import NewAlert, Store
 from receiver.vocabulary import AuditDecision, EntryState, Reason, RepairResult
 
-from .conftest import free_port
+from .helpers import MakeConfig, free_port
 
 STARTS = "2026-11-22T03:00:00.000000+00:00"
 
 
 @pytest.fixture(params=["sqlite", "redis"])
-async def state(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[RepairState, Store]]:
+def backend(request: pytest.FixtureRequest) -> int | None:
+    """None for the state file alone; for Redis, the port of a fresh one (started here,
+    off the event loop, as Redis is waited for)."""
+    return None if request.param == "sqlite" else int(request.getfixturevalue("redis_port"))
+
+
+@pytest.fixture
+async def state(backend: int | None, tmp_path: Path) -> AsyncIterator[tuple[RepairState, Store]]:
     """A RepairState of each kind, with the state file of its receiver."""
     store = Store(tmp_path / "state.sqlite")
     client = None
     try:
-        if request.param == "sqlite":
+        if backend is None:
             yield LocalState(store), store
         else:
-            port = free_port()
-            request.getfixturevalue("redis_server")(port)
-            client = aioredis.Redis(host="127.0.0.1", port=port)
+            client = aioredis.Redis(host="127.0.0.1", port=backend)
             yield SharedState(client, f"test-{uuid.uuid4().hex[:8]}:", 3600, store), store
     finally:
         if client is not None:
@@ -49,11 +53,9 @@ async def state(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 
 @pytest.fixture
-async def redis_pair(redis_server: Any, tmp_path: Path) -> AsyncIterator[tuple[SharedState, SharedState, Any]]:
+async def redis_pair(redis_port: int) -> AsyncIterator[tuple[SharedState, SharedState, Any]]:
     """Two receivers' shared states on one Redis, with a client to look at its keys."""
-    port = free_port()
-    redis_server(port)
-    clients = [aioredis.Redis(host="127.0.0.1", port=port, decode_responses=True) for _ in range(3)]
+    clients = [aioredis.Redis(host="127.0.0.1", port=redis_port, decode_responses=True) for _ in range(3)]
     prefix = "caretaker:"
     try:
         yield SharedState(clients[0], prefix, 3600), SharedState(clients[1], prefix, 3600), clients[2]
@@ -223,7 +225,12 @@ class LosesCancellations(LocalState):
 
     swallowed = 0
 
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self.acquiring = asyncio.Event()
+
     async def acquire(self, service: str, lease_seconds: float) -> str | None:
+        self.acquiring.set()
         try:
             await asyncio.sleep(0.5)
         except asyncio.CancelledError:
@@ -231,17 +238,16 @@ class LosesCancellations(LocalState):
         return LOCAL_LOCK
 
 
-async def test_stop_ends_a_worker_whose_state_lost_its_cancellation(tmp_path: Path) -> None:
-    config = parse_config({"receiver": {"state_file": "state.sqlite"}, "services": {"svc": {
-        "match": {"comm": "^caretaker-none$"}, "start": {"argv": ["/bin/true"]},
-        "remediation": {"allow": ["restart"]}}}}, base_dir=tmp_path)
+async def test_stop_ends_a_worker_whose_state_lost_its_cancellation(make_config: MakeConfig, tmp_path: Path) -> None:
+    config = make_config(service={"match": {"comm": "^caretaker-none$"}, "start": {"argv": ["/bin/true"]},
+                                  "remediation": {"allow": ["restart"]}})
     store = Store(tmp_path / "state.sqlite")
     state = LosesCancellations(store)
     executor = Executor(config, store, state, cast(Any, None), ReceiverMetrics(CollectorRegistry(), config))
     try:
         await executor.pause("svc", None, "only the worker's life is looked at")  # its look needs no /proc
         await executor.admit([alert("a1", remediation="restart")])
-        await asyncio.sleep(0.2)  # the worker is in acquire()
+        await asyncio.wait_for(state.acquiring.wait(), 5)  # the worker is in acquire()
         await asyncio.wait_for(executor.stop(), 5)
         assert state.swallowed == 1
         assert executor.pending == 0

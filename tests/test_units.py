@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, require_binary
+from .helpers import REPO, require_binary
 
 UNITS = REPO / "deploy" / "systemd"
 
