@@ -21,14 +21,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from exporter.config import HOST_LABEL, Config
+from exporter.config import HOST_LABEL
 
-from .actions import ActionContext
 from .alertmanager import post_alert
-from .metrics import ReceiverMetrics
 from .observe import observe
-from .state import RepairState
-from .store import ServiceState, Store
+from .parts import Parts
+from .store import ServiceState
 from .vocabulary import RepairResult
 
 __all__ = ["EXHAUSTED_ALERT", "EXHAUSTED_REPOST_SECONDS", "Budget"]
@@ -49,14 +47,9 @@ class Budget:
     and ``sqlite3.Error`` from the state file.
     """
 
-    def __init__(self, config: Config, store: Store, state: RepairState, ctx: ActionContext,
-                 metrics: ReceiverMetrics, clock: Callable[[], float], wake: Callable[[str], None]) -> None:
-        self.config = config
-        self.store = store
-        self.state = state
-        self.ctx = ctx
-        self.metrics = metrics
-        self.clock = clock
+    def __init__(self, parts: Parts, wake: Callable[[str], None]) -> None:
+        self.config, self.store, self.state = parts.config, parts.store, parts.state
+        self.ctx, self.metrics, self.clock = parts.ctx, parts.metrics, parts.clock
         self.wake = wake
         self.exhausted: dict[str, datetime] = {}
         """Services whose budget is spent, and since when."""

@@ -59,6 +59,7 @@ from .budget import EXHAUSTED_ALERT, EXHAUSTED_REPOST_SECONDS, Budget
 from .family import boot_id
 from .metrics import ReceiverMetrics
 from .observe import observe
+from .parts import Parts
 from .payload import Alert, Decision, decide
 from .repairs import exec_argv
 from .runner import RepairRunner
@@ -143,8 +144,9 @@ class Executor:
         self.metrics = metrics
         self.clock = clock
         self.dry_run = dry_run
-        self.budget = Budget(config, store, state, ctx, metrics, clock, self.wake)
-        self.runner = RepairRunner(config, store, state, ctx, metrics, clock)
+        parts = Parts(config, store, state, ctx, metrics, clock)
+        self.budget = Budget(parts, self.wake)
+        self.runner = RepairRunner(parts)
         self._commit = GroupCommit(store, clock)
         self._host_skips = HostSkips(config.receiver.host, config.receiver.fleet, clock)
         self._slots = asyncio.Semaphore(config.receiver.workers)

@@ -13,19 +13,15 @@ import asyncio
 import dataclasses
 import logging
 import sqlite3
-from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from exporter.config import Config
-
-from .actions import KILL_WAIT_SECONDS, ActionContext, RepairFailed, StepLog
+from .actions import KILL_WAIT_SECONDS, RepairFailed, StepLog
 from .alertmanager import expire_silence, host_matcher, silence
 from .catalogue import run_action
-from .metrics import ReceiverMetrics
+from .parts import Parts
 from .shared import SharedStateError
-from .state import RepairState
-from .store import Problem, Store
+from .store import Problem
 from .vocabulary import AuditDecision, EntryState, RepairResult
 
 __all__ = ["RepairRunner"]
@@ -40,14 +36,9 @@ SILENCED_ACTIONS = frozenset({"restart", "stop_duplicates", "free_port"})
 class RepairRunner:
     """Runs one repair of a problem; times from ``clock`` (Unix seconds)."""
 
-    def __init__(self, config: Config, store: Store, state: RepairState, ctx: ActionContext,
-                 metrics: ReceiverMetrics, clock: Callable[[], float]) -> None:
-        self.config = config
-        self.store = store
-        self.state = state
-        self.ctx = ctx
-        self.metrics = metrics
-        self.clock = clock
+    def __init__(self, parts: Parts) -> None:
+        self.config, self.store, self.state = parts.config, parts.store, parts.state
+        self.ctx, self.metrics, self.clock = parts.ctx, parts.metrics, parts.clock
 
     def deadline(self, service: str) -> float:
         """Seconds one repair of ``service`` may take, every step included:

@@ -3,15 +3,20 @@ of the issue's layout writes them, and the real worker program."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from exporter.config import Config
+from exporter.claims import ClaimsSeen, Liveness, connect, scan_claims
+from exporter.config import Claims, Config
+from receiver.actions import StepLog
 
 from .helpers import REPO, Children, build_config, idle_service
 
@@ -71,3 +76,35 @@ def start_worker(children: Children, port: int, tag: str, *args: str, log: Path 
     finally:
         if out is not None:
             out.close()
+
+
+def spec_of(config: Config) -> Claims:
+    """The ``claims:`` block of service ``worker``."""
+    spec = config.services["worker"].claims
+    assert spec is not None
+    return spec
+
+
+def scan(config: Config, keep: int = 0, liveness: Liveness | None = None) -> ClaimsSeen:
+    """One scan of service ``worker``'s claims, as the exporter makes it (``keep``
+    orphans and invalid claims kept as examples)."""
+    spec = spec_of(config)
+    return scan_claims(connect(spec, config.base_dir), spec, liveness or Liveness(), time.monotonic() + 10,
+                       keep=keep)
+
+
+async def watch_the_slow_job(r: redis.Redis, config: Config, release_claims: Callable[[Config], Awaitable[StepLog]],
+                             seconds: float | None = None) -> list[float]:
+    """Every 0.3 s while item ``slow`` is worked on (until ``done:slow`` is set, or for
+    ``seconds``): a scan sees its claim active, and a release_claims releases nothing.
+    Returns when each look was made (``time.monotonic()``)."""
+    looks: list[float] = []
+    while r.get("done:slow") is None and (seconds is None or not looks or time.monotonic() - looks[0] < seconds):
+        seen = scan(config)
+        if r.get("done:slow") is None:
+            assert seen.counts() == {"active": 1, "orphaned": 0, "invalid": 0}
+        steps = await release_claims(config)
+        assert not any(s.get("released") for s in steps.steps), steps.steps
+        looks.append(time.monotonic())
+        await asyncio.sleep(0.3)
+    return looks

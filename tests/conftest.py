@@ -256,3 +256,9 @@ def run_repair(ctx_for: Callable[..., ActionContext]) -> Callable[..., Awaitable
         await run_action(ctx, action, service, steps)
         return steps
     return go
+
+
+@pytest.fixture
+def release_claims(run_repair: Callable[..., Awaitable[StepLog]]) -> Callable[[Config], Awaitable[StepLog]]:
+    """release_claims(config) -> the StepLog of one release_claims of service ``worker``."""
+    return functools.partial(run_repair, action="release_claims", service="worker")

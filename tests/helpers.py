@@ -379,6 +379,26 @@ class MakeConfig(Protocol):
                  **receiver: Any) -> Config: ...
 
 
+def supervisord_conf(directory: Path, program: str) -> Path:
+    """Writes ``directory/supervisord.conf``: a supervisord in the foreground, its socket,
+    log and pidfile in ``directory``, running ``[program:worker]`` whose settings are
+    ``program`` (``command=...`` lines). Returns the file's path."""
+    conf = directory / "supervisord.conf"
+    conf.write_text(f"""[unix_http_server]
+file={directory}/supervisor.sock
+[supervisord]
+logfile={directory}/supervisord.log
+pidfile={directory}/supervisord.pid
+nodaemon=true
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+[supervisorctl]
+serverurl=unix://{directory}/supervisor.sock
+[program:worker]
+{program}""")
+    return conf
+
+
 # --- alerts and the receiver ---------------------------------------------------------------
 
 def alert(fingerprint: str = "a1b2c3", status: str = "firing", starts_at: str = "2026-11-22T03:00:00Z",

@@ -8,21 +8,17 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import redis
 
-from exporter.claims import Liveness, connect, scan_claims
-from exporter.config import Claims, Config
+from exporter.claims import Liveness, connect
+from exporter.config import Config
 from exporter.procfs import ProcessInfo, ProcReader
-from receiver.actions import ActionContext, StepLog
-from receiver.catalogue import run_action
 
-from .claims_util import claims_config, dead_pid, put_claim
+from .claims_util import claims_config, dead_pid, put_claim, scan, spec_of, watch_the_slow_job
 from .helpers import free_port, samples, scrape, value, wait_for, wait_until
 
 SVC = {"service_name": "worker"}
@@ -33,27 +29,9 @@ def r(redis_port: int) -> redis.Redis:
     return redis.Redis(port=redis_port, decode_responses=True)
 
 
-@pytest.fixture
-async def release_claims() -> AsyncIterator[Callable[[Config], Any]]:
-    """release_claims(config) -> the StepLog of one release_claims of service ``worker``."""
-    async with aiohttp.ClientSession() as session:
-        async def go(config: Config) -> StepLog:
-            steps = StepLog()
-            await run_action(ActionContext(config, session, ProcReader()), "release_claims", "worker", steps)
-            return steps
-        yield go
-
-
-def spec_of(config: Config) -> Claims:
-    spec = config.services["worker"].claims
-    assert spec is not None
-    return spec
-
-
 def judged(config: Config, liveness: Liveness | None = None) -> dict[str, tuple[str, str]]:
     """Each claim's (state, reason) from one scan (every orphan and every invalid kept)."""
-    spec = spec_of(config)
-    seen = scan_claims(connect(spec, config.base_dir), spec, liveness or Liveness(), time.monotonic() + 10, keep=1000)
+    seen = scan(config, keep=1000, liveness=liveness)
     return {c.id_text: (c.state, c.reason) for c in seen.orphans + seen.invalid_examples}
 
 
@@ -289,8 +267,7 @@ def test_a_naive_claim_time_never_makes_live_work_look_orphaned(r: redis.Redis, 
     by_pid = claims_config(redis_port, tmp_path, heartbeat_key=None, max_age="3h")  # no heartbeat to save it
     assert judged(by_pid) == {"old": ("orphaned", "max_age")}  # "live" and "young" are active
     exact = claims_config(redis_port, tmp_path, heartbeat_key=None, max_age="3h", claim_time_zone=writer)
-    spec = spec_of(exact)
-    seen = scan_claims(connect(spec, tmp_path), spec, Liveness(), time.monotonic() + 10, keep=10)
+    seen = scan(exact, keep=10)
     assert [(c.id_text, c.reason) for c in seen.orphans] == [("old", "max_age")]
     assert seen.orphans[0].claimed_at == pytest.approx(now - 9 * 3600, abs=1)
 
@@ -396,15 +373,7 @@ async def test_a_slow_worker_on_another_host_is_kept_by_its_heartbeat(r: redis.R
     await wait_until(lambda: r.get("started:slow") == "1", 15, what="the worker to start its job")
     assert r.hget("issue:slow", "host") == "elsewhere"
     config = claims_config(redis_port, tmp_path)
-    looks: list[float] = []
-    while r.get("done:slow") is None and time.monotonic() - (looks or [time.monotonic()])[0] < 4.0:
-        seen = scan_claims(connect(spec_of(config), tmp_path), spec_of(config), Liveness(), time.monotonic() + 5)
-        if r.get("done:slow") is None:
-            assert seen.counts() == {"active": 1, "orphaned": 0, "invalid": 0}
-        steps = await release_claims(config)
-        assert not any(s.get("released") for s in steps.steps), steps.steps
-        looks.append(time.monotonic())
-        await asyncio.sleep(0.3)
+    looks = await watch_the_slow_job(r, config, release_claims, seconds=4.0)
     assert looks[-1] - looks[0] > 5 * ttl, "looked at it throughout, not only at its start"
     os.kill(worker.pid, signal.SIGSTOP)  # alive here, but remote: only the heartbeat speaks for it
     owner = r.hget("issue:slow", "processId")

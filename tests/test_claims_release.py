@@ -6,11 +6,10 @@ claim; a reused pid keeps nothing alive."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,39 +17,22 @@ import aiohttp
 import pytest
 import redis
 
-from exporter.claims import ClaimsSeen, Liveness, connect, scan_claims
-from exporter.config import Claims, Config
+from exporter.claims import connect
+from exporter.config import Config
 from exporter.procfs import ProcReader
 from receiver.actions import ActionContext, RepairFailed, StepLog
 from receiver.claims import AUDIT_IDS, find_orphans, release
 from receiver.observe import observe
 
-from .claims_util import claims_config, dead_pid, put_claim, start_worker
+from .claims_util import claims_config, dead_pid, put_claim, scan, spec_of, start_worker, watch_the_slow_job
 from .helpers import Children, free_port, kill_child, samples, scrape, value, wait_until
 
 Release = Callable[[Config], Any]
 
 
 @pytest.fixture
-def release_claims(run_repair: Callable[..., Awaitable[StepLog]]) -> Release:
-    """release_claims(config) -> the StepLog of one release_claims of service ``worker``."""
-    return functools.partial(run_repair, action="release_claims", service="worker")
-
-
-@pytest.fixture
 def r(redis_port: int) -> redis.Redis:
     return redis.Redis(port=redis_port, decode_responses=True)
-
-
-def spec_of(config: Config) -> Claims:
-    spec = config.services["worker"].claims
-    assert spec is not None
-    return spec
-
-
-def scan(config: Config, keep: int = 0) -> ClaimsSeen:
-    spec = spec_of(config)
-    return scan_claims(connect(spec, config.base_dir), spec, Liveness(), time.monotonic() + 5, keep=keep)
 
 
 def step_with(steps: StepLog, key: str) -> dict[str, Any]:
@@ -235,15 +217,7 @@ async def test_a_slow_worker_that_lives_is_never_released(r: redis.Redis, redis_
     start_worker(children, redis_port, "slow", "--ttl", str(ttl), log=tmp_path / "slow.log")
     await wait_started(r, "slow")
     config = claims_config(redis_port, tmp_path)
-    looks: list[float] = []
-    while r.get("done:slow") is None:
-        seen = scan(config)
-        if r.get("done:slow") is None:
-            assert seen.counts() == {"active": 1, "orphaned": 0, "invalid": 0}
-        steps = await release_claims(config)
-        assert not any(s.get("released") for s in steps.steps), steps.steps
-        looks.append(time.monotonic())
-        await asyncio.sleep(0.3)
+    looks = await watch_the_slow_job(r, config, release_claims)
     assert looks[-1] - looks[0] > 6 * ttl, "looked at it throughout the job, not only at its start"
     await wait_until(lambda: r.lrange("finished", 0, -1) == ["slow"], 5, what="the worker to finish")
     assert (r.get("started:slow"), r.get("done:slow"), r.llen("task_queue")) == ("1", "1", 0)

@@ -23,7 +23,7 @@ from exporter.config import parse_config
 from exporter.procfs import ProcReader, scan_services
 from receiver.actions import ActionContext, RepairFailed, StepLog, restart
 
-from .helpers import AUTH_TOKEN, REPO, free_port, require_binary, serving_exporter, wait_until
+from .helpers import AUTH_TOKEN, REPO, free_port, require_binary, serving_exporter, supervisord_conf, wait_until
 
 WORKER = """\
 import os, signal, sys, time
@@ -56,20 +56,8 @@ class Supervised:
         self.mode.write_text("beat")
         (tmp_path / "worker.py").write_text(WORKER)
         (tmp_path / "token").write_text(AUTH_TOKEN)
-        mark, port, sock = f"lv-{uuid.uuid4().hex[:12]}", free_port(), tmp_path / "s.sock"
-        self.conf = tmp_path / "supervisord.conf"
-        self.conf.write_text(f"""[unix_http_server]
-file={sock}
-[supervisord]
-logfile={tmp_path}/supervisord.log
-pidfile={tmp_path}/supervisord.pid
-nodaemon=true
-[rpcinterface:supervisor]
-supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
-[supervisorctl]
-serverurl=unix://{sock}
-[program:worker]
-command={sys.executable} -S {tmp_path}/worker.py {self.mode} {mark}
+        mark, port = f"lv-{uuid.uuid4().hex[:12]}", free_port()
+        self.conf = supervisord_conf(tmp_path, f"""command={sys.executable} -S {tmp_path}/worker.py {self.mode} {mark}
 environment=PYTHONPATH="{only}",CARETAKER_EXPORTER_URL="http://127.0.0.1:{port}"
 startsecs=0
 stopwaitsecs=5

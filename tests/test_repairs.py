@@ -37,6 +37,7 @@ from .helpers import (
     serving,
     signal_caught,
     started_ticks_ago,
+    supervisord_conf,
     wait_until,
 )
 
@@ -126,20 +127,7 @@ async def test_restart_through_supervisord(run_repair: Any, tmp_path: Path, pyth
     supervisord = require_binary("supervisord")
     require_binary("supervisorctl")
     mark = marker()
-    sock = tmp_path / "supervisor.sock"
-    conf = tmp_path / "supervisord.conf"
-    conf.write_text(f"""[unix_http_server]
-file={sock}
-[supervisord]
-logfile={tmp_path}/supervisord.log
-pidfile={tmp_path}/supervisord.pid
-nodaemon=true
-[rpcinterface:supervisor]
-supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
-[supervisorctl]
-serverurl=unix://{sock}
-[program:worker]
-command={python} -c "import time; time.sleep(600)" {mark}
+    conf = supervisord_conf(tmp_path, f"""command={python} -c "import time; time.sleep(600)" {mark}
 startsecs=0
 stopwaitsecs=2
 """)
