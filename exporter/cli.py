@@ -11,7 +11,7 @@ from typing import Any
 from .config import Config, ConfigError, load_config, machine_problems, schema_text
 
 EXIT_CONFIG = 2
-"""Exit status for an invalid configuration (DESIGN.md)."""
+"""Exit status for an invalid configuration (docs/design.md, "One configuration file")."""
 
 
 class _PrintSchema(argparse.Action):

@@ -13,7 +13,7 @@ Each part ("component") is a ratio from 0 (all wrong) to 1 (all fine):
   whose reporting process (if any) still runs.
 
 The score is the weighted mean of the parts that apply, with the weights from the
-config (DESIGN.md defaults: processes 30, probes 25, resources 20, integrity 15,
+config (defaults: processes 30, probes 25, resources 20, integrity 15,
 heartbeats 10). A part that does not apply is neither exported nor weighed, so a
 service without probes is not called healthy just because nothing probed it.
 """

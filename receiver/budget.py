@@ -1,6 +1,6 @@
 """When the next attempt is due, and what happens when a service's repairs keep failing.
 
-DESIGN.md, "the repair model": after an attempt the next one is due ``receiver.cooldown``
+docs/design.md, "The repair model": after an attempt the next one is due ``receiver.cooldown``
 after its end; at most ``attempts.max`` attempts within ``attempts.window``; past that
 the service is *exhausted* (ERROR log, ``caretaker_remediation_attempts_exhausted`` 1,
 the alert ``CaretakerRepairsExhausted`` in Alertmanager) and attempts go on with capped

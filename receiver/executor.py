@@ -1,6 +1,6 @@
 """The executor: from alerts to problems, and from problems to repairs, safely.
 
-The receiver reconciles, level-triggered (DESIGN.md, "the repair model"): an alert
+The receiver reconciles, level-triggered (docs/design.md, "The repair model"): an alert
 is not an order to act once but says "this service has a problem".
 
 - **Problems.** Each alert is admitted once per ``(fingerprint, startsAt, status)``

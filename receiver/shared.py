@@ -1,4 +1,4 @@
-"""State shared by several receivers through Redis (DESIGN.md: "past one machine").
+"""State shared by several receivers through Redis (docs/design.md, "Many hosts").
 
 With two Alertmanagers in HA mode each notifying its own receiver, or several hosts,
 each alert must still be acted on once and each service repaired by one receiver at a

@@ -1,6 +1,6 @@
 """What one receiver keeps alone and an HA pair shares: one interface, two implementations.
 
-DESIGN.md ("past one machine"): two receivers behind two Alertmanagers must still act
+docs/design.md ("Many hosts"): two receivers behind two Alertmanagers must still act
 on each alert once, repair a service one at a time, and spend one attempt budget. The
 executor asks the :class:`RepairState` it was given; which one is chosen once, where
 the app is wired (``receiver.shared_state`` set: Redis).

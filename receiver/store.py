@@ -13,7 +13,7 @@ Tables (schema version 3, ``PRAGMA user_version``):
   decisions about the problem an alert opened (another attempt, a wait) are rows of
   their own with ``problem_id`` set. ``observation`` is what the receiver saw of the
   service when it decided (JSON).
-- ``problems``: what the receiver works on (DESIGN.md, "the repair model"). A firing
+- ``problems``: what the receiver works on (docs/design.md, "The repair model"). A firing
   alert that asks for a repair opens one (at most one open per fingerprint); resends
   refresh it; a resolved notification closes it; one not refreshed for
   ``receiver.problem_ttl`` expires.

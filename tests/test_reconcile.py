@@ -1,5 +1,5 @@
 """The repair model with real processes: problems, confirmation, retries, dependencies,
-pauses (DESIGN.md, "the repair model: level-triggered, not edge-triggered")."""
+pauses (docs/design.md, "The repair model: level-triggered")."""
 
 from __future__ import annotations
 

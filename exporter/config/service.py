@@ -299,8 +299,9 @@ class Limits(Model):
 
 
 class HealthWeights(Model):
-    """Weights of the health score's parts (DESIGN.md defaults); a part that does not
-    apply to a service is left out, so weights need not sum to anything."""
+    """Weights of the health score's parts (the defaults weigh highest what most often
+    makes a service unusable); a part that does not apply to a service is left out, so
+    weights need not sum to anything."""
 
     processes: float = Field(default=30, ge=0)
     """``min <= n <= max`` processes."""
