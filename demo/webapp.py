@@ -5,9 +5,9 @@ the app is responsive; ``GET /`` says hello. SIGTERM shuts it down gracefully.
 With ``--heartbeat NAME`` its serving loop also beats a caretaker heartbeat (once per
 turn of ``serve_forever``, reported to ``$CARETAKER_EXPORTER_URL``); that needs the
 ``caretaker_client`` package importable.
-Freeze it with ``kill -STOP PID`` to see caretaker notice the failing probe and
-restart it (SIGTERM, then SIGKILL after the grace period, since a stopped process
-cannot act on SIGTERM).
+Freeze it with ``kill -STOP PID`` to see caretaker notice the failing probe, confirm
+it and restart it (SIGTERM and SIGCONT, so the stopped process can act on SIGTERM at
+once; SIGKILL only if it is still there after the grace period).
 """
 
 from __future__ import annotations

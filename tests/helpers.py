@@ -399,6 +399,42 @@ serverurl=unix://{directory}/supervisor.sock
     return conf
 
 
+DEADLOCKING_WORKER = """\
+import importlib.util, os, sys, threading, time
+assert importlib.util.find_spec("exporter") is None, "caretaker's exporter package is on the path"
+from caretaker_client import Heartbeat
+
+flag, ready_file, interval = sys.argv[1], sys.argv[2], float(sys.argv[3])
+lock, held = threading.Lock(), threading.Event()
+
+def hold_the_lock_forever():
+    with lock:
+        held.set()
+        threading.Event().wait()
+
+heartbeat = Heartbeat("worker", interval=interval).start()
+with open(ready_file) as f:
+    time.sleep(float(f.read()))  # getting ready: no job done yet, so no beat
+print(f"pid {os.getpid()} first beat at {time.time():.6f}", flush=True)
+jobs = 0
+while True:
+    if os.path.exists(flag):
+        os.unlink(flag)
+        threading.Thread(target=hold_the_lock_forever, daemon=True).start()
+        held.wait()
+        print(f"pid {os.getpid()} deadlocks after {jobs} jobs", flush=True)
+    with lock:  # one job
+        jobs += 1
+    heartbeat.beat()
+    time.sleep(0.02)
+"""
+"""A worker with only ``caretaker_client`` on its path (``python -S -c``; argv: the
+deadlock flag file, a file holding the seconds to wait before its first job, the heartbeat
+sender's interval). Each job of its loop takes a lock and beats heartbeat ``worker``; when
+the flag file appears, a thread takes the lock for ever, so the loop deadlocks while the
+process and its threads live."""
+
+
 # --- alerts and the receiver ---------------------------------------------------------------
 
 def alert(fingerprint: str = "a1b2c3", status: str = "firing", starts_at: str = "2026-11-22T03:00:00Z",

@@ -29,6 +29,7 @@ from receiver.actions import RepairFailed, StepLog, restart
 from receiver.process import start_service
 
 from .helpers import (
+    DEADLOCKING_WORKER,
     REPO,
     MakeConfig,
     alert,
@@ -49,40 +50,9 @@ TIMEOUT = 2.0
 INTERVAL = 0.2
 """The worker's sender interval (seconds)."""
 
-WORKER = """\
-import importlib.util, os, sys, threading, time
-assert importlib.util.find_spec("exporter") is None, "caretaker's exporter package is on the path"
-from caretaker_client import Heartbeat
-
-flag, ready_file, interval = sys.argv[1], sys.argv[2], float(sys.argv[3])
-lock, held = threading.Lock(), threading.Event()
-
-def hold_the_lock_forever():
-    with lock:
-        held.set()
-        threading.Event().wait()
-
-heartbeat = Heartbeat("worker", interval=interval).start()
-with open(ready_file) as f:
-    time.sleep(float(f.read()))  # getting ready: no job done yet, so no beat
-print(f"pid {os.getpid()} first beat at {time.time():.6f}", flush=True)
-jobs = 0
-while True:
-    if os.path.exists(flag):
-        os.unlink(flag)
-        threading.Thread(target=hold_the_lock_forever, daemon=True).start()
-        held.wait()
-        print(f"pid {os.getpid()} deadlocks after {jobs} jobs", flush=True)
-    with lock:  # one job
-        jobs += 1
-    heartbeat.beat()
-    time.sleep(0.02)
-"""
-
-
 def worker_config(make_config: MakeConfig, tmp_path: Path, verify_timeout: float = 15.0,
                   heartbeats: bool = True) -> Config:
-    """Service ``worker``: :data:`WORKER` with only caretaker_client on its path, its
+    """Service ``worker``: :data:`helpers.DEADLOCKING_WORKER` with only caretaker_client on its path, its
     heartbeat ``worker`` (unless not ``heartbeats``), the exporter on a free port."""
     only = tmp_path / "client-only"
     shutil.copytree(REPO / "caretaker_client", only / "caretaker_client")
@@ -91,7 +61,7 @@ def worker_config(make_config: MakeConfig, tmp_path: Path, verify_timeout: float
     return make_config({"worker": {
         "match": {"cmdline": f"{marker}$"},
         "processes": {"min": 1, "max": 1},
-        "start": {"argv": [sys.executable, "-S", "-c", WORKER, str(tmp_path / "deadlock"),
+        "start": {"argv": [sys.executable, "-S", "-c", DEADLOCKING_WORKER, str(tmp_path / "deadlock"),
                            str(tmp_path / "ready-after"), str(INTERVAL), marker],
                   "env": {"PYTHONPATH": str(only), "CARETAKER_EXPORTER_URL": f"http://127.0.0.1:{port}"},
                   "log_file": "worker.log"},
