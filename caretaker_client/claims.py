@@ -370,22 +370,26 @@ class _Keeper:
 
     def _retry_due(self) -> None:
         """Each retry that is due, once; when one fails, its client's Redis is not
-        answering, and that client's other retries due wait as long as it does (a round
-        costs one command timeout per Redis at most; the heartbeats are refreshed between
-        rounds)."""
+        answering, and every other retry of that client waits as long as it does (a
+        Redis that does not answer costs one command timeout per try, however many
+        retries it has pending; the heartbeats are refreshed between rounds)."""
         now = time.monotonic()
         with self.lock:
             due = [r for r in self.retries if r.due <= now]
-        failed: dict[int, float] = {}  # id(client): when its retries are due again
+        failed: set[int] = set()  # id(client) of the clients whose Redis did not answer this round
         for item in due:
             if item.client in failed:
-                item.due = failed[item.client]
                 continue
             item.tries += 1
             try:
                 outcome = item.run()
             except Exception as err:
-                item.due = failed[item.client] = time.monotonic() + item.delay
+                again = time.monotonic() + item.delay
+                failed.add(item.client)
+                with self.lock:
+                    for other in self.retries:
+                        if other.client == item.client:
+                            other.due = max(other.due, again)
                 log.debug("caretaker claims: %s failed again (try %d, next in %.1fs): %s", item.what, item.tries,
                           item.delay, err)
                 item.delay = min(RETRY_MAX, item.delay * 2)

@@ -4,6 +4,7 @@ same item, many clients, bad URLs. The app's work is never hurt and no job is lo
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -16,6 +17,8 @@ from typing import Any
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 import caretaker_client.claims as claims_module
 from caretaker_client.claims import ENV_URL, claim, take
@@ -263,3 +266,37 @@ def test_entering_a_claim_against_a_frozen_redis_returns_within_the_command_time
     assert entered < claims_module.COMMAND_TIMEOUT + 1.0, f"entering took {entered:.1f}s"
     assert entered >= claims_module.COMMAND_TIMEOUT * 0.9  # it did wait for Redis: the bound was met, not skipped
     assert left < 0.5, f"leaving took {left:.1f}s"  # the end of an unsure claim is told in the background
+
+
+def test_a_redis_that_does_not_answer_holds_up_only_its_own_retries(redis_server: Any) -> None:
+    """Every due retry was tried in turn, each costing a command timeout against a Redis
+    that does not answer: five pending for it held another Redis's retry for five
+    timeouts. Once one of a client's retries fails, the others of that client wait."""
+    frozen_port, live_port = free_port(), free_port()
+    frozen_proc = redis_server(frozen_port)
+    redis_server(live_port)
+    once = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5, "retry": Retry(NoBackoff(), 0)}  # as the client's own
+    frozen_client, live_client = redis.Redis(port=frozen_port, **once), redis.Redis(port=live_port, **once)
+    frozen_client.ping()
+    tried: list[str] = []
+
+    def ping_frozen(i: int) -> str:
+        tried.append(f"frozen-{i}")
+        frozen_client.ping()
+        return "answered"
+
+    def tell_live() -> str:
+        tried.append("live")
+        live_client.set("told", "1")
+        return "told"
+
+    keeper = claims_module._Keeper()  # a keeper of the test's own: no other test's retries in its rounds
+    with frozen_redis(frozen_proc):
+        for i in range(5):
+            keeper.retry(f"frozen {i}", frozen_client, functools.partial(ping_frozen, i))
+        keeper.retry("live", live_client, tell_live)
+        wait_for(lambda: live_client.get("told") == b"1", 10, what="the live Redis's retry")
+        assert tried[:2] == ["frozen-0", "live"], tried  # one timeout for the frozen Redis, then the live one
+        assert tried.count("live") == 1
+    wait_for(lambda: keeper.pending() == 0, 15, what="the frozen Redis's retries once it answers")
+    assert {f"frozen-{i}" for i in range(5)} <= set(tried), tried  # and each was told once it answered
