@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import os
 import shutil
 import signal
@@ -26,8 +27,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -433,6 +435,25 @@ deadlock flag file, a file holding the seconds to wait before its first job, the
 sender's interval). Each job of its loop takes a lock and beats heartbeat ``worker``; when
 the flag file appears, a thread takes the lock for ever, so the loop deadlocks while the
 process and its threads live."""
+
+
+def log_tails(paths: Iterable[Path], lines: int = 15, relative_to: Path | None = None) -> None:
+    """Writes the last ``lines`` lines of each log to stderr (pytest shows them with a
+    failure): what an end-to-end test's processes said before it ended."""
+    for path in paths:
+        tail = "".join(path.read_text(errors="replace").splitlines(True)[-lines:]) if path.exists() else "(none)\n"
+        name = path.relative_to(relative_to) if relative_to is not None else path.name
+        sys.stderr.write(f"--- {name} (tail)\n{tail}")
+
+
+def receiver_audit(port: int, token: str, limit: int = 200) -> list[dict[str, Any]]:
+    """The audit trail of the receiver listening on ``port`` (``GET /api/v1/remediations``),
+    newest first."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/remediations?limit={limit}",
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        data: list[dict[str, Any]] = json.load(resp)["data"]
+    return data
 
 
 # --- alerts and the receiver ---------------------------------------------------------------

@@ -9,12 +9,10 @@ new worker takes it from the queue and finishes it, once.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +24,9 @@ from demo.stack import Stack
 from exporter.procfs import ProcReader, scan_services
 
 from .claims_util import WORKER
-from .helpers import free_port, require_binary, wait_for
+from .helpers import free_port, log_tails, receiver_audit, require_binary, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
-
-
-def audit(stack: Stack, token: str) -> list[dict[str, Any]]:
-    req = urllib.request.Request(f"http://127.0.0.1:{stack.config.receiver.port}/api/v1/remediations?limit=200",
-                                 headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        data: list[dict[str, Any]] = json.load(resp)["data"]
-    return data
 
 
 def test_a_worker_killed_mid_job_gets_its_job_done_by_the_next_one(tmp_path: Path, redis_server: Any) -> None:
@@ -81,7 +71,8 @@ def test_a_worker_killed_mid_job_gets_its_job_done_by_the_next_one(tmp_path: Pat
         wait_for(lambda: r.lrange("finished", 0, -1) == ["e2e-1"], 120, 0.2,
                  what="the job to be released and finished by the restarted worker")
         time.sleep(3)  # resends meanwhile; nothing more may happen
-        acted = [e for e in audit(stack, token) if e["decision"] == "acted" and e["received_at"] >= killed_at]
+        acted = [e for e in receiver_audit(stack.config.receiver.port, token)
+                 if e["decision"] == "acted" and e["received_at"] >= killed_at]
         releases = [e for e in acted if e["action"] == "release_claims"]
         assert len(releases) == 1, releases
         (entry,) = releases
@@ -97,6 +88,4 @@ def test_a_worker_killed_mid_job_gets_its_job_done_by_the_next_one(tmp_path: Pat
         print(f"worker killed -> job released in {entry['finished_at'] - killed_at:.1f}s")
     finally:
         stack.stop()
-        for log in sorted((tmp_path / "run" / "logs").glob("*.log")):
-            tail = "".join(log.read_text(errors="replace").splitlines(True)[-15:])
-            sys.stderr.write(f"--- {log.name} (tail)\n{tail}")
+        log_tails(sorted((tmp_path / "run" / "logs").glob("*.log")))

@@ -26,7 +26,7 @@ from demo.stack import Stack
 from exporter.config import Config
 from exporter.procfs import ProcReader, scan_services
 
-from .helpers import REPO, free_port, require_binary, wait_for
+from .helpers import REPO, free_port, log_tails, require_binary, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -133,9 +133,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         yield e
     finally:
         stack.stop()
-        for log in sorted((tmp / "run" / "logs").glob("*.log")):
-            tail = "".join(log.read_text(errors="replace").splitlines(True)[-15:])
-            sys.stderr.write(f"--- {log.name} (tail)\n{tail}")
+        log_tails(sorted((tmp / "run" / "logs").glob("*.log")))
 
 
 def acted_since(env: Env, service: str, since: float) -> list[dict[str, Any]]:

@@ -47,6 +47,7 @@ from .helpers import (
     MakeConfig,
     alert,
     free_port,
+    log_tails,
     notification,
     pids,
     require_binary,
@@ -514,9 +515,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetEnv]:
         yield env
     finally:
         stack.stop()
-        for log in stack.logs():
-            tail = "".join(log.read_text(errors="replace").splitlines(True)[-15:])
-            sys.stderr.write(f"--- {log.relative_to(tmp)} (tail)\n{tail}")
+        log_tails(stack.logs(), relative_to=tmp)
 
 
 @pytest.mark.e2e

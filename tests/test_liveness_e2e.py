@@ -25,17 +25,9 @@ import yaml
 from demo.stack import Stack
 from exporter.procfs import ProcReader, scan_services
 
-from .helpers import DEADLOCKING_WORKER, REPO, free_port, require_binary, wait_for
+from .helpers import DEADLOCKING_WORKER, REPO, free_port, log_tails, receiver_audit, require_binary, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
-
-
-def audit(stack: Stack, token: str) -> list[dict[str, Any]]:
-    req = urllib.request.Request(f"http://127.0.0.1:{stack.config.receiver.port}/api/v1/remediations?limit=200",
-                                 headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        data: list[dict[str, Any]] = json.load(resp)["data"]
-    return data
 
 
 def firing(stack: Stack, alertname: str) -> bool:
@@ -88,7 +80,7 @@ def test_a_deadlocked_worker_is_found_by_its_heartbeat_restarted_and_verified_by
         wait_for(lambda: log.exists() and "first beat" in log.read_text(), 30, 0.1, what="the worker's first job")
         time.sleep(3)  # a few scrapes of a fresh heartbeat: nothing fires, nothing is done
         assert not firing(stack, "CaretakerHeartbeatMissing")
-        assert [e for e in audit(stack, token) if e["decision"] == "acted"] == []
+        assert [e for e in receiver_audit(stack.config.receiver.port, token) if e["decision"] == "acted"] == []
         (old,) = workers()
         deadlocked_at = time.time()
         flag.touch()
@@ -97,7 +89,8 @@ def test_a_deadlocked_worker_is_found_by_its_heartbeat_restarted_and_verified_by
         assert "\nThreads:\t1\n" not in status  # alive, with its threads: only the heartbeat tells
 
         def restarted() -> list[dict[str, Any]]:
-            return [e for e in audit(stack, token) if e["decision"] == "acted" and e["result"]]
+            return [e for e in receiver_audit(stack.config.receiver.port, token)
+                    if e["decision"] == "acted" and e["result"]]
         wait_for(restarted, 90, 0.2, what="a restart for the deadlocked worker")
         time.sleep(3)  # resends meanwhile; nothing more may happen
         (entry,) = restarted()
@@ -113,6 +106,4 @@ def test_a_deadlocked_worker_is_found_by_its_heartbeat_restarted_and_verified_by
         print(f"worker deadlocked -> restarted and verified in {entry['finished_at'] - deadlocked_at:.1f}s")
     finally:
         stack.stop()
-        for each in sorted([*(tmp_path / "run" / "logs").glob("*.log"), log]):
-            tail = "".join(each.read_text(errors="replace").splitlines(True)[-15:])
-            sys.stderr.write(f"--- {each.name} (tail)\n{tail}")
+        log_tails([*sorted((tmp_path / "run" / "logs").glob("*.log")), log])
