@@ -15,6 +15,16 @@ aiohttp's protocol that:
   ``receiver.header_timeout`` seconds of its opening or of its previous answer
   (slow-header clients; idle keep-alive connections).
 
+Descriptors stay within ``max_connections`` plus a few dozen even in a flood of new
+connections: asyncio accepts up to its ``backlog`` argument in one go before any of them
+reaches :meth:`GuardedProtocol.connection_made` (and an evicted connection's descriptor
+is closed only on the loop's next turn), so with asyncio's usual 128 a burst held
+``max_connections`` + 2 x 128 descriptors, ran into the limit (EMFILE), and asyncio then
+stopped accepting for a whole second (``ACCEPT_RETRY_DELAY``), real alerts included.
+:func:`serve` lets asyncio accept :data:`ACCEPT_BATCH` at a time and keeps the kernel's
+queue of finished handshakes at :data:`LISTEN_BACKLOG`, so a burst waits in the kernel
+(costing no descriptor) instead of having its SYNs dropped.
+
 The request body is read within ``receiver.body_timeout`` (a 408 otherwise, in
 ``app.read_notification``). Refusals and timeouts are counted in
 ``caretaker_receiver_connections_closed_total{reason}`` and logged at most once per
@@ -25,16 +35,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
-__all__ = ["ConnectionGuard", "GuardedProtocol", "serve"]
+__all__ = ["ACCEPT_BATCH", "LISTEN_BACKLOG", "ConnectionGuard", "GuardedProtocol", "descriptors_needed", "serve"]
 
 log = logging.getLogger(__name__)
+
+ACCEPT_BATCH = 16
+"""Connections asyncio accepts in one turn of the loop (its ``backlog`` argument)."""
+LISTEN_BACKLOG = 1024
+"""The kernel's queue of accepted handshakes (``listen(2)``; capped by net.core.somaxconn)."""
+OWN_DESCRIPTORS = 64
+"""Descriptors the receiver keeps for its own work: state file, Redis, probes, children's pipes."""
+
+
+def descriptors_needed(max_connections: int) -> int:
+    """Descriptors the receiver may hold at once with ``max_connections`` clients: the
+    connections, two accept batches in flight (one accepted, one evicted and not yet
+    closed), and :data:`OWN_DESCRIPTORS`."""
+    return max_connections + 2 * ACCEPT_BATCH + OWN_DESCRIPTORS
 
 
 class ConnectionGuard:
@@ -163,7 +189,21 @@ async def serve(app: web.Application, host: str, port: int, tls: ssl.SSLContext 
     assert server is not None
     guard = ConnectionGuard(server, max_connections, header_timeout)
     app[GUARD_KEY].append(guard)
-    listener = await loop.create_server(guard, host, port, ssl=tls, backlog=128, reuse_address=True)
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and descriptors_needed(max_connections) > soft:
+        log.warning("receiver.max_connections %d needs about %d descriptors and the limit is %d (LimitNOFILE): "
+                    "a flood of clients can make the receiver stop accepting for a second at a time; "
+                    "lower max_connections or raise the limit", max_connections,
+                    descriptors_needed(max_connections), soft)
+    listener = await loop.create_server(guard, host, port, ssl=tls, backlog=ACCEPT_BATCH, reuse_address=True)
+    for listening in listener.sockets:
+        # asyncio passed ACCEPT_BATCH to listen(2) as well; a second listen(2) on the same
+        # socket changes only the kernel's queue, not asyncio's batch.
+        raw = socket.socket(fileno=listening.fileno())
+        try:
+            raw.listen(LISTEN_BACKLOG)
+        finally:
+            raw.detach()
     try:
         await stop.wait()
     finally:
