@@ -49,6 +49,10 @@ from receiver.app import create_app as create_receiver
 from receiver.process import send_signal
 
 REPO = Path(__file__).resolve().parent.parent
+FLEET_SCRIPT = REPO / "scripts" / "fleet-alertmanager.py"
+"""Writes per-host Alertmanager routes from a host list (tests/test_fleet*.py)."""
+FLEET_DIR = REPO / "prometheus" / "fleet"
+"""The fleet's example Prometheus and Alertmanager files."""
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 Client = TestClient[web.Request, web.Application]
@@ -619,3 +623,8 @@ async def serving_exporter(config: Config) -> AsyncIterator[tuple[str, Heartbeat
     app = create_exporter(config)
     async with serving(app, config.exporter.port) as port:
         yield f"http://127.0.0.1:{port}", app[SCRAPER_KEY].heartbeats
+
+
+def run(argv: list[str], cwd: Path = REPO, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` to its end (at most 60 s), output captured as text, exit status not checked."""
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=cwd, check=False, **kwargs)

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from .helpers import REPO, require_binary
+from .helpers import REPO, require_binary, run
 
 PROM = REPO / "prometheus"
 ALERTS = yaml.safe_load((PROM / "rules" / "caretaker-alerts.yml").read_text())
 ALERT_RULES = [r for g in ALERTS["groups"] for r in g["rules"]]
-
-
-def run(argv: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=cwd)
 
 
 def test_promtool_rule_unit_tests_pass() -> None:

@@ -43,6 +43,8 @@ from receiver.payload import SKIP_REASONS, Alert, decide
 from .helpers import (
     AUTH,
     AUTH_TOKEN,
+    FLEET_DIR,
+    FLEET_SCRIPT,
     REPO,
     MakeConfig,
     alert,
@@ -51,19 +53,12 @@ from .helpers import (
     notification,
     pids,
     require_binary,
+    run,
     settle,
     sleeper,
     wait_for,
     wait_until,
 )
-
-SCRIPT = REPO / "scripts" / "fleet-alertmanager.py"
-FLEET = REPO / "prometheus" / "fleet"
-
-
-def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO, check=False, **kwargs)
-
 
 # --- the host check (receiver/payload.py decide) ---------------------------------------------
 
@@ -302,13 +297,13 @@ async def test_the_exhausted_alert_names_the_host(receiver_for: Any, config_for:
 
 def test_fleet_prometheus_config_is_valid_and_every_target_gets_a_host() -> None:
     promtool = require_binary("promtool")
-    result = run([promtool, "check", "config", str(FLEET / "prometheus.yml")])
+    result = run([promtool, "check", "config", str(FLEET_DIR / "prometheus.yml")])
     assert result.returncode == 0, result.stdout + result.stderr
     for job, hosts in (("caretaker-exporter", {"10.0.0.11:8930": "web-1", "10.0.0.12:8930": "web-2",
                                                "db-1:8930": "db-1"}),
                        ("caretaker-receiver", {"10.0.0.11:8931": "web-1", "10.0.0.12:8931": "web-2",
                                                "db-1:8931": "db-1", "db-1:8932": "db-1"})):
-        result = run([promtool, "check", "service-discovery", "--timeout=5s", str(FLEET / "prometheus.yml"), job])
+        result = run([promtool, "check", "service-discovery", "--timeout=5s", str(FLEET_DIR / "prometheus.yml"), job])
         assert result.returncode == 0, result.stderr
         targets = json.loads(result.stdout)  # in no fixed order
         # The host from the target file, or else from the address (db-1:8930).
@@ -331,7 +326,7 @@ def test_every_alert_has_a_fleet_case_showing_it_keeps_host() -> None:
 
 def generate(hosts: dict[str, Any], tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     (tmp_path / "hosts.yml").write_text(yaml.safe_dump(hosts, sort_keys=False))
-    return run([sys.executable, str(SCRIPT), *args, str(tmp_path / "hosts.yml")])
+    return run([sys.executable, str(FLEET_SCRIPT), *args, str(tmp_path / "hosts.yml")])
 
 
 def test_generated_routes_leave_everything_else_as_it_was(tmp_path: Path) -> None:
@@ -382,9 +377,9 @@ def test_a_base_without_the_caretaker_route_is_refused(tmp_path: Path) -> None:
 
 
 def test_the_example_fleet_alertmanager_config_is_what_the_script_makes() -> None:
-    result = run([sys.executable, str(SCRIPT), "prometheus/fleet/hosts.yml"])
+    result = run([sys.executable, str(FLEET_SCRIPT), "prometheus/fleet/hosts.yml"])
     assert result.returncode == 0, result.stderr
-    assert (FLEET / "alertmanager.yml").read_text() == result.stdout, (
+    assert (FLEET_DIR / "alertmanager.yml").read_text() == result.stdout, (
         "run: scripts/fleet-alertmanager.py prometheus/fleet/hosts.yml > prometheus/fleet/alertmanager.yml")
 
 

@@ -33,6 +33,8 @@ from receiver.shared import SharedState
 
 from .helpers import (
     AUTH,
+    FLEET_DIR,
+    FLEET_SCRIPT,
     REPO,
     Children,
     alert,
@@ -42,14 +44,13 @@ from .helpers import (
     pids,
     port_open,
     require_binary,
+    run,
     settle,
     sleeper,
     wait_for,
     wait_until,
 )
 
-SCRIPT = REPO / "scripts" / "fleet-alertmanager.py"
-FLEET = REPO / "prometheus" / "fleet"
 PROM = REPO / "prometheus"
 
 # The shipped alertmanager.yml before the fleet work (git show 850dfce:prometheus/alertmanager.yml,
@@ -98,14 +99,11 @@ inhibit_rules:
 TWO_HOSTS = {"hosts": {"a": {"urls": ["http://10.0.0.1:8931/alerts"]}, "b": {"urls": ["http://10.0.0.2:8931/alerts"]}}}
 
 
-def run(argv: list[str], cwd: Path = REPO, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=cwd, check=False, **kwargs)
-
 
 def script(tmp_path: Path, *args: str, hosts: Any = None, base: str | None = None,
            **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """Run the script on ``hosts`` (written to hosts.yml) and ``base`` (base.yml), if given."""
-    argv = [sys.executable, str(SCRIPT)]
+    argv = [sys.executable, str(FLEET_SCRIPT)]
     if base is not None:
         (tmp_path / "base.yml").write_text(base)
         argv += ["--base", str(tmp_path / "base.yml")]
@@ -271,7 +269,7 @@ def test_stdout_redirected_over_the_base_is_named(tmp_path: Path) -> None:
     base.write_text(PRE_FLEET_BASE)
     (tmp_path / "hosts.yml").write_text(yaml.safe_dump(TWO_HOSTS))
     with base.open("w") as out:  # what `> base.yml` does
-        result = subprocess.run([sys.executable, str(SCRIPT), "--base", str(base), str(tmp_path / "hosts.yml")],
+        result = subprocess.run([sys.executable, str(FLEET_SCRIPT), "--base", str(base), str(tmp_path / "hosts.yml")],
                                 stdout=out, stderr=subprocess.PIPE, text=True, timeout=60, check=False)
     assert result.returncode == 2
     assert "is also stdout (--base X > X)" in result.stderr and "write with -o" in result.stderr
@@ -280,7 +278,7 @@ def test_stdout_redirected_over_the_base_is_named(tmp_path: Path) -> None:
 def test_the_script_takes_its_own_output_as_base_and_gives_the_same_file(tmp_path: Path) -> None:
     first = script(tmp_path, "-o", str(tmp_path / "one.yml"), hosts=TWO_HOSTS, base=PRE_FLEET_BASE)
     assert first.returncode == 0, first.stderr
-    again = run([sys.executable, str(SCRIPT), "--base", str(tmp_path / "one.yml"), str(tmp_path / "hosts.yml"),
+    again = run([sys.executable, str(FLEET_SCRIPT), "--base", str(tmp_path / "one.yml"), str(tmp_path / "hosts.yml"),
                  "-o", str(tmp_path / "two.yml")])
     assert again.returncode == 0, again.stderr
     assert "inhibit_rules" not in again.stderr  # host is in every equal already
@@ -289,7 +287,7 @@ def test_the_script_takes_its_own_output_as_base_and_gives_the_same_file(tmp_pat
     # A host added to the list: its route and receiver join the others', in place; people's stay.
     (tmp_path / "hosts.yml").write_text(yaml.safe_dump({"hosts": {**TWO_HOSTS["hosts"],
                                                                   "c": {"urls": ["http://10.0.0.3:8931/alerts"]}}}))
-    more = run([sys.executable, str(SCRIPT), "--base", str(tmp_path / "two.yml"), str(tmp_path / "hosts.yml"),
+    more = run([sys.executable, str(FLEET_SCRIPT), "--base", str(tmp_path / "two.yml"), str(tmp_path / "hosts.yml"),
                 "-o", str(tmp_path / "three.yml")])
     assert more.returncode == 0, more.stderr
     amtool_check(tmp_path / "three.yml")
@@ -302,9 +300,10 @@ def test_the_script_takes_its_own_output_as_base_and_gives_the_same_file(tmp_pat
         "caretaker-a", "caretaker-b", "caretaker-c", "people-critical", "people"]
 
     # The shipped example is such a file too.
-    example = run([sys.executable, str(SCRIPT), "--base", str(FLEET / "alertmanager.yml"), str(FLEET / "hosts.yml")])
+    example = run([sys.executable, str(FLEET_SCRIPT), "--base", str(FLEET_DIR / "alertmanager.yml"),
+                   str(FLEET_DIR / "hosts.yml")])
     assert example.returncode == 0, example.stderr
-    assert example.stdout == (FLEET / "alertmanager.yml").read_text()
+    assert example.stdout == (FLEET_DIR / "alertmanager.yml").read_text()
 
 
 @pytest.mark.parametrize(("base", "message"), [
@@ -372,8 +371,8 @@ def test_targets_name_a_host_the_list_lacks(tmp_path: Path) -> None:
     assert not (tmp_path / "am.yml").exists()
 
     # The shipped target files and host list agree.
-    example = run([sys.executable, str(SCRIPT), str(FLEET / "hosts.yml"), "--targets",
-                   *map(str, sorted((FLEET / "targets").glob("*.yml")))])
+    example = run([sys.executable, str(FLEET_SCRIPT), str(FLEET_DIR / "hosts.yml"), "--targets",
+                   *map(str, sorted((FLEET_DIR / "targets").glob("*.yml")))])
     assert example.returncode == 0, example.stderr
 
 
@@ -599,7 +598,7 @@ def test_the_host_from_an_address_is_a_name_receiver_host_takes_and_ipv6_needs_a
     from exporter.config import parse_config
 
     promtool = require_binary("promtool")
-    config = yaml.safe_load((FLEET / "prometheus.yml").read_text())
+    config = yaml.safe_load((FLEET_DIR / "prometheus.yml").read_text())
     config["rule_files"] = []
     (tmp_path / "targets").mkdir()
     (tmp_path / "targets" / "exporters.yml").write_text(yaml.safe_dump([
