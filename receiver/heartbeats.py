@@ -6,7 +6,8 @@ and reader in :func:`exporter.heartbeats.read_saved`). The receiver reads that f
 on the same host and clock:
 
 - to confirm ``CaretakerHeartbeatMissing`` before acting (:func:`late`): a heartbeat is
-  late when it was never fed or not within its ``timeout``;
+  late when it was never fed, or not within its ``timeout`` plus :data:`SAVE_LAG` (a
+  heartbeat fed a moment ago may not be in the file yet);
 - to verify a restart (:func:`fed_since`): a service with heartbeats is back only when
   each of them has been fed after the restart began, by the new incarnation's work loop
   (the pid that fed it is one of the service's processes now, started after the
@@ -21,10 +22,16 @@ import time
 from collections.abc import Iterable, Sequence
 
 from exporter.config import Config
-from exporter.heartbeats import HeartbeatState, read_saved
+from exporter.heartbeats import SAVE_INTERVAL, HeartbeatState, read_saved
 from exporter.procfs import ProcessInfo, ProcReader
 
-__all__ = ["HeartbeatStateUnreadable", "fed_since", "late", "read", "started_at"]
+__all__ = ["SAVE_LAG", "HeartbeatStateUnreadable", "fed_since", "late", "read", "started_at"]
+
+SAVE_LAG = 2 * SAVE_INTERVAL
+"""Seconds a heartbeat may take to reach the state file: the exporter saves at most once
+per ``SAVE_INTERVAL``, and its loop may be late by as much again on a busy machine.
+Without it, a heartbeat fed every 0.2 s against a 2 s timeout looked 1.2 s old in the
+file and, with the next feed a little late, "late": a healthy service restarted."""
 
 
 class HeartbeatStateUnreadable(Exception):
@@ -46,7 +53,8 @@ def read(config: Config) -> dict[str, HeartbeatState]:
 
 def late(config: Config, service: str, name: str | None, now: float) -> tuple[bool | None, str]:
     """Whether heartbeat ``name`` of ``service`` (any of them when ``None``) is late at
-    ``now`` (Unix seconds), and what was seen in words. ``None`` when it cannot be told:
+    ``now`` (Unix seconds): never fed, or last fed more than its timeout plus
+    :data:`SAVE_LAG` ago; and what was seen in words. ``None`` when it cannot be told:
     no such heartbeat, or the state file cannot be read."""
     beats = [hb for hb in config.services[service].heartbeats if name is None or hb.name == name]
     if not beats:
@@ -58,7 +66,7 @@ def late(config: Config, service: str, name: str | None, now: float) -> tuple[bo
     overdue = []
     for hb in beats:
         last = saved[hb.name].last_seen if hb.name in saved else 0.0
-        if not last or now - last > hb.timeout:
+        if not last or now - last > hb.timeout + SAVE_LAG:
             overdue.append(f"{hb.name} last seen {now - last:.0f}s ago" if last else f"{hb.name} never seen")
     return bool(overdue), "; ".join(overdue) or "heartbeats fresh"
 

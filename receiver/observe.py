@@ -14,8 +14,9 @@ CaretakerProbeFailing           the probe (label ``probe``, else any) fails
                                 ``receiver.confirm.probe_failures`` times in a row, or
                                 the service is down
 CaretakerHeartbeatMissing       the heartbeat (label ``heartbeat``) is older than its
-                                timeout in the exporter's state file (read by
-                                :mod:`receiver.heartbeats`), or the service is down
+                                timeout (plus the file's save lag) in the exporter's
+                                state file (read by :mod:`receiver.heartbeats`), or the
+                                service is down
 CaretakerMemoryAboveLimit       resident memory above ``limits.memory_bytes``
 CaretakerFdExhaustion           a process holds over 90% of ``limits.open_fds``
 CaretakerPortConflict           a declared port is held by a process not of the service

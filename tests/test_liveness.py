@@ -26,6 +26,7 @@ import pytest
 
 from exporter.config import Config
 from receiver.actions import RepairFailed, StepLog, restart
+from receiver.heartbeats import SAVE_LAG
 from receiver.process import start_service
 
 from .helpers import (
@@ -122,7 +123,7 @@ async def test_a_deadlocked_loop_goes_stale_is_restarted_and_verified_by_its_new
             (tmp_path / "deadlock").touch()
             await wait_until(lambda: "deadlocks after" in (tmp_path / "worker.log").read_text(), 10)
             deadlocked_at = time.time()
-            await wait_until(lambda: time.time() - state.last_seen > TIMEOUT + 1.5, 20)  # stale, and saved
+            await wait_until(lambda: time.time() - state.last_seen > TIMEOUT + SAVE_LAG + 0.5, 20)  # stale, saved
             assert threads(first.pid) == ("S", 3)
             assert pids(config, "worker") == [first.pid]
             assert state.last_seen <= deadlocked_at + INTERVAL + 0.5  # nothing reported since the loop stopped
@@ -226,6 +227,10 @@ def test_the_exporter_state_the_receiver_reads_is_named_when_missing(make_config
     saved.write_text(json.dumps({"heartbeats": {"worker": {"last_seen": now, "last_failure": now + 1}}}))
     assert heartbeats.fed_since(config, ["worker"], since)[1] == "heartbeat worker reported failing after the restart"
     assert heartbeats.late(config, "worker", "worker", now) == (False, "heartbeats fresh")
+    # Past its timeout in the file, but a feed since may not be saved yet: not late until the lag is over too.
+    saved.write_text(json.dumps({"heartbeats": {"worker": {"last_seen": now - TIMEOUT - 0.5}}}))
+    assert heartbeats.late(config, "worker", "worker", now) == (False, "heartbeats fresh")
+    assert heartbeats.late(config, "worker", "worker", now + SAVE_LAG)[0] is True
     saved.chmod(0)
     if os.geteuid() != 0:  # root reads it anyway
         assert "cannot read the exporter's heartbeat state" in heartbeats.late(config, "worker", None, now)[1]
