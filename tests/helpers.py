@@ -282,6 +282,12 @@ def postgres_bin(name: str) -> str:
     return require_binary(name)
 
 
+PG_NO_SYNC = ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+"""postgres(1) settings for throwaway test clusters: nothing here tests durability, and
+with fsync on a restart after SIGKILL syncs every file of the data directory (crash
+recovery), seconds on a slow disk inside a measured repair. initdb takes ``--no-sync``."""
+
+
 class Postgres:
     """A throwaway PostgreSQL cluster on 127.0.0.1 with SCRAM password authentication."""
 
@@ -298,12 +304,12 @@ class Postgres:
             shutil.chown(self.root, "postgres")
             shutil.chown(self.root / "pw", "postgres")
         subprocess.run([*self.as_user, initdb, "-D", str(self.root / "data"), "-U", "postgres",
-                        "--auth=scram-sha-256", f"--pwfile={self.root / 'pw'}", "-E", "UTF8"],
+                        "--auth=scram-sha-256", f"--pwfile={self.root / 'pw'}", "-E", "UTF8", "--no-sync"],
                        check=True, capture_output=True, timeout=120)
         with open(self.root / "postgres.log", "ab") as out:
             self.proc = subprocess.Popen(
                 [*self.as_user, postgres, "-D", str(self.root / "data"), "-p", str(self.port),
-                 "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.root}"],
+                 "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.root}", *PG_NO_SYNC],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         # Listening is not ready: until recovery ends it answers "the database system is
         # starting up". pg_isready asks the server itself (exit 0: accepting connections).

@@ -34,6 +34,7 @@ from exporter.procfs import ProcReader, scan_services
 from receiver.app import EXECUTOR_KEY
 
 from .helpers import (
+    PG_NO_SYNC,
     MakeConfig,
     alert,
     audit,
@@ -333,7 +334,7 @@ def pg_cluster() -> Iterator[Cluster]:
     # setpriv execs the postmaster: the process the receiver starts is the postmaster itself.
     cluster = Cluster(root, port, f"pw-{uuid.uuid4().hex}",
                       [*as_postgres, postgres, "-D", str(root / "data"), "-p", str(port),
-                       "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={root}"])
+                       "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={root}", *PG_NO_SYNC])
     try:
         pwfile = root / "pw"
         pwfile.write_text(cluster.password + "\n")
@@ -342,7 +343,7 @@ def pg_cluster() -> Iterator[Cluster]:
             shutil.chown(root, "postgres")
             shutil.chown(pwfile, "postgres")
         subprocess.run([*as_postgres, initdb, "-D", str(cluster.data), "-U", "postgres", "--auth=scram-sha-256",
-                        f"--pwfile={pwfile}", "-E", "UTF8"], check=True, capture_output=True, timeout=120)
+                        f"--pwfile={pwfile}", "-E", "UTF8", "--no-sync"], check=True, capture_output=True, timeout=120)
         yield cluster
     finally:
         cluster.stop()
