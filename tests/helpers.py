@@ -339,6 +339,16 @@ SLEEPER = "import time\nwhile True: time.sleep(1)\n"
 """A service that runs until it is stopped, and obeys SIGTERM."""
 
 
+HOLDS_ON_TERM = ("import os, signal, sys, time\n"
+                 "asked = []\n"
+                 "signal.signal(signal.SIGTERM, lambda *_: asked.append(1))\n"
+                 "while not (asked and not os.path.exists(sys.argv[1])): time.sleep(0.05)\n")
+"""A service script (``sleeper(HOLDS_ON_TERM, flag)``) that, asked to stop (SIGTERM),
+exits only once the file ``flag`` is gone: a stop phase that lasts exactly as long as
+the test needs (give it a long grace period), where a process ignoring SIGTERM would
+hold it for the grace period and no longer."""
+
+
 def sleeper(script: str = SLEEPER, *args: str, grace: float = 2.0, verify: float = 10.0,
             **extra: Any) -> dict[str, Any]:
     """A service (``services.<name>``) that runs ``python -c script *args MARKER``, found

@@ -23,6 +23,7 @@ from receiver.store import NewAlert, Store
 from .helpers import (
     AUTH,
     AUTH_TOKEN,
+    HOLDS_ON_TERM,
     REPO,
     Client,
     MakeConfig,
@@ -39,7 +40,7 @@ from .helpers import (
     receiver_with_clock,
     require_binary,
     settle,
-    signal_ignored,
+    signal_caught,
     sleeper,
     stop_services,
     wait_audit,
@@ -513,17 +514,16 @@ async def test_one_problem_in_cooldown_does_not_hold_back_another(receiver_for: 
 
 
 async def test_a_service_that_recovers_while_its_repair_waits_for_a_slot_is_not_restarted(
-        receiver_for: Any, config_for: MakeConfig) -> None:
-    ignores_term = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(1)\n"
-    stubborn = sleeper(ignores_term)
-    stubborn["stop"] = {"grace_period": 3}
-    config = config_for({"stubborn": stubborn, "svc": sleeper()}, workers=1)
+        receiver_for: Any, config_for: MakeConfig, tmp_path: Path) -> None:
+    holding = tmp_path / "stubborn-holds"
+    holding.touch()
+    config = config_for({"stubborn": sleeper(HOLDS_ON_TERM, str(holding), grace=60), "svc": sleeper()}, workers=1)
     client = await receiver_for(config)
     executor = client.server.app[EXECUTOR_KEY]
     executor.ctx.reaper.add(start_service(config, "stubborn"))
     (pid,) = await wait_until(lambda: pids(config, "stubborn"), 10, what="stubborn up")
-    await wait_until(lambda: signal_ignored(pid, signal.SIGTERM), 5, what="stubborn to ignore SIGTERM")
-    # The only slot goes to a restart that waits 3 s for SIGTERM to be ignored.
+    await wait_until(lambda: signal_caught(pid, signal.SIGTERM), 5, what="stubborn to handle SIGTERM")
+    # The only slot goes to a restart whose stop lasts until the test lets stubborn go.
     await post_alerts(client, alert("s1", alertname="CaretakerMemoryAboveLimit", service_name="stubborn",
                                     remediation="restart"))
     await wait_until(lambda: stepped(client, "stubborn", "SIGTERM"), 10, what="the restart of stubborn to stop it")
@@ -534,6 +534,9 @@ async def test_a_service_that_recovers_while_its_repair_waits_for_a_slot_is_not_
     child = start_service(config, "svc")  # someone starts it by hand meanwhile
     executor.ctx.reaper.add(child)
     await wait_until(lambda: pids(config, "svc") == [child.pid], 10, what="svc up")
+    resp = await client.get("/api/v1/remediations", headers=AUTH)
+    assert not [e for e in (await resp.json())["data"] if e["fingerprint"] == "v1" and e["reason"]]  # not decided
+    holding.unlink()  # stubborn stops; its restart ends and frees the slot
     entries = await wait_audit(client, lambda es: any(e["fingerprint"] == "v1" and e["reason"] for e in es), 30)
     (decision,) = [e for e in entries if e["fingerprint"] == "v1"]
     assert (decision["decision"], decision["reason"]) == ("skipped", "condition_cleared")
@@ -580,21 +583,21 @@ async def test_a_service_that_stalls_for_a_few_seconds_is_not_restarted(receiver
         await kill_child(child)
 
 
-async def test_a_pause_during_a_repair_keeps_it_from_starting_the_service(receiver_for: Any,
+async def test_a_pause_during_a_repair_keeps_it_from_starting_the_service(receiver_for: Any, tmp_path: Path,
                                                                           config_for: MakeConfig) -> None:
-    ignores_term = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: time.sleep(1)\n"
-    service = sleeper(ignores_term)
-    service["stop"] = {"grace_period": 2}
-    config = config_for({"svc": service})
+    holding = tmp_path / "svc-holds"
+    holding.touch()
+    config = config_for({"svc": sleeper(HOLDS_ON_TERM, str(holding), grace=60)})
     client = await receiver_for(config)
     client.server.app[EXECUTOR_KEY].ctx.reaper.add(start_service(config, "svc"))
     (pid,) = await wait_until(lambda: pids(config, "svc"), 10, what="service up")
-    await wait_until(lambda: signal_ignored(pid, signal.SIGTERM), 5, what="the service to ignore SIGTERM")
+    await wait_until(lambda: signal_caught(pid, signal.SIGTERM), 5, what="the service to handle SIGTERM")
     await post_alerts(client, alert("mem", alertname="CaretakerMemoryAboveLimit", service_name="svc",
                                     remediation="restart"))
-    # The repair sent SIGTERM and waits out the grace period; the operator pauses meanwhile.
+    # The repair sent SIGTERM and waits for the service to go; the operator pauses meanwhile.
     await wait_until(lambda: stepped(client, "svc", "SIGTERM"), 10, what="the restart to stop the service")
     assert (await client.post("/api/v1/services/svc/pause", headers=AUTH)).status == 200
+    holding.unlink()  # only now does the service exit
     entries = await wait_audit(client, lambda es: any(e["result"] for e in es), 20)
     (acted,) = [e for e in entries if e["decision"] == "acted"]
     assert acted["result"] == "failure" and "paused by an operator" in acted["steps"][-1]["message"]
