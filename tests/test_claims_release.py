@@ -265,7 +265,7 @@ async def test_a_worker_that_finishes_between_detection_and_release_is_not_touch
         r: redis.Redis, redis_port: int, tmp_path: Path, children: Children) -> None:
     """A worker on another host (judged by its heartbeat alone) stalls past its TTL, is
     found orphaned, then comes back and completes its job before the release runs."""
-    r.hset("issue:late", "seconds", "1")
+    r.hset("issue:late", "seconds", "3")  # the SIGSTOP must land inside the job: 3 s, not a tight 1
     r.lpush("task_queue", "late")
     worker = start_worker(children, redis_port, "remote", "--ttl", "0.5", "--host", "elsewhere",
                           log=tmp_path / "remote.log")
@@ -273,7 +273,7 @@ async def test_a_worker_that_finishes_between_detection_and_release_is_not_touch
     os.kill(worker.pid, signal.SIGSTOP)
     owner = r.hget("issue:late", "processId")
     await wait_until(lambda: not r.exists(f"heartbeat:{owner}"), 5, what="the heartbeat to lapse")
-    await asyncio.sleep(1.0)  # past the job's own second: it would have finished, had it not been stopped
+    await asyncio.sleep(3.0)  # past the job's own 3 s: it would have finished, had it not been stopped
     config = claims_config(redis_port, tmp_path)
     spec = spec_of(config)
     client = connect(spec, tmp_path)
