@@ -36,8 +36,9 @@ signal.signal(signal.SIGTERM, lambda *a: (draining.append(time.monotonic()),
                                           print(os.getpid(), "draining", flush=True)))
 heartbeat = Heartbeat("worker", interval=0.2).start()
 print(os.getpid(), "mode", mode, flush=True)
+hold = mode_file + ".hold"  # while it exists, the drain goes on; else it lasts 1.5 s
 while True:
-    if draining and time.monotonic() - draining[0] > 1.5:
+    if draining and time.monotonic() - draining[0] > 1.5 and not os.path.exists(hold):
         print(os.getpid(), "drained", flush=True)
         sys.exit(0)
     if mode == "beat":
@@ -60,7 +61,7 @@ class Supervised:
         self.conf = supervisord_conf(tmp_path, f"""command={sys.executable} -S {tmp_path}/worker.py {self.mode} {mark}
 environment=PYTHONPATH="{only}",CARETAKER_EXPORTER_URL="http://127.0.0.1:{port}"
 startsecs=0
-stopwaitsecs=5
+stopwaitsecs=15
 stdout_logfile={tmp_path}/worker.log
 redirect_stderr=true
 """)
@@ -142,11 +143,14 @@ async def test_a_feed_without_a_pid_counts_only_after_the_new_process_started(su
         await wait_until(lambda: len(sv.pids()) == 1, 15, what="supervisord to start the worker")
         (old,) = sv.pids()
         assert (await session.post(f"{url}/heartbeat/worker")).status == 200
+        hold = Path(f"{sv.mode}.hold")
+        hold.touch()  # the old process drains until the test has fed the heartbeat
         steps = StepLog()
         repair = asyncio.create_task(restart(ActionContext(sv.config, session), "worker", steps))
         await wait_until(lambda: f"{old} draining" in sv.log.read_text(), 15)
         assert (await session.post(f"{url}/heartbeat/worker")).status == 200  # while the old one drains
         assert sv.pids() == [old]
+        hold.unlink()
         drained_feed = store.states["worker"].last_seen
         await wait_until(lambda: bool(sv.pids()) and sv.pids() != [old], 15)
         await asyncio.sleep(2.5)  # saved; verify has looked at it and not counted it
