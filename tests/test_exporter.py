@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -166,9 +167,14 @@ async def test_concurrent_scrapes_share_one_collection(client_for: Any, fake_pro
 
 async def test_slow_scan_does_not_block_the_event_loop(client_for: Any, fake_proc: FakeProc,
                                                        make_config: MakeConfig) -> None:
+    # The scan waits until the event loop has run 20 ticks meanwhile: it ends at once if
+    # the loop runs beside it, and only after 10 s, without the ticks, if it blocks it.
+    ticked = threading.Event()
+    waited: list[bool] = []
+
     class Slow(ProcReader):
         def listing(self) -> list[tuple[str, int]]:
-            time.sleep(0.5)
+            waited.append(ticked.wait(10))
             return super().listing()
 
     client = await client_for(make_config({"w": {"match": {"comm": "x"}}}),
@@ -180,11 +186,13 @@ async def test_slow_scan_does_not_block_the_event_loop(client_for: Any, fake_pro
         while True:
             await asyncio.sleep(0.01)
             ticks += 1
+            if ticks >= 20:
+                ticked.set()
 
     task = asyncio.create_task(ticker())
     await scrape(client)
     task.cancel()
-    assert ticks >= 20, f"event loop ran only {ticks} ticks during a 0.5s scan"
+    assert waited and all(waited), f"the event loop did not run while the scan waited ({ticks} ticks)"
 
 
 async def test_scan_timeout_keeps_previous_view_and_counts_error(client_for: Any, fake_proc: FakeProc,
