@@ -644,3 +644,28 @@ async def serving_exporter(config: Config) -> AsyncIterator[tuple[str, Heartbeat
 def run(argv: list[str], cwd: Path = REPO, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` to its end (at most 60 s), output captured as text, exit status not checked."""
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=cwd, check=False, **kwargs)
+
+
+def core_panels_without_data(query: Callable[[str], list[dict[str, Any]]], variables: dict[str, str],
+                             check: Callable[[str, str, list[dict[str, Any]]], None] | None = None,
+                             grace: float = 15.0) -> list[str]:
+    """Every dashboard panel's queries (grafana.generate.queries with ``variables``) run
+    through ``query`` (a Prometheus instant query returning its result list; one that does
+    not parse raises there), ``check(board, title, results)`` called on each panel's
+    results; returns the core panels (grafana.generate.CORE) still without data after
+    looking again for up to ``grace`` seconds (one late scrape leaves a gap), as
+    "board: title"."""
+    from grafana.generate import CORE, queries
+
+    empty = []
+    for board, title, exprs in queries(variables):
+        results = [r for expr in exprs for r in query(expr)]
+        if check is not None:
+            check(board, title, results)
+        if title in CORE[board] and not results:
+            empty.append((board, title, exprs))
+    deadline = time.monotonic() + grace
+    while empty and time.monotonic() < deadline:
+        time.sleep(1)
+        empty = [(b, t, exprs) for b, t, exprs in empty if not any(query(e) for e in exprs)]
+    return [f"{b}: {t}" for b, t, _ in empty]

@@ -26,7 +26,7 @@ from demo.stack import Stack
 from exporter.config import Config
 from exporter.procfs import ProcReader, scan_services
 
-from .helpers import REPO, free_port, log_tails, require_binary, wait_for
+from .helpers import REPO, core_panels_without_data, free_port, log_tails, require_binary, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -141,9 +141,11 @@ def acted_since(env: Env, service: str, since: float) -> list[dict[str, Any]]:
 
 
 def test_metrics_reach_prometheus_with_service_labels(env: Env) -> None:
-    result = env.query("caretaker_service_processes")
-    assert {r["metric"]["service_name"]: r["value"][1] for r in result} == {"redis": "1", "webapp": "1"}
-    assert env.query('up{job="caretaker-receiver"} == 1')
+    # Waited for, not queried once: one late scrape (over the 1 s timeout) leaves a gap.
+    def processes() -> dict[str, str]:
+        return {r["metric"]["service_name"]: r["value"][1] for r in env.query("caretaker_service_processes")}
+    wait_for(lambda: processes() == {"redis": "1", "webapp": "1"}, 15, 0.5, what="both services' process counts")
+    wait_for(lambda: env.query('up{job="caretaker-receiver"} == 1'), 15, 0.5, what="the receiver's target up")
 
 
 def test_redis_killed_with_sigkill_is_restarted_exactly_once(env: Env) -> None:
@@ -225,15 +227,8 @@ def test_duplicate_notifications_and_alertmanager_resends_cause_no_second_restar
 
 def test_every_dashboard_query_parses_and_core_panels_have_data(env: Env) -> None:
     """Runs last: by now the receiver has had requests and repairs to show."""
-    from grafana.generate import CORE, queries
-
     values = env.get(f"http://127.0.0.1:{env.stack.prometheus_port}/api/v1/label/service_name/values?"
                      + urllib.parse.urlencode({"match[]": "caretaker_service_processes"}))["data"]
     assert set(values) == {"redis", "webapp"}  # the dashboards' service_name variable
-    empty_core = []
-    for board, title, exprs in queries({"service_name": ".*", "host": ".*"}):
-        # A query that does not parse raises HTTP 400 here.
-        results = [r for expr in exprs for r in env.query(expr)]
-        if title in CORE[board] and not results:
-            empty_core.append(f"{board}: {title}")
+    empty_core = core_panels_without_data(env.query, {"service_name": ".*", "host": ".*"})
     assert not empty_core, f"core panels without data: {empty_core}"
