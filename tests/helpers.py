@@ -21,6 +21,7 @@ import contextlib
 import inspect
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -60,8 +61,36 @@ Client = TestClient[web.Request, web.Application]
 
 # --- ports and programs ------------------------------------------------------------------
 
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+_handed_out: set[int] = set()
+_ports = random.SystemRandom()  # not the random module's: tests may seed that, and two runs would then collide
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A TCP port free on 127.0.0.1 now, for a server the test starts: picked at random
+    outside the kernel's ephemeral range (ip_local_port_range), so no outgoing connection
+    of the machine takes it between this call and the server's bind (a port from the
+    ephemeral range, as bind(0) gives, can be), and never the same one twice in a run."""
+    low, high = _ephemeral_ports()
+    for _ in range(200):
+        port = _ports.randint(10000, 65535)
+        if low <= port <= high or port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as s:  # nothing found outside the range: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
