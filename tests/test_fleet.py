@@ -557,7 +557,15 @@ def test_redis_killed_on_host_2_is_restarted_once_by_host_2s_receiver_only(fleet
     # Alertmanager resends every 3s while the alert fires; then it resolves.
     wait_for(lambda: not fleet.query('ALERTS{alertname="CaretakerServiceDown"}'), 60, 0.5,
              what="CaretakerServiceDown to resolve")
-    time.sleep(5)
+    # Settled: no notification delivered nor alert taken in over 3 s (three group intervals;
+    # the resolved notifications come within one), so the counts below are read at rest.
+    last: list[Any] = []
+
+    def at_rest() -> bool:
+        now = (delivered(), alerts_in())
+        was, last[:] = list(last), [now]
+        return was == [now]
+    wait_for(at_rest, 60, 3.0, what="the pair's notifications to stop")
     (entry,) = fleet.acted("host-2", broken_at)
     assert (entry["alertname"], entry["service_name"]) == ("CaretakerServiceDown", "redis")
     assert any(s["message"].startswith("started ") for s in entry["steps"])

@@ -23,19 +23,25 @@ NOFILE = 256
 STALLED = 400  # more than the receiver's descriptor limit
 
 
-def test_stalled_connections_do_not_lock_out_a_valid_alert(tmp_path: Path) -> None:
+def limited_receiver(tmp_path: Path, receiver: str) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """The receiver with ``receiver`` added to its config's ``receiver:`` map, started
+    under a descriptor limit of NOFILE; its process, port and log file."""
     prlimit = require_binary("prlimit")
     port = free_port()
     (tmp_path / "token").write_text(AUTH_TOKEN)
     (tmp_path / "caretaker.yml").write_text(
-        f"receiver: {{port: {port}, bearer_token: {{file: token}}, state_file: state.sqlite, max_connections: 64,\n"
-        "           header_timeout: 2s}\n"
+        f"receiver: {{port: {port}, bearer_token: {{file: token}}, state_file: state.sqlite, {receiver}}}\n"
         "services:\n  svc: {match: {comm: '^caretaker-none$'}, processes: {min: 0, max: 1}}\n")
     log_path = tmp_path / "receiver.log"
     with open(log_path, "wb") as log:
-        receiver = subprocess.Popen([prlimit, f"--nofile={NOFILE}:{NOFILE}", "--", sys.executable, "-m",
-                                     "receiver.app", "--config", str(tmp_path / "caretaker.yml")],
-                                    cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([prlimit, f"--nofile={NOFILE}:{NOFILE}", "--", sys.executable, "-m",
+                                 "receiver.app", "--config", str(tmp_path / "caretaker.yml")],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, port, log_path
+
+
+def test_stalled_connections_do_not_lock_out_a_valid_alert(tmp_path: Path) -> None:
+    receiver, port, log_path = limited_receiver(tmp_path, "max_connections: 64, header_timeout: 2s")
     stalled: list[socket.socket] = []
     try:
         wait_for(lambda: port_open(port), 20, what="the receiver")
@@ -95,17 +101,7 @@ def closed_connections(port: int) -> dict[str, float]:
 
 
 def test_a_descriptor_limit_too_low_for_max_connections_is_named_at_start(tmp_path: Path) -> None:
-    prlimit = require_binary("prlimit")
-    port = free_port()
-    (tmp_path / "token").write_text(AUTH_TOKEN)
-    (tmp_path / "caretaker.yml").write_text(
-        f"receiver: {{port: {port}, bearer_token: {{file: token}}, state_file: state.sqlite, max_connections: 256}}\n"
-        "services:\n  svc: {match: {comm: '^caretaker-none$'}, processes: {min: 0, max: 1}}\n")
-    log_path = tmp_path / "receiver.log"
-    with open(log_path, "wb") as log:
-        receiver = subprocess.Popen([prlimit, f"--nofile={NOFILE}:{NOFILE}", "--", sys.executable, "-m",
-                                     "receiver.app", "--config", str(tmp_path / "caretaker.yml")],
-                                    cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    receiver, port, log_path = limited_receiver(tmp_path, "max_connections: 256")
     try:
         wait_for(lambda: port_open(port), 20, what="the receiver")
         wait_for(lambda: "max_connections" in log_path.read_text(), 5, what="the warning")
