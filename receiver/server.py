@@ -19,7 +19,7 @@ Descriptors stay within ``max_connections`` plus a few dozen even in a flood of 
 connections: asyncio accepts up to its ``backlog`` argument in one go before any of them
 reaches :meth:`GuardedProtocol.connection_made` (and an evicted connection's descriptor
 is closed only on the loop's next turn), so with asyncio's usual 128 a burst held
-``max_connections`` + 2 x 128 descriptors, ran into the limit (EMFILE), and asyncio then
+``max_connections`` + 3 x 128 descriptors, ran into the limit (EMFILE), and asyncio then
 stopped accepting for a whole second (``ACCEPT_RETRY_DELAY``), real alerts included.
 :func:`serve` lets asyncio accept :data:`ACCEPT_BATCH` at a time and keeps the kernel's
 queue of finished handshakes at :data:`LISTEN_BACKLOG`, so a burst waits in the kernel
@@ -37,7 +37,6 @@ import asyncio
 import logging
 import resource
 import signal
-import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -51,20 +50,26 @@ log = logging.getLogger(__name__)
 ACCEPT_BATCH = 16
 """Connections asyncio accepts in one turn of the loop (its ``backlog`` argument)."""
 LISTEN_BACKLOG = 1024
-"""The kernel's queue of accepted handshakes (``listen(2)``; capped by net.core.somaxconn)."""
+"""The kernel's queue of finished handshakes (``listen(2)``; capped by net.core.somaxconn,
+4096 by default since Linux 5.4, 128 before)."""
 OWN_DESCRIPTORS = 64
-"""Descriptors the receiver keeps for its own work: state file, Redis, probes, children's pipes."""
+"""Descriptors the receiver keeps for its own work: the state store (two SQLite
+connections with their WAL files), Redis, probes, a pidfd per service it started, the
+pipes of a repair's command."""
 
 
-def descriptors_needed(max_connections: int) -> int:
-    """Descriptors the receiver may hold at once with ``max_connections`` clients: the
-    connections, two accept batches in flight (one accepted, one evicted and not yet
-    closed), and :data:`OWN_DESCRIPTORS`."""
-    return max_connections + 2 * ACCEPT_BATCH + OWN_DESCRIPTORS
+def descriptors_needed(max_connections: int, listening: int = 1) -> int:
+    """Descriptors the receiver may hold at once with ``max_connections`` clients and
+    ``listening`` listening sockets: the connections; three accept batches per listening
+    socket in flight (in one turn of the loop one batch is accepted, the previous one's
+    transports wait for ``connection_made``, and the one before's evicted connections
+    are closed only on the next turn: measured, 8 connections and a burst of 300 peaked
+    at 56 = 8 + 3 x 16); and :data:`OWN_DESCRIPTORS`."""
+    return max_connections + 3 * ACCEPT_BATCH * listening + OWN_DESCRIPTORS
 
 
 class ConnectionGuard:
-    """Counts live connections and their timers; one per listening socket."""
+    """Counts live connections and their timers; one for all of :func:`serve`'s listening sockets."""
 
     def __init__(self, factory: Callable[[], asyncio.Protocol], max_connections: int, header_timeout: float) -> None:
         self.factory = factory
@@ -189,22 +194,22 @@ async def serve(app: web.Application, host: str, port: int, tls: ssl.SSLContext 
     assert server is not None
     guard = ConnectionGuard(server, max_connections, header_timeout)
     app[GUARD_KEY].append(guard)
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and descriptors_needed(max_connections) > soft:
-        log.warning("receiver.max_connections %d needs about %d descriptors and the limit is %d (LimitNOFILE): "
-                    "a flood of clients can make the receiver stop accepting for a second at a time; "
-                    "lower max_connections or raise the limit", max_connections,
-                    descriptors_needed(max_connections), soft)
-    listener = await loop.create_server(guard, host, port, ssl=tls, backlog=ACCEPT_BATCH, reuse_address=True)
-    for listening in listener.sockets:
-        # asyncio passed ACCEPT_BATCH to listen(2) as well; a second listen(2) on the same
-        # socket changes only the kernel's queue, not asyncio's batch.
-        raw = socket.socket(fileno=listening.fileno())
-        try:
-            raw.listen(LISTEN_BACKLOG)
-        finally:
-            raw.detach()
+    # With TLS a connection reaches the guard only once its handshake is done: a client
+    # that never finishes one is closed after header_timeout too (asyncio's default: 60 s).
+    listener = await loop.create_server(guard, host, port, ssl=tls, backlog=ACCEPT_BATCH, reuse_address=True,
+                                        ssl_handshake_timeout=header_timeout if tls is not None else None)
     try:
+        for listening in listener.sockets:
+            # asyncio passed ACCEPT_BATCH to listen(2) as well; a second listen(2) on the
+            # same socket (a duplicate descriptor of it) changes only the kernel's queue.
+            with listening.dup() as raw:
+                raw.listen(LISTEN_BACKLOG)
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        needed = descriptors_needed(max_connections, len(listener.sockets))
+        if soft != resource.RLIM_INFINITY and needed > soft:
+            log.warning("receiver.max_connections %d needs about %d descriptors and the limit is %d (LimitNOFILE): "
+                        "a flood of clients can make the receiver stop accepting for a second at a time; "
+                        "lower max_connections or raise the limit", max_connections, needed, soft)
         await stop.wait()
     finally:
         listener.close()

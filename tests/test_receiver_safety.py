@@ -7,6 +7,7 @@ import asyncio
 import base64
 import functools
 import json
+import socket
 import sys
 import time
 import urllib.request
@@ -352,7 +353,7 @@ def test_receiver_serves_https_when_configured(tmp_path: Path) -> None:
     port = free_port()
     (tmp_path / "token").write_text(TOKEN)
     config = {"receiver": {"port": port, "bearer_token": {"file": "token"}, "state_file": "s.sqlite",
-                           "tls": {"cert_file": str(cert), "key_file": str(key)}},
+                           "header_timeout": "1s", "tls": {"cert_file": str(cert), "key_file": str(key)}},
               "services": {"a": {"match": {"comm": "^nothing$"}}}}
     path = tmp_path / "caretaker.yml"
     path.write_text(json.dumps(config))
@@ -365,6 +366,15 @@ def test_receiver_serves_https_when_configured(tmp_path: Path) -> None:
             assert resp.status == 200
         with pytest.raises(OSError):  # plain HTTP to the TLS port: the connection is dropped
             urllib.request.urlopen(f"http://127.0.0.1:{port}/-/healthy", timeout=5)
+        # A client that never starts its handshake is closed after header_timeout (1 s),
+        # not asyncio's 60 s: it holds a descriptor the guard does not count until then.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as silent:
+            try:
+                assert silent.recv(1) == b""
+            except ConnectionResetError:
+                pass
+            except TimeoutError:
+                pytest.fail("a client that sent no TLS handshake was kept 10 s")
     finally:
         children.stop_all()
     config["receiver"]["tls"]["key_file"] = str(tmp_path / "missing.pem")  # type: ignore[index]

@@ -5,7 +5,10 @@ header timeout, and the log grows by a few lines, not a flood."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -41,19 +44,16 @@ def limited_receiver(tmp_path: Path, receiver: str) -> tuple[subprocess.Popen[by
 
 
 def test_stalled_connections_do_not_lock_out_a_valid_alert(tmp_path: Path) -> None:
-    receiver, port, log_path = limited_receiver(tmp_path, "max_connections: 64, header_timeout: 2s")
+    receiver, port, log_path = limited_receiver(tmp_path, "max_connections: 64, header_timeout: 5s")
     stalled: list[socket.socket] = []
     try:
         wait_for(lambda: port_open(port), 20, what="the receiver")
         lines_before = len(log_path.read_text().splitlines())
-        refused_at_once = 0
         for _ in range(STALLED):  # half a request head each, never finished
             s = socket.create_connection(("127.0.0.1", port), timeout=5)
             stalled.append(s)
-            try:
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError):  # evicted at once: over the limit
                 s.sendall(b"POST /alerts HTTP/1.1\r\nHost: x\r\nContent-Type: appl")
-            except (ConnectionResetError, BrokenPipeError):
-                refused_at_once += 1  # over max_connections: closed by the receiver at once
         body = json.dumps({"version": "4", "status": "firing", "alerts": [{
             "status": "firing", "labels": {"alertname": "A", "service_name": "svc"},
             "startsAt": "2026-11-23T00:00:00Z", "fingerprint": "valid1"}]}).encode()
@@ -64,10 +64,10 @@ def test_stalled_connections_do_not_lock_out_a_valid_alert(tmp_path: Path) -> No
             assert resp.status == 200
         waited = time.monotonic() - started
         # Answered while the stalled connections were still open: nothing had to time out first.
-        assert waited < 2.0, f"the valid alert waited {waited:.2f} s"
+        assert waited < 4.0, f"the valid alert waited {waited:.2f} s"
         assert closed_connections(port)["header_timeout"] == 0, "the valid alert was answered only after timeouts"
         # Every stalled connection is closed by the receiver within the header timeout.
-        deadline = time.monotonic() + 2.0 + 3.0
+        deadline = time.monotonic() + 5.0 + 3.0
         for s in stalled:
             s.settimeout(max(0.1, deadline - time.monotonic()))
             try:
@@ -89,6 +89,7 @@ def test_stalled_connections_do_not_lock_out_a_valid_alert(tmp_path: Path) -> No
     log = log_path.read_text()
     assert "Traceback" not in log
     assert "Too many open files" not in log, log[-2000:]
+    assert "client or connection error" not in log, log[-2000:]  # nor anything that could hide it
     assert len(log.splitlines()) - lines_before <= 5, log[-2000:]
 
 
@@ -98,6 +99,32 @@ def closed_connections(port: int) -> dict[str, float]:
         metrics = resp.read().decode()
     return {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
             if line.startswith("caretaker_receiver_connections_closed_total{")}
+
+
+def test_a_burst_waits_in_the_kernel_queue_not_in_syn_retries(tmp_path: Path) -> None:
+    """asyncio's backlog argument (its accept batch) is 16; the kernel's queue must stay
+    large, or a burst of connections while the receiver is busy has its SYNs dropped and
+    waits a second per retry. Stopped (SIGSTOP), the receiver accepts nothing: every
+    connection of the burst must still complete its handshake at once."""
+    receiver, port, _log = limited_receiver(tmp_path, "max_connections: 64")
+    burst: list[socket.socket] = []
+    try:
+        wait_for(lambda: port_open(port), 20, what="the receiver")
+        os.killpg(receiver.pid, signal.SIGSTOP)
+        try:
+            for i in range(100):  # below any net.core.somaxconn (128 on old kernels), far above 16
+                try:
+                    burst.append(socket.create_connection(("127.0.0.1", port), timeout=0.5))
+                except TimeoutError:
+                    pytest.fail(f"connection {i + 1} of the burst waited for a SYN retry: the kernel queue is short")
+        finally:
+            os.killpg(receiver.pid, signal.SIGCONT)
+        assert len(burst) == 100
+    finally:
+        for s in burst:
+            s.close()
+        receiver.terminate()
+        receiver.wait(10)
 
 
 def test_a_descriptor_limit_too_low_for_max_connections_is_named_at_start(tmp_path: Path) -> None:
@@ -110,4 +137,4 @@ def test_a_descriptor_limit_too_low_for_max_connections_is_named_at_start(tmp_pa
         receiver.terminate()
         receiver.wait(10)
     log = log_path.read_text()
-    assert "receiver.max_connections 256 needs about 352 descriptors and the limit is 256 (LimitNOFILE)" in log, log
+    assert "receiver.max_connections 256 needs about 368 descriptors and the limit is 256 (LimitNOFILE)" in log, log

@@ -203,8 +203,9 @@ class ReceiverConfig(ListenConfig):
     """Largest request body accepted (a larger one is answered 413)."""
     max_connections: int = Field(default=256, ge=8, le=100_000)
     """Client connections at once; more are closed at once. The receiver needs about
-    this many plus 96 descriptors (its own work, connections being accepted) and warns
-    at start when its descriptor limit (LimitNOFILE) is lower."""
+    this many plus 112 descriptors (its own work, connections being accepted; 48 more
+    per further listening address) and warns at start when its descriptor limit
+    (LimitNOFILE) is lower."""
     header_timeout: PositiveSeconds = 10.0
     """A connection that has not sent a whole request head this long after it opened,
     or after its previous answer, is closed (slow or stalled clients, idle keep-alive)."""
