@@ -77,6 +77,8 @@ PROTECTED = ("/alerts", "/api/")
 LAYOUT_CHECK_SECONDS = 30.0
 """How often a receiver with shared state looks for repairs recorded in the key layout
 before the host (:func:`watch_layout`)."""
+SHARED_STATE_CONNECTIONS = 16
+"""Connections to the shared-state Redis at most (counted in receiver.server.OWN_DESCRIPTORS)."""
 
 
 def _error(status: int, reason: str) -> web.Response:
@@ -440,9 +442,13 @@ def create_app(config: Config, reader: ProcReader | None = None, dry_run: bool =
             shared: SharedState | None = None
             if recv.shared_state is not None:
                 spec = recv.shared_state
-                redis_client = aioredis.Redis(host=spec.host, port=spec.port, db=spec.db,
-                                              password=read_secret(spec.password, config.base_dir)
-                                              if spec.password else None, socket_timeout=5, socket_connect_timeout=5)
+                # A bounded pool: concurrent notifications wait for one of its connections
+                # (up to the command timeout) instead of each opening a socket of its own,
+                # which a flood would turn into as many descriptors as max_connections.
+                redis_client = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool(
+                    host=spec.host, port=spec.port, db=spec.db,
+                    password=read_secret(spec.password, config.base_dir) if spec.password else None,
+                    socket_timeout=5, socket_connect_timeout=5, max_connections=SHARED_STATE_CONNECTIONS, timeout=5))
                 # Each host its own keys, in either mode: a pair meets on them, hosts sharing a Redis do not.
                 shared = SharedState(redis_client, key_prefix(spec.key_prefix, recv.host), spec.dedupe_ttl, store)
                 state = shared

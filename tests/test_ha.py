@@ -97,3 +97,25 @@ async def test_resends_keep_the_problem_open_on_the_receiver_that_owns_it(pair: 
     resp = await a.get("/api/v1/problems", headers=AUTH)
     (problem,) = (await resp.json())["data"]
     assert problem["state"] == "open" and problem["times_seen"] == 8
+
+
+async def test_a_flood_of_notifications_uses_a_bounded_number_of_redis_connections(
+        receiver_for: Any, make_config: MakeConfig, redis_server: Any) -> None:
+    import redis as sync_redis
+
+    from receiver.app import SHARED_STATE_CONNECTIONS
+
+    port = free_port()
+    await asyncio.to_thread(redis_server, port)  # its own Redis: every client of it is this receiver's
+    a = await receiver_for(ha_config(make_config, "a", port, sleeper(), "flood:"))
+    await a.post("/api/v1/services/svc/pause", headers=AUTH)  # only admission is looked at
+    flood = [notification(alert(f"fl{i}", alertname=f"Flood{i}", service_name="svc", remediation="restart"))
+             for i in range(200)]
+    answers = await asyncio.gather(*(a.post("/alerts", json=payload, headers=AUTH) for payload in flood))
+    assert {r.status for r in answers} == {200}
+    watcher = sync_redis.Redis(port=port)
+    try:
+        clients = watcher.client_list()
+    finally:
+        watcher.close()
+    assert 1 < len(clients) <= SHARED_STATE_CONNECTIONS + 1, clients  # the receiver's pool, and the watcher
