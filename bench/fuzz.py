@@ -32,17 +32,12 @@ from typing import Any
 
 import aiohttp
 import yaml
+from scrape import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "fuzz-token-0123456789"  # noqa: S105 - a throwaway receiver on loopback
 HOSTILE = ["svc", "restart", "; rm -rf /", "$(id)", "`id`", "../../etc/passwd", "a\nb", "\x00", "é" * 50,
            "x" * 5000, "{queue}", "*", "", " ", "\\", '"', "restart,restart", "exec"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_kib(pid: int) -> int:

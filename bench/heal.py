@@ -84,6 +84,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from scrape import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as `python bench/heal.py`: demo/ is not an installed package
@@ -377,12 +378,6 @@ def check_paths(*paths: str | Path) -> None:
     for path in paths:
         if not SAFE_PATH.match(str(path)):
             raise ToolFailed(f"path with characters not usable unquoted in a config file: {path}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Caretaker(Tool):

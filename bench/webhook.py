@@ -28,7 +28,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from scrape import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = secrets.token_hex(16)
@@ -78,12 +78,6 @@ request = function()
   return wrk.format(nil, "/alerts", nil, body)
 end
 """.replace("TOKEN", TOKEN)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(url: str, timeout: float = 20) -> None:
