@@ -15,10 +15,11 @@ aiohttp's protocol that:
   ``receiver.header_timeout`` seconds of its opening or of its previous answer
   (slow-header clients; idle keep-alive connections).
 
-Descriptors stay within ``max_connections`` plus a few dozen even in a flood of new
-connections: asyncio accepts up to its ``backlog`` argument in one go before any of them
-reaches :meth:`GuardedProtocol.connection_made` (and an evicted connection's descriptor
-is closed only on the loop's next turn), so with asyncio's usual 128 a burst held
+Descriptors stay within :func:`descriptors_needed` (``max_connections`` + 112 with one
+listening socket) even in a flood of new connections: asyncio accepts up to its
+``backlog`` argument in one go before any of them reaches
+:meth:`GuardedProtocol.connection_made` (and an evicted connection's descriptor is
+closed only on the loop's next turn), so with asyncio's usual 128 a burst held
 ``max_connections`` + 3 x 128 descriptors, ran into the limit (EMFILE), and asyncio then
 stopped accepting for a whole second (``ACCEPT_RETRY_DELAY``), real alerts included.
 :func:`serve` lets asyncio accept :data:`ACCEPT_BATCH` at a time and keeps the kernel's
